@@ -1,0 +1,175 @@
+//! Configuration: the TOML file an operator writes, turned into a fully typed
+//! [`Config`] with no "must be Some at runtime" options.
+//!
+//! Two layers (see STYLE.md §5): `raw` mirrors the TOML with serde and spans,
+//! `validate` is a pure step that checks everything and reports every error at
+//! once with its key path and line:column. `units` parses sizes, durations and
+//! endpoints. This module owns no sockets: binding and connecting live in
+//! `transport`.
+
+use std::time::Duration;
+
+mod raw;
+mod units;
+mod validate;
+
+pub use units::{parse_duration, parse_size, Endpoint};
+pub use validate::{load, parse, ConfigError, ConfigErrors};
+
+/// A validated holdfast configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[admin]`: the admin HTTP endpoint; `None` when the table is absent.
+    pub admin: Option<AdminConfig>,
+    /// `[limits]`: process-wide limits.
+    pub limits: Limits,
+    /// `[lifecycle]`: shutdown behaviour.
+    pub lifecycle: Lifecycle,
+    /// `[[listener]]` tables, in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// `[[backend]]` tables, in file order.
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// `listen`: address of the admin HTTP endpoint (TCP only).
+    pub listen: Endpoint,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// `buffer_memory`: bytes held in replay buffers across all sessions
+    /// (default 256 MiB). A session that would exceed it stops reading from its
+    /// client until memory is released.
+    pub buffer_memory: u64,
+    /// `max_sessions`: open sessions across all listeners (default 10,000).
+    pub max_sessions: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lifecycle {
+    /// `drain_timeout`: on SIGTERM, how long open sessions may run before they
+    /// are closed (default 30 s).
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: Endpoint,
+    /// Index into [`Config::backends`].
+    pub backend: usize,
+    pub protocol: ListenerProtocol,
+    pub socket: SocketOptions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendProtocol {
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    pub name: String,
+    /// At least one; tried round robin across sessions, next on failure.
+    pub servers: Vec<Endpoint>,
+    pub protocol: BackendProtocol,
+    /// `ack` (+ `framing` for `response`).
+    pub ack: AckMode,
+    /// `buffer_limit`: replay buffer bytes per session (default 1 MiB).
+    pub buffer_limit: u64,
+    /// `hold_timeout`: how long a session waits with no server (default 30 s).
+    pub hold_timeout: Duration,
+    /// `connect_timeout`: per connect attempt (default 1 s).
+    pub connect_timeout: Duration,
+    /// `retry_initial`: first reconnect delay (default 1 ms).
+    pub retry_initial: Duration,
+    /// `retry_max`: cap of the exponential reconnect backoff (default 200 ms).
+    pub retry_max: Duration,
+    /// `on_server_close`: what a server close does to a session.
+    pub on_server_close: OnServerClose,
+    /// `greeting`: response frames a server sends on connect (response mode).
+    pub greeting: u32,
+    /// `preamble`: the session's first N requests, re-sent on every later leg.
+    pub preamble: u32,
+    /// `retry_responses`: response prefixes meaning "not processed, try again".
+    pub retry_responses: Vec<Vec<u8>>,
+    pub socket: SocketOptions,
+}
+
+/// How holdfast learns that a server consumed bytes (DESIGN.md, "Ack source").
+#[derive(Debug, Clone, PartialEq)]
+pub enum AckMode {
+    None,
+    Tcp,
+    Response(Framing),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Framing {
+    /// LF or CRLF terminated lines.
+    Lines {
+        max_frame: usize,
+    },
+    LengthPrefixed(LengthPrefixed),
+    /// Redis RESP2.
+    Resp {
+        max_frame: usize,
+    },
+}
+
+/// The knobs of tokio-util's `LengthDelimitedCodec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LengthPrefixed {
+    /// Bytes before the length field (default 0).
+    pub length_field_offset: usize,
+    /// Width of the length field: 1, 2, 4 or 8 (default 4).
+    pub length_field_length: usize,
+    /// Big endian (default true).
+    pub big_endian: bool,
+    /// Added to the length field to get the bytes that follow it (default 0).
+    pub length_adjustment: i64,
+    /// Frame bytes: header (offset + width) + length + adjustment.
+    /// (Skipping is irrelevant to holdfast, which forwards whole frames.)
+    pub max_frame: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnServerClose {
+    Reconnect,
+    Close,
+}
+
+/// Socket knobs shared by listeners (accepted sockets) and backends (server
+/// sockets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// `nodelay` (default true).
+    pub nodelay: bool,
+    /// `keepalive_idle`/`keepalive_interval`/`keepalive_count`; `None` with
+    /// `keepalive = false`. Defaults: on, 60 s, 10 s, 6.
+    pub keepalive: Option<Keepalive>,
+    /// `user_timeout`: TCP_USER_TIMEOUT; `None` leaves the kernel default.
+    /// Default: none for listeners, 30 s for backends.
+    pub user_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+}
+
+impl Config {
+    /// The backend a listener forwards to.
+    pub fn backend_of(&self, listener: &ListenerConfig) -> &BackendConfig {
+        &self.backends[listener.backend]
+    }
+}

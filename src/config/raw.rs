@@ -1,0 +1,1 @@
+//! Raw serde mirror of the TOML file.

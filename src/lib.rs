@@ -1,0 +1,5 @@
+//! holdfast: a connection-preserving TCP proxy.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod framing;
