@@ -3,3 +3,6 @@
 
 pub mod config;
 pub mod framing;
+pub mod stream;
+pub mod transport;
+pub mod session;

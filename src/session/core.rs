@@ -1,0 +1,1049 @@
+//! [pure] The session state machine: legs, hold, reconnect, replay and ack
+//! tracking for every ack mode.
+//!
+//! [`SessionCore`] takes inputs (`on_*` methods, each with `now`) and hands back
+//! outputs: the next bytes to write to the server or the client
+//! ([`SessionCore::next_write`]), [`Action`]s for the shell (connect, close a
+//! leg, deliver a FIN), [`Event`]s to log and count, and a deadline for its
+//! timer. It owns no sockets, no clock and no task: `driver.rs` does. Because
+//! it is plain data, a session can be tested deterministically, exported and
+//! rebuilt.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::config::{AckMode, BackendConfig, OnServerClose};
+use crate::framing::{FrameError, Scanner};
+use crate::stream::{Dir, Offset, ReplayBuffer, Stream};
+
+/// A session's random 128-bit id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub u128);
+
+impl SessionId {
+    pub fn random() -> SessionId {
+        SessionId(rand::random())
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// The number of a leg within its session: 0, 1, 2, ...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Generation(pub u64);
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Why a session ended: a fixed set, used as a log field and a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Both directions closed normally, the client first.
+    ClientClosed,
+    /// Both directions closed normally, the server first (or a server close
+    /// ended the session: `ack = "none"` or `on_server_close = "close"`).
+    ServerClosed,
+    /// `ack = "none"`: no server accepted the connection.
+    ServerUnreachable,
+    /// `ack = "none"`: the server connection failed.
+    ServerError,
+    /// No working server for `hold_timeout`.
+    HoldTimeout,
+    /// The client connection failed (reset, IO error).
+    ClientError,
+    /// A frame longer than `max_frame`.
+    FrameTooLarge,
+    /// Bytes that break the configured framing.
+    MalformedFrame,
+    /// A re-sent preamble got a different answer than the original.
+    PreambleMismatch,
+    /// holdfast shut down (drain timeout or fast stop).
+    Shutdown,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 10] = [
+        CloseReason::ClientClosed,
+        CloseReason::ServerClosed,
+        CloseReason::ServerUnreachable,
+        CloseReason::ServerError,
+        CloseReason::HoldTimeout,
+        CloseReason::ClientError,
+        CloseReason::FrameTooLarge,
+        CloseReason::MalformedFrame,
+        CloseReason::PreambleMismatch,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::ServerClosed => "server_closed",
+            CloseReason::ServerUnreachable => "server_unreachable",
+            CloseReason::ServerError => "server_error",
+            CloseReason::HoldTimeout => "hold_timeout",
+            CloseReason::ClientError => "client_error",
+            CloseReason::FrameTooLarge => "frame_too_large",
+            CloseReason::MalformedFrame => "malformed_frame",
+            CloseReason::PreambleMismatch => "preamble_mismatch",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a leg (or an attempt to start one) failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LegFailure {
+    /// The server closed its side (FIN) when that is not the normal end.
+    Closed,
+    /// The server connection was reset or failed with an IO error.
+    Error,
+    /// The server answered with one of `retry_responses`.
+    RetryResponse,
+    /// A connect attempt was refused.
+    ConnectRefused,
+    /// A connect attempt timed out (`connect_timeout`).
+    ConnectTimeout,
+    /// A connect attempt failed otherwise (unreachable, resolution, ...).
+    ConnectError,
+}
+
+impl LegFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LegFailure::Closed => "closed",
+            LegFailure::Error => "error",
+            LegFailure::RetryResponse => "retry_response",
+            LegFailure::ConnectRefused => "connect_refused",
+            LegFailure::ConnectTimeout => "connect_timeout",
+            LegFailure::ConnectError => "connect_error",
+        }
+    }
+
+    fn is_connect(self) -> bool {
+        matches!(
+            self,
+            LegFailure::ConnectRefused | LegFailure::ConnectTimeout | LegFailure::ConnectError
+        )
+    }
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Connect to `backend.servers[server]`; report with `on_connected` or
+    /// `on_connect_failed` tagged `gen`.
+    Connect { gen: Generation, server: usize },
+    /// Drop the connection (or the connect attempt) of leg `gen`.
+    CloseLeg { gen: Generation },
+    /// Shut down the write side of leg `gen`: the client's FIN, delivered.
+    ShutdownServer { gen: Generation },
+    /// Shut down the write side of the client connection: the server's FIN
+    /// (or the session's graceful end), delivered.
+    ShutdownClient,
+}
+
+/// Something to log and count.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A leg is connected. `resumed` when it is not the session's first;
+    /// `replay` is what it will re-send; `held` how long the session had no
+    /// working leg.
+    LegUp {
+        gen: Generation,
+        server: usize,
+        resumed: bool,
+        replay: u64,
+        held: Option<Duration>,
+    },
+    /// A leg or a connect attempt failed; the session holds and retries
+    /// (unless it ends: a `Closed` event follows then).
+    LegFailed {
+        gen: Generation,
+        server: usize,
+        reason: LegFailure,
+    },
+    /// The session started to hold (no working leg).
+    HoldStarted,
+    /// The session ends: no more inputs matter.
+    Closed { reason: CloseReason },
+}
+
+#[derive(Debug)]
+enum LegState {
+    /// Waiting until `at` to connect to `server`.
+    Waiting { at: Instant, server: usize },
+    /// The shell is connecting.
+    Connecting { gen: Generation, server: usize },
+    Up(Box<Leg>),
+    /// No leg, and none will be made (the session is ending, or the server
+    /// closed and the session runs on half-closed).
+    None,
+}
+
+/// The working connection to a server.
+#[derive(Debug)]
+struct Leg {
+    gen: Generation,
+    server: usize,
+    /// `up.sent` (= `up.acked`) when the leg started: tcp acks count from here.
+    base: Offset,
+    /// Preamble requests still to write before the stream's bytes.
+    preamble_out: Bytes,
+    /// Preamble responses still expected, in order, byte for byte.
+    preamble_expect: VecDeque<Bytes>,
+    /// Response frames seen on this leg that were greetings.
+    greeting_seen: u32,
+    /// The client's FIN was handed to the shell for this leg.
+    fin_sent: bool,
+    /// The server closed its side (only kept when that ends the session).
+    server_eof: bool,
+    /// Response mode: server bytes not yet forming a whole frame.
+    resp: Option<RespLeg>,
+}
+
+#[derive(Debug)]
+struct RespLeg {
+    scanner: Scanner,
+    /// Leg-local server bytes `[start, end)` not yet released as frames.
+    pending: ReplayBuffer,
+}
+
+/// The pure state of one session.
+pub struct SessionCore {
+    id: SessionId,
+    backend: Arc<BackendConfig>,
+    /// Client to server.
+    up: Stream,
+    /// Server to client. `acked` = `sent` = bytes written to the client.
+    down: Stream,
+    leg: LegState,
+    /// The generation the next leg gets.
+    next_gen: Generation,
+    /// Whether any leg has been up (later ones are resumes).
+    had_leg: bool,
+    /// Failed connect attempts since the last working leg.
+    attempts: u32,
+    /// Since when the session has had no working leg (or no progress).
+    hold_since: Option<Instant>,
+    /// `up.acked` when the hold started: progress past it ends the hold.
+    hold_acked: Offset,
+    /// Response mode: request frame scanner over the up stream.
+    req_scanner: Option<Scanner>,
+    /// Response mode: ends of the requests read and not yet answered, in order.
+    req_ends: VecDeque<Offset>,
+    /// Scratch for scanners.
+    ends_scratch: Vec<u64>,
+    /// Requests answered so far (for the preamble).
+    answered: u64,
+    /// Captured preamble: (request, original response), in order.
+    preamble: Vec<(Bytes, Bytes)>,
+    /// Greeting frames delivered to the client so far.
+    greeting_delivered: u32,
+    /// [`Action::ShutdownClient`] was issued.
+    client_fin_queued: bool,
+    /// The client's FIN was delivered (shutdown of the client write side).
+    client_fin_sent: bool,
+    /// Who closed first, for the normal end.
+    first_closer: Option<CloseReason>,
+    /// A graceful end is under way: deliver `down`, FIN the client, stop.
+    ending: Option<CloseReason>,
+    done: Option<CloseReason>,
+    actions: VecDeque<Action>,
+    events: VecDeque<Event>,
+    rng: u64,
+}
+
+impl fmt::Debug for SessionCore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionCore")
+            .field("id", &self.id)
+            .field("up", &(self.up.read(), self.up.sent(), self.up.acked()))
+            .field("down", &(self.down.read(), self.down.sent(), self.down.acked()))
+            .field("leg", &self.leg)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl SessionCore {
+    /// A new session; it asks to connect to `first_server` at once.
+    pub fn new(
+        id: SessionId,
+        backend: Arc<BackendConfig>,
+        first_server: usize,
+        now: Instant,
+    ) -> SessionCore {
+        let req_scanner = match &backend.ack {
+            AckMode::Response(framing) => Some(Scanner::new(framing)),
+            _ => None,
+        };
+        let mut core = SessionCore {
+            id,
+            up: Stream::new(),
+            down: Stream::new(),
+            leg: LegState::Waiting {
+                at: now,
+                server: first_server % backend.servers.len().max(1),
+            },
+            next_gen: Generation(0),
+            had_leg: false,
+            attempts: 0,
+            hold_since: Some(now),
+            hold_acked: 0,
+            req_scanner,
+            req_ends: VecDeque::new(),
+            ends_scratch: Vec::new(),
+            answered: 0,
+            preamble: Vec::new(),
+            greeting_delivered: 0,
+            client_fin_queued: false,
+            client_fin_sent: false,
+            first_closer: None,
+            ending: None,
+            done: None,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            rng: (id.0 as u64) ^ ((id.0 >> 64) as u64) | 1,
+            backend,
+        };
+        core.step(now);
+        core
+    }
+
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    pub fn backend(&self) -> &Arc<BackendConfig> {
+        &self.backend
+    }
+
+    pub fn stream(&self, dir: Dir) -> &Stream {
+        match dir {
+            Dir::Up => &self.up,
+            Dir::Down => &self.down,
+        }
+    }
+
+    /// The current leg's generation, if one is up.
+    pub fn leg_gen(&self) -> Option<Generation> {
+        match &self.leg {
+            LegState::Up(leg) => Some(leg.gen),
+            _ => None,
+        }
+    }
+
+    /// Whether the session has no working leg and wants one.
+    pub fn is_held(&self) -> bool {
+        matches!(
+            self.leg,
+            LegState::Waiting { .. } | LegState::Connecting { .. }
+        ) && self.done.is_none()
+    }
+
+    /// Set once the session is over; the shell then closes everything.
+    pub fn done(&self) -> Option<CloseReason> {
+        self.done
+    }
+
+    /// Bytes this session holds in memory (replay buffers, partial frames,
+    /// the captured preamble).
+    pub fn buffered_bytes(&self) -> u64 {
+        let pending = match &self.leg {
+            LegState::Up(leg) => leg.resp.as_ref().map_or(0, |r| r.pending.len()),
+            _ => 0,
+        };
+        let preamble: usize = self.preamble.iter().map(|(a, b)| a.len() + b.len()).sum();
+        self.up.buffered() + self.down.buffered() + pending + preamble as u64
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When the shell must call [`SessionCore::on_timeout`] next.
+    pub fn deadline(&self) -> Option<Instant> {
+        if self.done.is_some() {
+            return None;
+        }
+        let wait = match self.leg {
+            LegState::Waiting { at, .. } => Some(at),
+            _ => None,
+        };
+        let hold = if self.backend.ack == AckMode::None || self.ending.is_some() {
+            None
+        } else {
+            self.hold_since.map(|t| t + self.backend.hold_timeout)
+        };
+        match (wait, hold) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the shell should read from the client now.
+    pub fn want_read_client(&self) -> bool {
+        self.done.is_none()
+            && self.ending.is_none()
+            && !self.up.fin_read()
+            && self.up.buffered() < self.backend.buffer_limit
+    }
+
+    /// Whether the shell should read from the server of leg `gen` now.
+    pub fn want_read_server(&self) -> bool {
+        match &self.leg {
+            LegState::Up(leg) => {
+                let pending = leg.resp.as_ref().map_or(0, |r| r.pending.len());
+                self.done.is_none()
+                    && !leg.server_eof
+                    && self.down.buffered() + pending < self.backend.buffer_limit
+            }
+            _ => false,
+        }
+    }
+
+    /// The next bytes to write towards `dir`'s destination (shared, not
+    /// copied). For `Up` only while a leg is up.
+    pub fn next_write(&self, dir: Dir) -> Option<Bytes> {
+        if self.done.is_some() {
+            return None;
+        }
+        match dir {
+            Dir::Up => match &self.leg {
+                LegState::Up(leg) if !leg.preamble_out.is_empty() => {
+                    Some(leg.preamble_out.clone())
+                }
+                LegState::Up(leg) if leg.fin_sent => None,
+                LegState::Up(_) => self.up.next_unsent(),
+                _ => None,
+            },
+            Dir::Down => {
+                if self.client_fin_queued {
+                    None
+                } else {
+                    self.down.next_unsent()
+                }
+            }
+        }
+    }
+
+    /// Up to `max` chunks to write towards the server, for a vectored write.
+    pub fn next_writes_up(&self, max: usize, out: &mut Vec<Bytes>) {
+        match &self.leg {
+            LegState::Up(leg) if self.done.is_none() && !leg.fin_sent => {
+                if !leg.preamble_out.is_empty() {
+                    out.push(leg.preamble_out.clone());
+                } else {
+                    self.up.buffer().chunks_from(self.up.sent(), max, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- client side inputs ----
+
+    /// Bytes from the client.
+    pub fn on_client_data(&mut self, chunk: Bytes, now: Instant) {
+        if self.done.is_some() || self.up.fin_read() || chunk.is_empty() {
+            return;
+        }
+        if let Some(scanner) = &mut self.req_scanner {
+            self.ends_scratch.clear();
+            let res = scanner.scan(&chunk, &mut self.ends_scratch);
+            self.req_ends.extend(self.ends_scratch.drain(..));
+            if let Err(e) = res {
+                self.up.push(chunk);
+                self.abort(frame_reason(&e), now);
+                return;
+            }
+        }
+        self.up.push(chunk);
+        self.step(now);
+    }
+
+    /// The client closed its side (FIN).
+    pub fn on_client_eof(&mut self, now: Instant) {
+        if self.done.is_some() || self.up.fin_read() {
+            return;
+        }
+        self.up.set_fin();
+        self.first_closer.get_or_insert(CloseReason::ClientClosed);
+        if self.ending.is_some() || matches!(self.leg, LegState::None) {
+            // Nobody to deliver it to: the session is over once the client
+            // has what it is owed.
+            self.ending.get_or_insert(CloseReason::ClientClosed);
+        }
+        self.step(now);
+    }
+
+    /// The client connection failed (reset, IO error).
+    pub fn on_client_error(&mut self, now: Instant) {
+        self.abort(CloseReason::ClientError, now);
+    }
+
+    /// `n` bytes of the last [`SessionCore::next_write`]`(Dir::Down)` were
+    /// written to the client.
+    pub fn on_client_written(&mut self, n: usize, now: Instant) {
+        self.down.on_sent(n as u64);
+        let sent = self.down.sent();
+        self.down.ack_to(sent);
+        self.step(now);
+    }
+
+    /// The shell delivered [`Action::ShutdownClient`].
+    pub fn on_client_shutdown(&mut self, now: Instant) {
+        self.client_fin_sent = true;
+        self.step(now);
+    }
+
+    // ---- server side inputs ----
+
+    /// Leg `gen` connected.
+    pub fn on_connected(&mut self, gen: Generation, now: Instant) {
+        let server = match self.leg {
+            LegState::Connecting { gen: g, server } if g == gen => server,
+            _ => {
+                // A stale connect: drop it.
+                self.actions.push_back(Action::CloseLeg { gen });
+                return;
+            }
+        };
+        let resumed = self.had_leg;
+        self.had_leg = true;
+        self.attempts = 0;
+        let replay = self.up.unsent();
+        let (preamble_out, preamble_expect) = if resumed && !self.preamble.is_empty() {
+            let mut out = Vec::new();
+            let mut expect = VecDeque::new();
+            for (req, resp) in &self.preamble {
+                out.extend_from_slice(req);
+                expect.push_back(resp.clone());
+            }
+            (Bytes::from(out), expect)
+        } else {
+            (Bytes::new(), VecDeque::new())
+        };
+        let resp = match &self.backend.ack {
+            AckMode::Response(framing) => Some(RespLeg {
+                scanner: Scanner::new(framing),
+                pending: ReplayBuffer::new(0),
+            }),
+            _ => None,
+        };
+        self.leg = LegState::Up(Box::new(Leg {
+            gen,
+            server,
+            base: self.up.sent(),
+            preamble_out,
+            preamble_expect,
+            greeting_seen: 0,
+            fin_sent: false,
+            server_eof: false,
+            resp,
+        }));
+        let held = self.hold_since.map(|t| now.saturating_duration_since(t));
+        self.events.push_back(Event::LegUp {
+            gen,
+            server,
+            resumed,
+            replay,
+            held,
+        });
+        self.step(now);
+    }
+
+    /// A connect attempt for leg `gen` failed.
+    pub fn on_connect_failed(&mut self, gen: Generation, reason: LegFailure, now: Instant) {
+        let server = match self.leg {
+            LegState::Connecting { gen: g, server } if g == gen => server,
+            _ => return,
+        };
+        self.events.push_back(Event::LegFailed {
+            gen,
+            server,
+            reason,
+        });
+        self.attempts += 1;
+        let n = self.backend.servers.len().max(1);
+        if self.backend.ack == AckMode::None {
+            // A plain proxy tries each server once, then gives up.
+            if self.attempts as usize >= n {
+                self.leg = LegState::None;
+                self.end_gracefully(CloseReason::ServerUnreachable, now);
+            } else {
+                self.leg = LegState::Waiting {
+                    at: now,
+                    server: (server + 1) % n,
+                };
+            }
+            self.step(now);
+            return;
+        }
+        // The same server first, then the others; a full round backs off.
+        let delay = if self.attempts as usize % n != 0 {
+            Duration::ZERO
+        } else {
+            self.backoff(self.attempts / n as u32)
+        };
+        self.leg = LegState::Waiting {
+            at: now + delay,
+            server: (server + 1) % n,
+        };
+        self.step(now);
+    }
+
+    /// Bytes from the server of leg `gen`.
+    pub fn on_server_data(&mut self, gen: Generation, chunk: Bytes, now: Instant) {
+        if self.done.is_some() || chunk.is_empty() {
+            return;
+        }
+        let LegState::Up(leg) = &mut self.leg else {
+            return;
+        };
+        if leg.gen != gen {
+            return;
+        }
+        let Some(resp) = &mut leg.resp else {
+            self.down.push(chunk);
+            self.step(now);
+            return;
+        };
+        self.ends_scratch.clear();
+        let res = resp.scanner.scan(&chunk, &mut self.ends_scratch);
+        resp.pending.push(chunk);
+        if let Err(e) = res {
+            // The server broke the framing: that is not the client's fault,
+            // but the stream can't be cut into responses any more.
+            self.abort(frame_reason(&e), now);
+            return;
+        }
+        let ends = std::mem::take(&mut self.ends_scratch);
+        for &end in &ends {
+            if !self.on_response_frame(gen, end, now) {
+                break;
+            }
+        }
+        self.ends_scratch = ends;
+        self.step(now);
+    }
+
+    /// One whole response frame ends at leg-local offset `end`. Returns false
+    /// when the leg or the session ended.
+    fn on_response_frame(&mut self, gen: Generation, end: u64, now: Instant) -> bool {
+        let LegState::Up(leg) = &mut self.leg else {
+            return false;
+        };
+        if leg.gen != gen {
+            return false;
+        }
+        let resp = leg.resp.as_mut().expect("response mode");
+        let mut frame = Vec::with_capacity(2);
+        resp.pending.pop_to(end, &mut frame);
+
+        if leg.greeting_seen < self.backend.greeting {
+            leg.greeting_seen += 1;
+            if self.greeting_delivered < self.backend.greeting {
+                self.greeting_delivered += 1;
+                for piece in frame {
+                    self.down.push(piece);
+                }
+            }
+            return true;
+        }
+        let is_retry = self
+            .backend
+            .retry_responses
+            .iter()
+            .any(|p| frame_starts_with(&frame, p));
+        if let Some(expected) = leg.preamble_expect.front() {
+            if is_retry {
+                self.leg_failed(LegFailure::RetryResponse, now);
+                return false;
+            }
+            if !frame_eq(&frame, expected) {
+                self.abort(CloseReason::PreambleMismatch, now);
+                return false;
+            }
+            leg.preamble_expect.pop_front();
+            return true;
+        }
+        if is_retry {
+            self.leg_failed(LegFailure::RetryResponse, now);
+            return false;
+        }
+        if let Some(req_end) = self.req_ends.pop_front() {
+            if (self.answered as u128) < self.backend.preamble as u128 {
+                let req = self.up.buffer().copy_range(self.up.acked(), req_end);
+                let resp_bytes = concat(&frame);
+                self.preamble.push((req, resp_bytes));
+            }
+            self.answered += 1;
+            self.up.ack_to(req_end);
+        }
+        for piece in frame {
+            self.down.push(piece);
+        }
+        true
+    }
+
+    /// `ack = "tcp"`: the server's TCP confirmed `bytes_acked` bytes of leg
+    /// `gen` (`tcpi_bytes_acked`, or bytes written minus the Unix send queue).
+    pub fn on_server_acked(&mut self, gen: Generation, bytes_acked: u64, now: Instant) {
+        let LegState::Up(leg) = &self.leg else {
+            return;
+        };
+        if leg.gen != gen || self.backend.ack != AckMode::Tcp {
+            return;
+        }
+        let target = leg.base.saturating_add(bytes_acked);
+        self.up.ack_to(target);
+        self.step(now);
+    }
+
+    /// `n` bytes of the last [`SessionCore::next_write`]`(Dir::Up)` (or of
+    /// the chunks from `next_writes_up`) were written to the server of `gen`.
+    pub fn on_server_written(&mut self, gen: Generation, n: usize, now: Instant) {
+        let LegState::Up(leg) = &mut self.leg else {
+            return;
+        };
+        if leg.gen != gen {
+            return;
+        }
+        let mut n = n;
+        if !leg.preamble_out.is_empty() {
+            let k = n.min(leg.preamble_out.len());
+            let _ = leg.preamble_out.split_to(k);
+            n -= k;
+        }
+        self.up.on_sent(n as u64);
+        if self.backend.ack == AckMode::None {
+            let sent = self.up.sent();
+            self.up.ack_to(sent);
+        }
+        self.step(now);
+    }
+
+    /// The shell delivered [`Action::ShutdownServer`] for `gen`.
+    pub fn on_server_shutdown(&mut self, _gen: Generation, now: Instant) {
+        self.step(now);
+    }
+
+    /// The server of leg `gen` closed its side (FIN).
+    pub fn on_server_eof(&mut self, gen: Generation, now: Instant) {
+        let LegState::Up(leg) = &mut self.leg else {
+            return;
+        };
+        if leg.gen != gen || self.done.is_some() {
+            return;
+        }
+        let all_answered = match self.backend.ack {
+            AckMode::None => true,
+            AckMode::Tcp => self.up.acked() >= self.up.read(),
+            AckMode::Response(_) => self.req_ends.is_empty() && self.up.acked() >= self.up.read(),
+        };
+        let normal_end = leg.fin_sent && all_answered;
+        let closes = self.backend.ack == AckMode::None
+            || self.backend.on_server_close == OnServerClose::Close
+            || normal_end;
+        if closes {
+            leg.server_eof = true;
+            if let Some(resp) = &mut leg.resp {
+                // A partial response can't be delivered whole: drop it.
+                resp.pending = ReplayBuffer::new(resp.pending.end());
+            }
+            self.first_closer.get_or_insert(CloseReason::ServerClosed);
+            self.down.set_fin();
+            self.step(now);
+        } else {
+            self.leg_failed(LegFailure::Closed, now);
+            self.step(now);
+        }
+    }
+
+    /// The server connection of leg `gen` failed (reset, IO error).
+    pub fn on_server_error(&mut self, gen: Generation, now: Instant) {
+        let LegState::Up(leg) = &self.leg else {
+            return;
+        };
+        if leg.gen != gen || self.done.is_some() {
+            return;
+        }
+        if leg.server_eof && leg.fin_sent {
+            // Both directions were done: an error at the very end changes
+            // nothing the client will see.
+            return;
+        }
+        self.leg_failed(LegFailure::Error, now);
+        self.step(now);
+    }
+
+    /// The timer armed from [`SessionCore::deadline`] fired.
+    pub fn on_timeout(&mut self, now: Instant) {
+        self.step(now);
+    }
+
+    /// holdfast is shutting down: end gracefully (deliver what the client is
+    /// owed, then FIN).
+    pub fn on_shutdown(&mut self, now: Instant) {
+        if self.done.is_none() {
+            self.close_leg();
+            self.end_gracefully(CloseReason::Shutdown, now);
+            self.step(now);
+        }
+    }
+
+    // ---- internals ----
+
+    /// A leg failed: hold, replay from `acked`, retry.
+    fn leg_failed(&mut self, reason: LegFailure, now: Instant) {
+        debug_assert!(!reason.is_connect());
+        let (gen, server) = match &self.leg {
+            LegState::Up(leg) => (leg.gen, leg.server),
+            _ => return,
+        };
+        self.events.push_back(Event::LegFailed {
+            gen,
+            server,
+            reason,
+        });
+        self.actions.push_back(Action::CloseLeg { gen });
+        if self.backend.ack == AckMode::None {
+            self.leg = LegState::None;
+            let reason = match reason {
+                LegFailure::Closed => CloseReason::ServerClosed,
+                _ => CloseReason::ServerError,
+            };
+            self.end_gracefully(reason, now);
+            return;
+        }
+        self.up.rewind();
+        self.start_hold(now);
+        let delay = if reason == LegFailure::RetryResponse {
+            self.attempts += 1;
+            self.backoff(self.attempts)
+        } else {
+            Duration::ZERO
+        };
+        self.leg = LegState::Waiting {
+            at: now + delay,
+            server,
+        };
+    }
+
+    fn start_hold(&mut self, now: Instant) {
+        if self.hold_since.is_none() {
+            self.hold_since = Some(now);
+            self.hold_acked = self.up.acked();
+            self.events.push_back(Event::HoldStarted);
+        }
+    }
+
+    fn close_leg(&mut self) {
+        match std::mem::replace(&mut self.leg, LegState::None) {
+            LegState::Up(leg) => self.actions.push_back(Action::CloseLeg { gen: leg.gen }),
+            LegState::Connecting { gen, .. } => self.actions.push_back(Action::CloseLeg { gen }),
+            _ => {}
+        }
+    }
+
+    /// Exponential backoff with jitter: `retry_initial * 2^(k-1)`, capped at
+    /// `retry_max`, then a uniform draw from its upper half.
+    fn backoff(&mut self, k: u32) -> Duration {
+        let init = self.backend.retry_initial;
+        let max = self.backend.retry_max;
+        let d = init
+            .checked_mul(1u32 << k.saturating_sub(1).min(30))
+            .unwrap_or(max)
+            .min(max);
+        // xorshift64: deterministic per session, no clock.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let frac = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
+        d.mul_f64(0.5 + frac / 2.0)
+    }
+
+    /// Ends the session once the client has every byte it is owed and a FIN.
+    fn end_gracefully(&mut self, reason: CloseReason, now: Instant) {
+        if self.done.is_some() || self.ending.is_some() {
+            return;
+        }
+        self.ending = Some(reason);
+        self.down.set_fin();
+        let _ = now;
+    }
+
+    /// Ends the session now.
+    fn abort(&mut self, reason: CloseReason, _now: Instant) {
+        if self.done.is_some() {
+            return;
+        }
+        self.close_leg();
+        self.finish(reason);
+    }
+
+    fn finish(&mut self, reason: CloseReason) {
+        if self.done.is_none() {
+            self.done = Some(reason);
+            self.events.push_back(Event::Closed { reason });
+        }
+    }
+
+    /// Moves the state machine forward after any input.
+    fn step(&mut self, now: Instant) {
+        if self.done.is_some() {
+            return;
+        }
+        // The hold ends once a leg is up and made progress (or has nothing
+        // outstanding at all).
+        if let LegState::Up(leg) = &self.leg {
+            if self.hold_since.is_some()
+                && leg.preamble_expect.is_empty()
+                && (self.up.acked() > self.hold_acked || self.up.acked() == self.up.read())
+            {
+                self.hold_since = None;
+            }
+        }
+        // Hold timeout.
+        if let Some(since) = self.hold_since {
+            if self.backend.ack != AckMode::None
+                && self.ending.is_none()
+                && now >= since + self.backend.hold_timeout
+            {
+                self.close_leg();
+                self.end_gracefully(CloseReason::HoldTimeout, now);
+            }
+        }
+        // Time to connect.
+        if let LegState::Waiting { at, server } = self.leg {
+            if self.ending.is_none() && now >= at {
+                let gen = self.next_gen;
+                self.next_gen = Generation(gen.0 + 1);
+                self.leg = LegState::Connecting { gen, server };
+                if self.hold_since.is_none() {
+                    self.start_hold(now);
+                }
+                self.actions.push_back(Action::Connect { gen, server });
+            }
+        }
+        // Deliver the client's FIN to the server after every byte before it.
+        if let LegState::Up(leg) = &mut self.leg {
+            if self.up.fin_read()
+                && !leg.fin_sent
+                && leg.preamble_out.is_empty()
+                && self.up.sent() == self.up.read()
+            {
+                leg.fin_sent = true;
+                self.actions
+                    .push_back(Action::ShutdownServer { gen: leg.gen });
+            }
+        }
+        // Deliver the server's FIN (or the graceful end) to the client.
+        if self.down.fin_read() && !self.client_fin_queued && self.down.sent() == self.down.read()
+        {
+            self.client_fin_queued = true;
+            self.actions.push_back(Action::ShutdownClient);
+        }
+        // Over?
+        if self.client_fin_sent {
+            if let Some(reason) = self.ending {
+                self.close_leg();
+                self.finish(reason);
+            } else if let LegState::Up(leg) = &self.leg {
+                if leg.fin_sent && leg.server_eof {
+                    let reason = self.first_closer.unwrap_or(CloseReason::ClientClosed);
+                    self.close_leg();
+                    self.finish(reason);
+                }
+            } else if matches!(self.leg, LegState::None) && self.up.fin_read() {
+                let reason = self.first_closer.unwrap_or(CloseReason::ClientClosed);
+                self.finish(reason);
+            }
+        }
+        self.check_invariants();
+    }
+
+    /// Panics if an invariant is broken (debug builds only).
+    pub fn check_invariants(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        self.up.check_invariants();
+        self.down.check_invariants();
+        assert!(self.down.acked() == self.down.sent(), "down acked is written");
+        if let Some(&first) = self.req_ends.front() {
+            assert!(first > self.up.acked(), "unanswered requests end past acked");
+        }
+        assert!(
+            self.req_ends.iter().all(|&e| e <= self.up.read()),
+            "request ends are within read"
+        );
+        if let LegState::Up(leg) = &self.leg {
+            assert!(leg.base <= self.up.sent(), "leg base within sent");
+        }
+    }
+}
+
+fn frame_reason(e: &FrameError) -> CloseReason {
+    match e {
+        FrameError::TooLarge { .. } => CloseReason::FrameTooLarge,
+        FrameError::Malformed { .. } => CloseReason::MalformedFrame,
+    }
+}
+
+fn frame_starts_with(frame: &[Bytes], prefix: &[u8]) -> bool {
+    let mut rest = prefix;
+    for piece in frame {
+        if rest.is_empty() {
+            return true;
+        }
+        let k = rest.len().min(piece.len());
+        if piece[..k] != rest[..k] {
+            return false;
+        }
+        rest = &rest[k..];
+    }
+    rest.is_empty()
+}
+
+fn frame_eq(frame: &[Bytes], expected: &[u8]) -> bool {
+    let total: usize = frame.iter().map(|p| p.len()).sum();
+    total == expected.len() && frame_starts_with(frame, expected)
+}
+
+fn concat(frame: &[Bytes]) -> Bytes {
+    if frame.len() == 1 {
+        return frame[0].clone();
+    }
+    let mut v = Vec::with_capacity(frame.iter().map(|p| p.len()).sum());
+    for p in frame {
+        v.extend_from_slice(p);
+    }
+    Bytes::from(v)
+}
+
+#[cfg(test)]
+mod tests;

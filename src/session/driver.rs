@@ -1,0 +1,524 @@
+//! The async shell of one session: owns the client connection, the current
+//! leg's server connection, the connect attempt and the timers, feeds their
+//! events into the [`SessionCore`] and carries its outputs out.
+//!
+//! One task per session, written as a single poll loop (no `select!`, no
+//! `copy_bidirectional`): every byte that moves goes through the core, which
+//! keeps the offsets. Decisions live in the core; this file only does IO.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWrite;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+use super::core::{Action, CloseReason, Event, Generation, LegFailure, SessionCore};
+use crate::config::{AckMode, BackendConfig};
+use crate::stream::Dir;
+use crate::transport::{self, Conn};
+
+/// Bytes asked of the kernel per read.
+const READ_SIZE: usize = 64 * 1024;
+/// Chunks per vectored write.
+const MAX_IOV: usize = 64;
+/// How often `ack = "tcp"` samples the server's acks while bytes are in flight.
+const ACK_SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
+/// How often a session blocked on the global buffer memory looks again.
+const MEMORY_RETRY: Duration = Duration::from_millis(10);
+/// How long a graceful close may take before the session is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Loop turns before the task yields to others.
+const TURNS_PER_POLL: usize = 64;
+
+/// Process-wide state shared by all sessions.
+#[derive(Debug)]
+pub struct Shared {
+    /// Bytes held in replay buffers across all sessions.
+    pub buffer_used: AtomicU64,
+    /// `[limits] buffer_memory`.
+    pub buffer_limit: u64,
+}
+
+impl Shared {
+    pub fn new(buffer_limit: u64) -> Shared {
+        Shared {
+            buffer_used: AtomicU64::new(0),
+            buffer_limit,
+        }
+    }
+}
+
+/// What a finished session reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub reason: CloseReason,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub legs: u64,
+    pub duration: Duration,
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>>;
+
+struct ServerConn {
+    gen: Generation,
+    conn: Conn,
+    rbuf: BytesMut,
+    /// Bytes written on this leg (for Unix-socket acks).
+    written: u64,
+}
+
+/// Drives one session to its end.
+pub struct Driver {
+    core: SessionCore,
+    backend: Arc<BackendConfig>,
+    shared: Arc<Shared>,
+    client: Conn,
+    client_rbuf: BytesMut,
+    server: Option<ServerConn>,
+    connecting: Option<(Generation, ConnectFuture)>,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<std::time::Instant>,
+    ack_timer: Pin<Box<Sleep>>,
+    ack_timer_armed: bool,
+    mem_timer: Pin<Box<Sleep>>,
+    mem_timer_armed: bool,
+    /// Bytes of this session counted in `shared.buffer_used`.
+    mem_counted: u64,
+    iov: Vec<Bytes>,
+    close: CancellationToken,
+    closing_since: Option<Instant>,
+    started: Instant,
+    legs: u64,
+}
+
+impl Driver {
+    pub fn new(
+        core: SessionCore,
+        client: Conn,
+        shared: Arc<Shared>,
+        close: CancellationToken,
+    ) -> Driver {
+        let backend = core.backend().clone();
+        Driver {
+            core,
+            backend,
+            shared,
+            client,
+            client_rbuf: BytesMut::new(),
+            server: None,
+            connecting: None,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            timer_at: None,
+            ack_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            ack_timer_armed: false,
+            mem_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            mem_timer_armed: false,
+            mem_counted: 0,
+            iov: Vec::with_capacity(MAX_IOV),
+            close,
+            closing_since: None,
+            started: Instant::now(),
+            legs: 0,
+        }
+    }
+
+    /// Runs the session until it ends.
+    pub async fn run(mut self) -> Summary {
+        let reason = std::future::poll_fn(|cx| self.poll(cx)).await;
+        self.release_memory();
+        Summary {
+            reason,
+            bytes_up: self.core.stream(Dir::Up).read(),
+            bytes_down: self.core.stream(Dir::Down).sent(),
+            legs: self.legs,
+            duration: self.started.elapsed(),
+        }
+    }
+
+    fn now() -> std::time::Instant {
+        Instant::now().into_std()
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        for _ in 0..TURNS_PER_POLL {
+            let mut progress = false;
+            progress |= self.poll_close(cx);
+            progress |= self.run_actions();
+            if let Some(reason) = self.core.done() {
+                self.drain_events();
+                return Poll::Ready(reason);
+            }
+            progress |= self.poll_connect(cx);
+            progress |= self.poll_write_server(cx);
+            progress |= self.poll_write_client(cx);
+            progress |= self.poll_read_client(cx);
+            progress |= self.poll_read_server(cx);
+            progress |= self.poll_timers(cx);
+            self.drain_events();
+            self.account_memory();
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Shutdown: the first time, ask the core for a graceful end; after
+    /// `CLOSE_GRACE`, give up on the client.
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.closing_since.is_none() {
+            if self.close.is_cancelled() || Pin::new(&mut Box::pin(self.close.cancelled())).poll(cx).is_ready() {
+                self.closing_since = Some(Instant::now());
+                self.core.on_shutdown(Self::now());
+                return true;
+            }
+            return false;
+        }
+        false
+    }
+
+    fn run_actions(&mut self) -> bool {
+        let mut progress = false;
+        while let Some(action) = self.core.poll_action() {
+            progress = true;
+            match action {
+                Action::Connect { gen, server } => {
+                    let endpoint = self.backend.servers[server].clone();
+                    let opts = self.backend.socket;
+                    let timeout = self.backend.connect_timeout;
+                    self.connecting = Some((
+                        gen,
+                        Box::pin(async move { transport::connect(&endpoint, &opts, timeout).await }),
+                    ));
+                }
+                Action::CloseLeg { gen } => {
+                    if self.server.as_ref().is_some_and(|s| s.gen == gen) {
+                        self.server = None;
+                    }
+                    if self.connecting.as_ref().is_some_and(|(g, _)| *g == gen) {
+                        self.connecting = None;
+                    }
+                }
+                Action::ShutdownServer { gen } => {
+                    if let Some(s) = self.server.as_ref().filter(|s| s.gen == gen) {
+                        match s.conn.shutdown_write() {
+                            Ok(()) => self.core.on_server_shutdown(gen, Self::now()),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "server shutdown failed");
+                                self.server_failed(gen);
+                            }
+                        }
+                    }
+                }
+                Action::ShutdownClient => match self.client.shutdown_write() {
+                    Ok(()) => self.core.on_client_shutdown(Self::now()),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client shutdown failed");
+                        self.core.on_client_error(Self::now());
+                    }
+                },
+            }
+        }
+        progress
+    }
+
+    fn poll_connect(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some((gen, fut)) = self.connecting.as_mut() else {
+            return false;
+        };
+        let gen = *gen;
+        let Poll::Ready(res) = fut.as_mut().poll(cx) else {
+            return false;
+        };
+        self.connecting = None;
+        match res {
+            Ok(conn) => {
+                self.legs += 1;
+                self.server = Some(ServerConn {
+                    gen,
+                    conn,
+                    rbuf: BytesMut::new(),
+                    written: 0,
+                });
+                self.core.on_connected(gen, Self::now());
+            }
+            Err(e) => {
+                let reason = match e.kind() {
+                    io::ErrorKind::ConnectionRefused => LegFailure::ConnectRefused,
+                    io::ErrorKind::TimedOut => LegFailure::ConnectTimeout,
+                    _ => LegFailure::ConnectError,
+                };
+                tracing::debug!(leg.gen = gen.0, error = %e, "connect failed");
+                self.core.on_connect_failed(gen, reason, Self::now());
+            }
+        }
+        true
+    }
+
+    /// The server connection of `gen` failed: take a last ack sample (it
+    /// survives a reset), then tell the core.
+    fn server_failed(&mut self, gen: Generation) {
+        self.sample_acks();
+        self.core.on_server_error(gen, Self::now());
+    }
+
+    fn sample_acks(&mut self) {
+        if self.backend.ack != AckMode::Tcp {
+            return;
+        }
+        if let Some(s) = &self.server {
+            if let Ok(acked) = s.conn.bytes_acked(s.written) {
+                self.core.on_server_acked(s.gen, acked, Self::now());
+            }
+        }
+    }
+
+    fn poll_write_server(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        loop {
+            let Some(server) = self.server.as_mut() else {
+                return progress;
+            };
+            self.iov.clear();
+            self.core.next_writes_up(MAX_IOV, &mut self.iov);
+            if self.iov.is_empty() {
+                break;
+            }
+            let gen = server.gen;
+            let slices: Vec<IoSlice<'_>> = self.iov.iter().map(|b| IoSlice::new(b)).collect();
+            match Pin::new(&mut server.conn).poll_write_vectored(cx, &slices) {
+                Poll::Ready(Ok(n)) => {
+                    server.written += n as u64;
+                    self.core.on_server_written(gen, n, Self::now());
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(leg.gen = gen.0, error = %e, "server write failed");
+                    self.server_failed(gen);
+                    return true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if progress {
+            self.sample_acks();
+        }
+        progress
+    }
+
+    fn poll_write_client(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        loop {
+            self.iov.clear();
+            let down = self.core.stream(Dir::Down);
+            if self.core.next_write(Dir::Down).is_none() {
+                break;
+            }
+            down.buffer().chunks_from(down.sent(), MAX_IOV, &mut self.iov);
+            let slices: Vec<IoSlice<'_>> = self.iov.iter().map(|b| IoSlice::new(b)).collect();
+            match Pin::new(&mut self.client).poll_write_vectored(cx, &slices) {
+                Poll::Ready(Ok(n)) => {
+                    self.core.on_client_written(n, Self::now());
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "client write failed");
+                    self.core.on_client_error(Self::now());
+                    return true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        progress
+    }
+
+    fn poll_read_client(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.core.want_read_client() {
+            return false;
+        }
+        if self.shared.buffer_used.load(Ordering::Relaxed) >= self.shared.buffer_limit {
+            // Over the global buffer memory: look again shortly.
+            if !self.mem_timer_armed {
+                self.mem_timer.as_mut().reset(Instant::now() + MEMORY_RETRY);
+                self.mem_timer_armed = true;
+            }
+            return false;
+        }
+        if self.client_rbuf.capacity() - self.client_rbuf.len() < READ_SIZE / 4 {
+            self.client_rbuf.reserve(READ_SIZE);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_rbuf)
+        {
+            Poll::Ready(Ok(0)) => self.core.on_client_eof(Self::now()),
+            Poll::Ready(Ok(_)) => {
+                let chunk = self.client_rbuf.split().freeze();
+                self.core.on_client_data(chunk, Self::now());
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "client read failed");
+                self.core.on_client_error(Self::now());
+            }
+            Poll::Pending => return false,
+        }
+        true
+    }
+
+    fn poll_read_server(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.core.want_read_server() {
+            return false;
+        }
+        let Some(server) = self.server.as_mut() else {
+            return false;
+        };
+        if server.rbuf.capacity() - server.rbuf.len() < READ_SIZE / 4 {
+            server.rbuf.reserve(READ_SIZE);
+        }
+        let gen = server.gen;
+        match tokio_util::io::poll_read_buf(Pin::new(&mut server.conn), cx, &mut server.rbuf) {
+            Poll::Ready(Ok(0)) => {
+                self.sample_acks();
+                self.core.on_server_eof(gen, Self::now());
+            }
+            Poll::Ready(Ok(_)) => {
+                let chunk = server.rbuf.split().freeze();
+                self.core.on_server_data(gen, chunk, Self::now());
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(leg.gen = gen.0, error = %e, "server read failed");
+                self.server_failed(gen);
+            }
+            Poll::Pending => return false,
+        }
+        true
+    }
+
+    fn poll_timers(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        // The core's deadline (hold timeout, reconnect backoff), and the hard
+        // end of a graceful close.
+        let mut deadline = self.core.deadline();
+        if let Some(since) = self.closing_since {
+            let hard = (since + CLOSE_GRACE).into_std();
+            deadline = Some(deadline.map_or(hard, |d| d.min(hard)));
+        }
+        if deadline != self.timer_at {
+            self.timer_at = deadline;
+            if let Some(d) = deadline {
+                self.timer.as_mut().reset(Instant::from_std(d));
+            }
+        }
+        if self.timer_at.is_some() && self.timer.as_mut().poll(cx).is_ready() {
+            self.timer_at = None;
+            if self
+                .closing_since
+                .is_some_and(|s| Instant::now() >= s + CLOSE_GRACE)
+            {
+                // The client would not take its last bytes in time.
+                self.core.on_client_error(Self::now());
+            } else {
+                self.core.on_timeout(Self::now());
+            }
+            progress = true;
+        }
+        // `ack = "tcp"`: sample while bytes are in flight.
+        if self.backend.ack == AckMode::Tcp
+            && self.server.is_some()
+            && self.core.stream(Dir::Up).in_flight() > 0
+        {
+            if !self.ack_timer_armed {
+                self.ack_timer
+                    .as_mut()
+                    .reset(Instant::now() + ACK_SAMPLE_INTERVAL);
+                self.ack_timer_armed = true;
+            }
+            if self.ack_timer.as_mut().poll(cx).is_ready() {
+                self.ack_timer_armed = false;
+                self.sample_acks();
+                progress = true;
+            }
+        } else {
+            self.ack_timer_armed = false;
+        }
+        if self.mem_timer_armed && self.mem_timer.as_mut().poll(cx).is_ready() {
+            self.mem_timer_armed = false;
+            progress = true;
+        }
+        progress
+    }
+
+    fn account_memory(&mut self) {
+        let now = self.core.buffered_bytes();
+        if now > self.mem_counted {
+            self.shared
+                .buffer_used
+                .fetch_add(now - self.mem_counted, Ordering::Relaxed);
+        } else if now < self.mem_counted {
+            self.shared
+                .buffer_used
+                .fetch_sub(self.mem_counted - now, Ordering::Relaxed);
+        }
+        self.mem_counted = now;
+    }
+
+    fn release_memory(&mut self) {
+        self.shared
+            .buffer_used
+            .fetch_sub(self.mem_counted, Ordering::Relaxed);
+        self.mem_counted = 0;
+    }
+
+    fn drain_events(&mut self) {
+        while let Some(ev) = self.core.poll_event() {
+            match ev {
+                Event::LegUp {
+                    gen,
+                    server,
+                    resumed,
+                    replay,
+                    held,
+                } => {
+                    let addr = self.backend.servers[server].to_string();
+                    let up = self.core.stream(Dir::Up);
+                    if resumed {
+                        tracing::info!(
+                            leg.gen = gen.0,
+                            server.addr = %addr,
+                            up.acked = up.acked(),
+                            up.read = up.read(),
+                            down.sent = self.core.stream(Dir::Down).sent(),
+                            replay_bytes = replay,
+                            held_ms = held.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
+                            "leg resumed"
+                        );
+                    } else {
+                        tracing::debug!(leg.gen = gen.0, server.addr = %addr, "leg up");
+                    }
+                }
+                Event::LegFailed {
+                    gen,
+                    server,
+                    reason,
+                } => {
+                    let addr = self.backend.servers[server].to_string();
+                    tracing::debug!(
+                        leg.gen = gen.0,
+                        server.addr = %addr,
+                        reason = reason.as_str(),
+                        "leg failed"
+                    );
+                }
+                Event::HoldStarted => tracing::debug!("holding"),
+                Event::Closed { .. } => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The only place that makes sockets: TCP and Unix listeners and connections,
+//! and the socket options holdfast sets on them.
+//!
+//! [`Conn`] is one byte-stream connection of either kind (TLS joins later);
+//! [`Listener`] accepts them. Nothing here knows about sessions or offsets.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
+
+use crate::config::{Endpoint, SocketOptions};
+
+pub mod sockopt;
+
+/// A connection to a client or a server.
+#[derive(Debug)]
+pub enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// The kernel's confirmation of bytes written, for `ack = "tcp"`:
+    /// `tcpi_bytes_acked` on TCP; on a Unix socket, `written` minus the bytes
+    /// still queued (SIOCOUTQ counts what the peer has not read yet).
+    pub fn bytes_acked(&self, written: u64) -> io::Result<u64> {
+        match self {
+            Conn::Tcp(s) => sockopt::tcp_bytes_acked(s.as_fd()),
+            Conn::Unix(s) => {
+                let queued = sockopt::outq(s.as_fd())?;
+                Ok(written.saturating_sub(queued))
+            }
+        }
+    }
+
+    /// Shuts down the write side (sends FIN), synchronously.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        SockRef::from(&self.as_fd()).shutdown(std::net::Shutdown::Write)
+    }
+
+    /// Sets SO_LINGER to 0 so dropping the socket resets it (used only when a
+    /// peer must learn of an abort).
+    pub fn set_abortive_close(&self) -> io::Result<()> {
+        SockRef::from(&self.as_fd()).set_linger(Some(Duration::ZERO))
+    }
+
+    /// The peer's address, for logs.
+    pub fn peer(&self) -> String {
+        match self {
+            Conn::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            Conn::Unix(_) => "unix".into(),
+        }
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Conn::Tcp(s) => s.as_fd(),
+            Conn::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Applies TCP_NODELAY, keepalive and TCP_USER_TIMEOUT to a TCP socket.
+pub fn apply_tcp_options(sock: SockRef<'_>, opts: &SocketOptions) -> io::Result<()> {
+    sock.set_nodelay(opts.nodelay)?;
+    match opts.keepalive {
+        Some(k) => {
+            sock.set_keepalive(true)?;
+            let ka = TcpKeepalive::new()
+                .with_time(k.idle)
+                .with_interval(k.interval)
+                .with_retries(k.count);
+            sock.set_tcp_keepalive(&ka)?;
+        }
+        None => sock.set_keepalive(false)?,
+    }
+    if let Some(t) = opts.user_timeout {
+        sock.set_tcp_user_timeout(Some(t))?;
+    }
+    Ok(())
+}
+
+/// Connects to a server, applying the backend's socket options, within
+/// `timeout`.
+pub async fn connect(
+    endpoint: &Endpoint,
+    opts: &SocketOptions,
+    timeout: Duration,
+) -> io::Result<Conn> {
+    let fut = async {
+        match endpoint {
+            Endpoint::Tcp(addr) => {
+                let mut last = None;
+                for a in tokio::net::lookup_host(addr.as_str()).await? {
+                    let sock = if a.is_ipv4() {
+                        TcpSocket::new_v4()?
+                    } else {
+                        TcpSocket::new_v6()?
+                    };
+                    match sock.connect(a).await {
+                        Ok(s) => {
+                            apply_tcp_options(SockRef::from(&s), opts)?;
+                            return Ok(Conn::Tcp(s));
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to nothing"))
+                }))
+            }
+            Endpoint::Unix(path) => Ok(Conn::Unix(UnixStream::connect(path).await?)),
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix { listener: UnixListener, path: PathBuf },
+}
+
+/// Why a listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot bind {endpoint}: {source}")]
+    Io {
+        endpoint: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot bind {endpoint}: another process is listening on {path}")]
+    InUse { endpoint: String, path: PathBuf },
+    #[error("cannot bind {endpoint}: {path} exists and is not a socket")]
+    NotASocket { endpoint: String, path: PathBuf },
+}
+
+impl Listener {
+    /// Binds a listener. TCP listeners get SO_REUSEADDR (a restarted holdfast
+    /// binds at once despite TIME_WAIT). A Unix listener removes a stale
+    /// socket file only when nothing is listening on it.
+    pub async fn bind(endpoint: &Endpoint) -> Result<Listener, BindError> {
+        let io_err = |source| BindError::Io {
+            endpoint: endpoint.to_string(),
+            source,
+        };
+        match endpoint {
+            Endpoint::Tcp(addr) => {
+                let mut last = None;
+                for a in tokio::net::lookup_host(addr.as_str()).await.map_err(io_err)? {
+                    let sock = if a.is_ipv4() {
+                        TcpSocket::new_v4()
+                    } else {
+                        TcpSocket::new_v6()
+                    }
+                    .map_err(io_err)?;
+                    sock.set_reuseaddr(true).map_err(io_err)?;
+                    match sock.bind(a).and_then(|_| sock.listen(1024)) {
+                        Ok(l) => return Ok(Listener::Tcp(l)),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(io_err(last.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "resolves to nothing")
+                })))
+            }
+            Endpoint::Unix(path) => {
+                remove_stale_socket(endpoint, path).await?;
+                let listener = UnixListener::bind(path).map_err(io_err)?;
+                Ok(Listener::Unix {
+                    listener,
+                    path: path.clone(),
+                })
+            }
+        }
+    }
+
+    /// The bound address: for TCP the real port (useful with port 0).
+    pub fn local_endpoint(&self) -> Endpoint {
+        match self {
+            Listener::Tcp(l) => Endpoint::Tcp(
+                l.local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| "?".into()),
+            ),
+            Listener::Unix { path, .. } => Endpoint::Unix(path.clone()),
+        }
+    }
+
+    /// Accepts one connection; returns it with the peer's address for logs.
+    pub async fn accept(&self) -> io::Result<(Conn, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, a) = l.accept().await?;
+                Ok((Conn::Tcp(s), a.to_string()))
+            }
+            Listener::Unix { listener, path } => {
+                let (s, _) = listener.accept().await?;
+                Ok((Conn::Unix(s), format!("unix:{}", path.display())))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+async fn remove_stale_socket(endpoint: &Endpoint, path: &Path) -> Result<(), BindError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(BindError::Io {
+                endpoint: endpoint.to_string(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(BindError::NotASocket {
+            endpoint: endpoint.to_string(),
+            path: path.to_path_buf(),
+        });
+    }
+    match UnixStream::connect(path).await {
+        Ok(_) => Err(BindError::InUse {
+            endpoint: endpoint.to_string(),
+            path: path.to_path_buf(),
+        }),
+        Err(_) => std::fs::remove_file(path).map_err(|source| BindError::Io {
+            endpoint: endpoint.to_string(),
+            source,
+        }),
+    }
+}
