@@ -66,3 +66,10 @@ impl Scanner {
         }
     }
 }
+
+/// How many of the `avail` bytes at stream offset `at` the frame that starts at
+/// `start` may still take without growing past `max_frame` bytes.
+fn room(start: u64, max_frame: usize, at: u64, avail: usize) -> usize {
+    let limit_end = start.saturating_add(max_frame as u64);
+    limit_end.saturating_sub(at).min(avail as u64) as usize
+}
