@@ -16,6 +16,9 @@ pub use length::LengthScanner;
 pub use lines::LinesScanner;
 pub use resp::RespScanner;
 
+#[cfg(test)]
+mod tests;
+
 /// A frame that breaks its framing's rules. The caller decides whose fault it
 /// is (a request comes from the client, a response from the server).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
