@@ -60,7 +60,7 @@ impl Scanner {
         }
     }
 
-    /// Bytes fed so far.
+    /// Bytes fed so far, those of calls that returned an error included.
     pub fn position(&self) -> u64 {
         match self {
             Scanner::Lines(s) => s.position(),
