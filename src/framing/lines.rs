@@ -1,18 +1,75 @@
-//! LF or CRLF terminated lines.
+//! [pure] Lines: a frame ends at LF, so a CRLF line ends at its LF too.
+//!
+//! Owns the offset where the current line starts and finds LFs with `memchr`.
+//! It keeps no line bytes at all, and does not interpret CR.
+
+use super::{room, FrameError};
+
+/// Frame boundaries of a stream of LF-terminated lines.
 #[derive(Debug, Clone)]
 pub struct LinesScanner {
+    /// Largest frame in bytes, its LF included.
     max_frame: usize,
+    /// Bytes fed so far, including those of calls that returned an error.
     pos: u64,
+    /// Offset of the current (incomplete) line's first byte: the end of the
+    /// last line, or 0. Always `<= pos`, and `pos - start <= max_frame` unless
+    /// poisoned.
+    start: u64,
+    /// The first error; once set, every call returns it.
+    error: Option<FrameError>,
 }
+
 impl LinesScanner {
     pub fn new(max_frame: usize) -> Self {
-        Self { max_frame, pos: 0 }
+        Self {
+            max_frame,
+            pos: 0,
+            start: 0,
+            error: None,
+        }
     }
-    pub fn scan(&mut self, _data: &[u8], _ends: &mut Vec<u64>) -> Result<(), super::FrameError> {
-        let _ = self.max_frame;
-        todo!()
+
+    /// Pushes the end of every line completed by `data`. Lines completed before
+    /// an error are still pushed.
+    pub fn scan(&mut self, data: &[u8], ends: &mut Vec<u64>) -> Result<(), FrameError> {
+        let base = self.pos;
+        self.pos += data.len() as u64;
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let mut i = 0;
+        while i < data.len() {
+            let at = base + i as u64;
+            // The current line may take bytes up to `start + max_frame`.
+            let window = room(self.start, self.max_frame, at, data.len() - i);
+            if window == 0 {
+                let e = FrameError::TooLarge {
+                    start: self.start,
+                    limit: self.max_frame,
+                };
+                self.error = Some(e.clone());
+                return Err(e);
+            }
+            match memchr::memchr(b'\n', &data[i..i + window]) {
+                Some(j) => {
+                    i += j + 1;
+                    self.start = base + i as u64;
+                    ends.push(self.start);
+                }
+                None => i += window,
+            }
+        }
+        self.check_invariants();
+        Ok(())
     }
+
     pub fn position(&self) -> u64 {
         self.pos
+    }
+
+    fn check_invariants(&self) {
+        debug_assert!(self.start <= self.pos);
+        debug_assert!(self.pos - self.start <= self.max_frame as u64);
     }
 }

@@ -16,6 +16,9 @@ pub use length::LengthScanner;
 pub use lines::LinesScanner;
 pub use resp::RespScanner;
 
+#[cfg(test)]
+mod tests;
+
 /// A frame that breaks its framing's rules. The caller decides whose fault it
 /// is (a request comes from the client, a response from the server).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,7 +60,7 @@ impl Scanner {
         }
     }
 
-    /// Bytes fed so far.
+    /// Bytes fed so far, those of calls that returned an error included.
     pub fn position(&self) -> u64 {
         match self {
             Scanner::Lines(s) => s.position(),
@@ -65,4 +68,11 @@ impl Scanner {
             Scanner::Resp(s) => s.position(),
         }
     }
+}
+
+/// How many of the `avail` bytes at stream offset `at` the frame that starts at
+/// `start` may still take without growing past `max_frame` bytes.
+fn room(start: u64, max_frame: usize, at: u64, avail: usize) -> usize {
+    let limit_end = start.saturating_add(max_frame as u64);
+    limit_end.saturating_sub(at).min(avail as u64) as usize
 }
