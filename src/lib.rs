@@ -2,7 +2,10 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod demo;
 pub mod framing;
+pub mod lifecycle;
+pub mod proxy;
+pub mod session;
 pub mod stream;
 pub mod transport;
-pub mod session;

@@ -189,9 +189,15 @@ pub enum Event {
 #[derive(Debug)]
 enum LegState {
     /// Waiting until `at` to connect to `server`.
-    Waiting { at: Instant, server: usize },
+    Waiting {
+        at: Instant,
+        server: usize,
+    },
     /// The shell is connecting.
-    Connecting { gen: Generation, server: usize },
+    Connecting {
+        gen: Generation,
+        server: usize,
+    },
     Up(Box<Leg>),
     /// No leg, and none will be made (the session is ending, or the server
     /// closed and the session runs on half-closed).
@@ -276,7 +282,10 @@ impl fmt::Debug for SessionCore {
         f.debug_struct("SessionCore")
             .field("id", &self.id)
             .field("up", &(self.up.read(), self.up.sent(), self.up.acked()))
-            .field("down", &(self.down.read(), self.down.sent(), self.down.acked()))
+            .field(
+                "down",
+                &(self.down.read(), self.down.sent(), self.down.acked()),
+            )
             .field("leg", &self.leg)
             .field("done", &self.done)
             .finish()
@@ -432,9 +441,7 @@ impl SessionCore {
         }
         match dir {
             Dir::Up => match &self.leg {
-                LegState::Up(leg) if !leg.preamble_out.is_empty() => {
-                    Some(leg.preamble_out.clone())
-                }
+                LegState::Up(leg) if !leg.preamble_out.is_empty() => Some(leg.preamble_out.clone()),
                 LegState::Up(leg) if leg.fin_sent => None,
                 LegState::Up(_) => self.up.next_unsent(),
                 _ => None,
@@ -962,8 +969,7 @@ impl SessionCore {
             }
         }
         // Deliver the server's FIN (or the graceful end) to the client.
-        if self.down.fin_read() && !self.client_fin_queued && self.down.sent() == self.down.read()
-        {
+        if self.down.fin_read() && !self.client_fin_queued && self.down.sent() == self.down.read() {
             self.client_fin_queued = true;
             self.actions.push_back(Action::ShutdownClient);
         }
@@ -993,9 +999,15 @@ impl SessionCore {
         }
         self.up.check_invariants();
         self.down.check_invariants();
-        assert!(self.down.acked() == self.down.sent(), "down acked is written");
+        assert!(
+            self.down.acked() == self.down.sent(),
+            "down acked is written"
+        );
         if let Some(&first) = self.req_ends.front() {
-            assert!(first > self.up.acked(), "unanswered requests end past acked");
+            assert!(
+                first > self.up.acked(),
+                "unanswered requests end past acked"
+            );
         }
         assert!(
             self.req_ends.iter().all(|&e| e <= self.up.read()),

@@ -93,7 +93,7 @@ pub struct Driver {
     /// Bytes of this session counted in `shared.buffer_used`.
     mem_counted: u64,
     iov: Vec<Bytes>,
-    close: CancellationToken,
+    close: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     closing_since: Option<Instant>,
     started: Instant,
     legs: u64,
@@ -123,7 +123,7 @@ impl Driver {
             mem_timer_armed: false,
             mem_counted: 0,
             iov: Vec::with_capacity(MAX_IOV),
-            close,
+            close: Box::pin(close.cancelled_owned()),
             closing_since: None,
             started: Instant::now(),
             legs: 0,
@@ -176,7 +176,7 @@ impl Driver {
     /// `CLOSE_GRACE`, give up on the client.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> bool {
         if self.closing_since.is_none() {
-            if self.close.is_cancelled() || Pin::new(&mut Box::pin(self.close.cancelled())).poll(cx).is_ready() {
+            if self.close.as_mut().poll(cx).is_ready() {
                 self.closing_since = Some(Instant::now());
                 self.core.on_shutdown(Self::now());
                 return true;
@@ -197,7 +197,9 @@ impl Driver {
                     let timeout = self.backend.connect_timeout;
                     self.connecting = Some((
                         gen,
-                        Box::pin(async move { transport::connect(&endpoint, &opts, timeout).await }),
+                        Box::pin(
+                            async move { transport::connect(&endpoint, &opts, timeout).await },
+                        ),
                     ));
                 }
                 Action::CloseLeg { gen } => {
@@ -323,7 +325,8 @@ impl Driver {
             if self.core.next_write(Dir::Down).is_none() {
                 break;
             }
-            down.buffer().chunks_from(down.sent(), MAX_IOV, &mut self.iov);
+            down.buffer()
+                .chunks_from(down.sent(), MAX_IOV, &mut self.iov);
             let slices: Vec<IoSlice<'_>> = self.iov.iter().map(|b| IoSlice::new(b)).collect();
             match Pin::new(&mut self.client).poll_write_vectored(cx, &slices) {
                 Poll::Ready(Ok(n)) => {
@@ -356,8 +359,7 @@ impl Driver {
         if self.client_rbuf.capacity() - self.client_rbuf.len() < READ_SIZE / 4 {
             self.client_rbuf.reserve(READ_SIZE);
         }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_rbuf)
-        {
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_rbuf) {
             Poll::Ready(Ok(0)) => self.core.on_client_eof(Self::now()),
             Poll::Ready(Ok(_)) => {
                 let chunk = self.client_rbuf.split().freeze();

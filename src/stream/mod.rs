@@ -317,9 +317,23 @@ impl Stream {
 
     pub fn check_invariants(&self) {
         if cfg!(debug_assertions) {
-            assert!(self.acked <= self.sent, "acked {} > sent {}", self.acked, self.sent);
-            assert!(self.sent <= self.read, "sent {} > read {}", self.sent, self.read);
-            assert_eq!(self.buf.start(), self.acked, "replay buffer starts at acked");
+            assert!(
+                self.acked <= self.sent,
+                "acked {} > sent {}",
+                self.acked,
+                self.sent
+            );
+            assert!(
+                self.sent <= self.read,
+                "sent {} > read {}",
+                self.sent,
+                self.read
+            );
+            assert_eq!(
+                self.buf.start(),
+                self.acked,
+                "replay buffer starts at acked"
+            );
             assert_eq!(self.buf.end(), self.read, "replay buffer ends at read");
             self.buf.check_invariants();
         }

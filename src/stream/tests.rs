@@ -35,7 +35,11 @@ fn chunks_are_shared_not_copied() {
     let mut s = Stream::new();
     s.push(chunk);
     let out = s.next_unsent().unwrap();
-    assert_eq!(out.as_ptr(), ptr, "the write shares the replay buffer's memory");
+    assert_eq!(
+        out.as_ptr(),
+        ptr,
+        "the write shares the replay buffer's memory"
+    );
     s.on_sent(100);
     assert_eq!(s.next_unsent().unwrap().as_ptr(), ptr.wrapping_add(100));
 }

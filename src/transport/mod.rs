@@ -173,7 +173,10 @@ pub async fn connect(
                     }
                 }
                 Err(last.unwrap_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to nothing"))
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{addr} resolves to nothing"),
+                    )
                 }))
             }
             Endpoint::Unix(path) => Ok(Conn::Unix(UnixStream::connect(path).await?)),
@@ -189,7 +192,10 @@ pub async fn connect(
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
-    Unix { listener: UnixListener, path: PathBuf },
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
 }
 
 /// Why a listener could not be bound.
@@ -219,7 +225,10 @@ impl Listener {
         match endpoint {
             Endpoint::Tcp(addr) => {
                 let mut last = None;
-                for a in tokio::net::lookup_host(addr.as_str()).await.map_err(io_err)? {
+                for a in tokio::net::lookup_host(addr.as_str())
+                    .await
+                    .map_err(io_err)?
+                {
                     let sock = if a.is_ipv4() {
                         TcpSocket::new_v4()
                     } else {

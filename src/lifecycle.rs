@@ -1,0 +1,78 @@
+//! Phases a running holdfast goes through, and the shutdown triggers.
+//!
+//! A [`Phase`] is published on a `watch` channel only after the thing it names
+//! is true (`Running` once every listener is bound and accepting), so tests and
+//! the binary wait on it instead of sleeping. The shutdown trigger is a
+//! [`Shutdown`] value passed to `proxy::run`: tests cancel its tokens, the
+//! binary maps signals onto them.
+
+use tokio_util::sync::CancellationToken;
+
+/// Where a running holdfast is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Validating and binding.
+    Starting,
+    /// Every listener is bound and accepting.
+    Running,
+    /// No longer accepting; open sessions run until they end or
+    /// `drain_timeout` passes.
+    Draining,
+    /// Every session has ended.
+    Stopped,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Draining => "draining",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// The two ways to stop: drain (SIGTERM) and stop now (SIGINT).
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Stop accepting, let sessions finish for up to `drain_timeout`, then
+    /// close the rest gracefully.
+    pub drain: CancellationToken,
+    /// Close every session now (gracefully, for at most a short grace).
+    pub stop: CancellationToken,
+}
+
+impl Shutdown {
+    pub fn new() -> Shutdown {
+        Shutdown::default()
+    }
+
+    /// Maps SIGTERM to drain and SIGINT to stop (a second signal of either
+    /// kind stops at once). Runs until both have fired.
+    pub async fn from_signals(self) -> std::io::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    if self.drain.is_cancelled() {
+                        tracing::info!("second SIGTERM: stopping now");
+                        self.stop.cancel();
+                    } else {
+                        tracing::info!("SIGTERM: draining");
+                        self.drain.cancel();
+                    }
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: stopping now");
+                    self.stop.cancel();
+                }
+            }
+            if self.stop.is_cancelled() {
+                return Ok(());
+            }
+        }
+    }
+}
