@@ -81,6 +81,7 @@ pub async fn run(
     let open = Arc::new(AtomicUsize::new(0));
     let mut accept_loops = Vec::new();
     for (listener, cfg) in bound.listeners.into_iter().zip(config.listeners.iter()) {
+        tracing::info!(listener = %cfg.name, addr = %listener.local_endpoint(), "listening");
         let ctx = AcceptCtx {
             listener_name: Arc::from(cfg.name.as_str()),
             backend: backends[cfg.backend].clone(),

@@ -255,6 +255,8 @@ pub struct SessionCore {
     req_scanner: Option<Scanner>,
     /// Response mode: ends of the requests read and not yet answered, in order.
     req_ends: VecDeque<Offset>,
+    /// Response mode: end of the last request frame scanned.
+    req_last_end: Offset,
     /// Scratch for scanners.
     ends_scratch: Vec<u64>,
     /// Requests answered so far (for the preamble).
@@ -319,6 +321,7 @@ impl SessionCore {
             hold_acked: 0,
             req_scanner,
             req_ends: VecDeque::new(),
+            req_last_end: 0,
             ends_scratch: Vec::new(),
             answered: 0,
             preamble: Vec::new(),
@@ -477,17 +480,30 @@ impl SessionCore {
         if self.done.is_some() || self.up.fin_read() || chunk.is_empty() {
             return;
         }
-        if let Some(scanner) = &mut self.req_scanner {
-            self.ends_scratch.clear();
-            let res = scanner.scan(&chunk, &mut self.ends_scratch);
-            self.req_ends.extend(self.ends_scratch.drain(..));
-            if let Err(e) = res {
-                self.up.push(chunk);
-                self.abort(frame_reason(&e), now);
-                return;
-            }
-        }
+        let Some(scanner) = &mut self.req_scanner else {
+            self.up.push(chunk);
+            self.step(now);
+            return;
+        };
+        self.ends_scratch.clear();
+        let res = scanner.scan(&chunk, &mut self.ends_scratch);
+        let no_reply_possible = matches!(scanner, Scanner::Resp(_));
         self.up.push(chunk);
+        for &end in &self.ends_scratch {
+            let start = std::mem::replace(&mut self.req_last_end, end);
+            // Redis answers nothing to an empty inline line or an empty array.
+            if no_reply_possible
+                && end - start <= 5
+                && is_resp_no_reply(&self.up.buffer().copy_range(start, end))
+            {
+                continue;
+            }
+            self.req_ends.push_back(end);
+        }
+        if let Err(e) = res {
+            self.abort(frame_reason(&e), now);
+            return;
+        }
         self.step(now);
     }
 
@@ -1024,6 +1040,12 @@ fn frame_reason(e: &FrameError) -> CloseReason {
         FrameError::TooLarge { .. } => CloseReason::FrameTooLarge,
         FrameError::Malformed { .. } => CloseReason::MalformedFrame,
     }
+}
+
+/// A RESP request Redis sends no reply to: an empty inline line, `*0` or `*-1`.
+fn is_resp_no_reply(frame: &[u8]) -> bool {
+    matches!(frame, b"\n" | b"\r\n" | b"*0\r\n" | b"*-1\r\n")
+        || frame.iter().all(|b| b.is_ascii_whitespace())
 }
 
 fn frame_starts_with(frame: &[Bytes], prefix: &[u8]) -> bool {

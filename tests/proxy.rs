@@ -1,0 +1,291 @@
+//! The foundation: holdfast as a plain proxy (`ack = "none"`) over TCP and
+//! Unix sockets, half-close both ways, refused servers, many sessions,
+//! draining, and the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixStream};
+
+fn plain_config(server: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["{server}"]
+ack = "none"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_64mib_over_tcp_is_byte_exact() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let proxy = Proxy::start(&plain_config(&server.addr)).await;
+    let data = pattern(64 << 20, 1);
+    let got = send_and_collect(connect(&proxy.addr(0)).await, data.clone())
+        .await
+        .expect("no error at the client");
+    assert_bytes_eq(&got, &data, "64 MiB echoed through holdfast");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_64mib_over_unix_listener_and_unix_server() {
+    let dir = std::env::temp_dir().join(format!("holdfast-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let server_path = dir.join("server.sock");
+    let listen_path = dir.join("listen.sock");
+    let server = Server::start(&format!("unix:{}", server_path.display()), "echo").await;
+    let toml = format!(
+        r#"
+[[listener]]
+name = "l"
+listen = "unix:{}"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["{}"]
+ack = "none"
+"#,
+        listen_path.display(),
+        server.addr
+    );
+    let proxy = Proxy::start(&toml).await;
+    let data = pattern(64 << 20, 2);
+    let client = UnixStream::connect(&listen_path).await.expect("connect unix");
+    let got = send_and_collect(client, data.clone()).await.expect("no error");
+    assert_bytes_eq(&got, &data, "64 MiB over unix sockets");
+    proxy.stop().await;
+    assert!(!listen_path.exists(), "the listener's socket file is removed on stop");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The client's FIN reaches the server after every byte; the server then
+/// answers and closes, and the client gets every byte and then EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_half_close_reaches_server_after_all_bytes() {
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = server.local_addr().unwrap().to_string();
+    let proxy = Proxy::start(&plain_config(&server_addr)).await;
+    let srv = tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap(); // until the client's FIN
+        // Still writable after the client's half-close.
+        s.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        got
+    });
+    let mut c = connect(&proxy.addr(0)).await;
+    let data = pattern(1 << 20, 3);
+    c.write_all(&data).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).await.unwrap();
+    assert_eq!(reply, format!("got {} bytes", data.len()));
+    assert_bytes_eq(&srv.await.unwrap(), &data, "server received");
+    proxy.stop().await;
+}
+
+/// The server's FIN reaches the client after every byte; the client can go
+/// on sending, and the server receives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_half_close_reaches_client_and_client_keeps_sending() {
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = server.local_addr().unwrap().to_string();
+    let proxy = Proxy::start(&plain_config(&server_addr)).await;
+    let greeting = pattern(300_000, 4);
+    let g2 = greeting.clone();
+    let srv = tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        s.write_all(&g2).await.unwrap();
+        s.shutdown().await.unwrap(); // FIN first
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let mut c = connect(&proxy.addr(0)).await;
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).await.unwrap();
+    assert_bytes_eq(&got, &greeting, "client received before EOF");
+    let after = pattern(200_000, 5);
+    c.write_all(&after).await.unwrap();
+    c.shutdown().await.unwrap();
+    assert_bytes_eq(&srv.await.unwrap(), &after, "server received after its FIN");
+    proxy.stop().await;
+}
+
+/// No server listening: a plain proxy closes the client cleanly (EOF, not a
+/// reset) after trying every server once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_servers_close_the_client_cleanly() {
+    // Two ports nobody listens on.
+    let (a, b) = {
+        let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (l1.local_addr().unwrap(), l2.local_addr().unwrap())
+    };
+    let toml = format!(
+        r#"
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["{a}", "{b}"]
+ack = "none"
+"#
+    );
+    let proxy = Proxy::start(&toml).await;
+    let mut c = connect(&proxy.addr(0)).await;
+    let mut got = Vec::new();
+    let res = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("closed in time");
+    assert!(res.is_ok(), "a clean EOF, not a reset: {res:?}");
+    assert!(got.is_empty());
+    proxy.stop().await;
+}
+
+/// 1,000 sessions at once through one listener, each byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_sessions() {
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = server.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = server.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&plain_config(&server_addr)).await;
+    let addr = proxy.addr(0);
+    // Open all 1,000 before any finishes.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
+    let mut tasks = Vec::new();
+    for i in 0..1000u64 {
+        let addr = addr.clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&addr).await;
+            barrier.wait().await;
+            let data = pattern(4096 + i as usize, i);
+            let got = send_and_collect(c, data.clone()).await.expect("no error");
+            assert_bytes_eq(&got, &data, "session bytes");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("session ok");
+    }
+    proxy.stop().await;
+}
+
+/// Draining: the proxy stops accepting, open sessions finish, and after
+/// `drain_timeout` the rest are closed with a FIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_idle_sessions_after_drain_timeout() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let toml = format!(
+        "[lifecycle]\ndrain_timeout = \"300ms\"\n{}",
+        plain_config(&server.addr)
+    );
+    let proxy = Proxy::start(&toml).await;
+    let addr = proxy.addr(0);
+    let mut c = connect(&addr).await;
+    c.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).await.unwrap();
+    proxy.shutdown.drain.cancel();
+    let mut phase = proxy.phase.clone();
+    phase.wait_for(|p| *p == holdfast::lifecycle::Phase::Draining).await.unwrap();
+    // New connections are refused once draining.
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
+    // The idle session is closed with a FIN after the drain timeout.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+        .await
+        .expect("closed after drain timeout");
+    assert!(n.is_ok(), "clean EOF: {n:?}");
+    phase.wait_for(|p| *p == holdfast::lifecycle::Phase::Stopped).await.unwrap();
+}
+
+/// The real binary: SIGTERM with an open session drains within
+/// `drain_timeout` and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_sigterm_drains_and_exits_zero() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = std::env::temp_dir().join(format!("holdfast-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[lifecycle]\ndrain_timeout = \"500ms\"\n{}",
+            plain_config(&server.addr)
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait for "holdfast running" in its log; take the bound port from the
+    // "listening" line.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stderr);
+    let mut log = String::new();
+    let mut addr = None;
+    loop {
+        let mut line = String::new();
+        let n = tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await.unwrap();
+        assert!(n > 0, "holdfast exited early:\n{log}");
+        log.push_str(&line);
+        if let Some(i) = line.find("addr=") {
+            addr = line[i + 5..].split_whitespace().next().map(str::to_string);
+        }
+        if line.contains("holdfast running") {
+            break;
+        }
+    }
+    let addr = addr.expect("a listening line with addr=");
+    let mut c = connect(&addr).await;
+    c.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    c.read_exact(&mut buf).await.unwrap();
+    let started = std::time::Instant::now();
+    let pid = child.id().unwrap() as i32;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let mut rest = Vec::new();
+    assert!(c.read_to_end(&mut rest).await.is_ok(), "client got a clean EOF");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+}
