@@ -47,6 +47,16 @@ pub(super) struct Entry {
     pub value: Node,
 }
 
+impl fmt::Display for RawSize {
+    /// As written: `"64KiB"` quoted, a number of bytes bare.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RawSize::Text(s) => write!(f, "{s:?}"),
+            RawSize::Bytes(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 impl Kind {
     /// "a string", "an integer", ...: for "expected X, found Y" messages.
     pub fn describe(&self) -> &'static str {

@@ -376,8 +376,8 @@ fn bad_values() {
         ("ack = \"response\"\nframing = \"json\"", "backend[0].framing", "unknown framing \"json\" (use lines, length-prefixed or resp)"),
         ("ack = \"response\"\nframing = { length_field_length = 2 }", "backend[0].framing.type", "missing key \"type\" (lines, length-prefixed or resp)"),
         ("hold_timeout = \"10 fortnights\"", "backend[0].hold_timeout", "\"10 fortnights\" is not a duration (use ms, s, m or h)"),
-        ("hold_timeout = \"0s\"", "backend[0].hold_timeout", "must be more than 0"),
-        ("connect_timeout = \"0ms\"", "backend[0].connect_timeout", "must be more than 0"),
+        ("hold_timeout = \"0s\"", "backend[0].hold_timeout", "\"0s\" is 0; it must be more"),
+        ("connect_timeout = \"0ms\"", "backend[0].connect_timeout", "\"0ms\" is 0; it must be more"),
         ("retry_initial = \"1s\"", "backend[0].retry_initial", "retry_initial (1s) is longer than retry_max (200ms)"),
         ("retry_max = \"500us\"", "backend[0].retry_max", "retry_initial (1ms) is longer than retry_max (500us)"),
         ("buffer_limit = \"1023B\"", "backend[0].buffer_limit", "1023 bytes is below the minimum of 1 KiB"),
@@ -389,7 +389,7 @@ fn bad_values() {
         ("keepalive = false\nkeepalive_count = 3", "backend[0].keepalive_count", "keepalive_count has no effect with keepalive = false"),
         ("user_timeout = \"50d\"", "backend[0].user_timeout", "\"50d\" is not a duration (use ms, s, m or h)"),
         ("user_timeout = \"1200h\"", "backend[0].user_timeout", "4320000s is longer than 49 days"),
-        ("servers = []", "backend[0].servers", "needs at least one server"),
+        ("servers = []", "backend[0].servers", "is empty; a backend needs at least one server"),
         ("servers = [\"127.0.0.1:0\"]", "backend[0].servers[0]", "\"127.0.0.1:0\" has port 0; a server needs a real port"),
         ("servers = [\"db\"]", "backend[0].servers[0]", "\"db\" is not an endpoint (use host:port, [ipv6]:port or unix:/path)"),
         ("ack = \"response\"", "backend[0].ack", "ack = \"response\" needs a framing key (lines, length-prefixed or resp)"),
@@ -401,7 +401,7 @@ fn bad_values() {
         ("retry_responses = []", "backend[0].retry_responses", "retry_responses only applies with ack = \"response\" (ack is \"tcp\")"),
         ("ack = \"response\"\nframing = \"lines\"\ngreeting = -1", "backend[0].greeting", "-1 is out of range (0 to 4294967295)"),
         ("ack = \"response\"\nframing = \"lines\"\nretry_responses = [\"\"]", "backend[0].retry_responses[0]", "an empty prefix would match every response"),
-        ("ack = \"response\"\nframing = \"lines\"\nmax_frame = 0", "backend[0].max_frame", "must be more than 0 bytes"),
+        ("ack = \"response\"\nframing = \"lines\"\nmax_frame = 0", "backend[0].max_frame", "0 is 0 bytes; it must be more"),
         ("ack = \"response\"\nframing = { type = \"length-prefixed\", length_field_length = 3 }", "backend[0].framing.length_field_length", "3 is not a length field width (use 1, 2, 4 or 8)"),
         ("ack = \"response\"\nframing = { type = \"length-prefixed\", length_field_length = 16 }", "backend[0].framing.length_field_length", "16 is not a length field width (use 1, 2, 4 or 8)"),
         ("ack = \"response\"\nframing = { type = \"length-prefixed\", length_field_offset = -1 }", "backend[0].framing.length_field_offset", "-1 is out of range (0 to 4294967295)"),
@@ -429,7 +429,7 @@ fn limits_and_admin() {
     );
     assert_eq!(
         error(&format!("[limits]\nbuffer_memory = \"0B\"\n{MINIMAL}")),
-        "limits.buffer_memory (line 2, col 17): must be more than 0 bytes"
+        "limits.buffer_memory (line 2, col 17): \"0B\" is 0 bytes; it must be more"
     );
     assert_eq!(
         error(&format!("[limits]\nbuffer_memory = \"512KiB\"\n{MINIMAL}")),

@@ -215,7 +215,7 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
     let mut buffer_memory = size(r, &raw.limits.buffer_memory, DEFAULT_BUFFER_MEMORY);
     if buffer_memory == Some(0) {
         if let Some(f) = &raw.limits.buffer_memory {
-            r.at(f, "must be more than 0 bytes");
+            r.at(f, format!("{} is 0 bytes; it must be more", f.value));
         }
         buffer_memory = None;
     }
@@ -316,7 +316,7 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
     let name = required_name(r, &b.at, &b.name);
     let servers = required(r, &b.at, &b.servers, "servers").and_then(|list| {
         if list.value.is_empty() {
-            r.at(list, "needs at least one server");
+            r.at(list, "is empty; a backend needs at least one server");
             return None;
         }
         let mut servers = Vec::new();
@@ -527,7 +527,7 @@ fn framing(r: &mut Report, f: &RawFraming, max_frame: &Option<Sp<RawSize>>) -> O
         let n = usize::try_from(n).ok().filter(|n| *n > 0);
         if n.is_none() {
             if let Some(f) = max_frame {
-                r.at(f, "must be more than 0 bytes");
+                r.at(f, format!("{} is 0 bytes; it must be more", f.value));
             }
         }
         n
@@ -600,15 +600,22 @@ fn socket(r: &mut Report, s: &RawSocket, default_user_timeout: Option<Duration>)
         }
         Some(d)
     };
-    let idle = keepalive_secs(r, &s.keepalive_idle, DEFAULT_KEEPALIVE.idle);
-    let interval = keepalive_secs(r, &s.keepalive_interval, DEFAULT_KEEPALIVE.interval);
-    let count = integer(
-        r,
-        &s.keepalive_count,
-        i64::from(DEFAULT_KEEPALIVE.count),
-        1..=127,
-    );
-    if !enabled {
+    let keepalive = if enabled {
+        let idle = keepalive_secs(r, &s.keepalive_idle, DEFAULT_KEEPALIVE.idle);
+        let interval = keepalive_secs(r, &s.keepalive_interval, DEFAULT_KEEPALIVE.interval);
+        let count = integer(
+            r,
+            &s.keepalive_count,
+            i64::from(DEFAULT_KEEPALIVE.count),
+            1..=127,
+        );
+        Some(Keepalive {
+            idle: idle.unwrap_or_default(),
+            interval: interval.unwrap_or_default(),
+            count: count.and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+        })
+    } else {
+        // Settings for something switched off are a mistake, not a no-op.
         let given = [
             s.keepalive_idle.as_ref().map(|f| (&f.key, &f.span)),
             s.keepalive_interval.as_ref().map(|f| (&f.key, &f.span)),
@@ -622,7 +629,8 @@ fn socket(r: &mut Report, s: &RawSocket, default_user_timeout: Option<Duration>)
                 format!("{name} has no effect with keepalive = false"),
             );
         }
-    }
+        None
+    };
     let user_timeout = match &s.user_timeout {
         None => default_user_timeout,
         Some(f) => match parse_duration(&f.value) {
@@ -641,11 +649,7 @@ fn socket(r: &mut Report, s: &RawSocket, default_user_timeout: Option<Duration>)
     };
     SocketOptions {
         nodelay: s.nodelay.as_ref().map_or(true, |n| n.value),
-        keepalive: enabled.then(|| Keepalive {
-            idle: idle.unwrap_or_default(),
-            interval: interval.unwrap_or_default(),
-            count: count.and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
-        }),
+        keepalive,
         user_timeout,
     }
 }
@@ -773,7 +777,7 @@ fn positive(r: &mut Report, f: &Option<Sp<String>>, default: Duration) -> Option
     let d = duration(r, f, default)?;
     if d.is_zero() {
         if let Some(f) = f {
-            r.at(f, "must be more than 0");
+            r.at(f, format!("{:?} is 0; it must be more", f.value));
         }
         return None;
     }
