@@ -599,3 +599,38 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     }
     i
 }
+
+#[test]
+fn design_md_example_parses() {
+    let c = ok(r#"
+[admin]
+listen = "127.0.0.1:9900"      # GET /metrics, /healthz, /sessions
+
+[[listener]]
+name = "orders"
+listen = "0.0.0.0:7000"        # or "unix:/run/orders.sock"
+backend = "orders"
+# protocol = "tcp"             # or "resume" (an edge holdfast connects here)
+# tls = { cert = "cert.pem", key = "key.pem" }
+
+[[backend]]
+name = "orders"
+servers = ["127.0.0.1:7001", "unix:/run/orders-server.sock"]
+protocol = "tcp"               # or "resume"
+ack = "response"               # none | tcp | response  (resume implies its own acks)
+framing = "lines"              # for ack = "response"
+buffer_limit = "1MiB"          # per session
+hold_timeout = "30s"
+connect_timeout = "1s"
+"#);
+    assert_eq!(
+        c.backends[0].ack,
+        AckMode::Response(Framing::Lines {
+            max_frame: 64 << 10
+        })
+    );
+    assert_eq!(
+        c.backends[0].servers[1],
+        Endpoint::Unix("/run/orders-server.sock".into())
+    );
+}
