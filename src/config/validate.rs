@@ -62,7 +62,7 @@ impl std::error::Error for ConfigError {}
 impl std::error::Error for ConfigErrors {}
 
 /// Key of the single error for a file that is not valid TOML.
-pub const SYNTAX_KEY: &str = "toml";
+pub(super) const SYNTAX_KEY: &str = "toml";
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
