@@ -173,3 +173,5 @@ impl Config {
         &self.backends[listener.backend]
     }
 }
+#[cfg(test)]
+mod tests;

@@ -1,8 +1,23 @@
 //! Pure validation: raw → Config, every error at once.
+//!
+//! Owns the rules (units, enum values, ranges, defaults, cross references
+//! between listeners and backends) and the error format: key path, 1-based
+//! line and column, a lowercase message naming the value and the limit.
+//! Reading the TOML shape is `raw`'s job; nothing here touches a socket or
+//! resolves a name.
+use std::collections::HashMap;
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::Path;
+use std::time::Duration;
 
-use super::Config;
+use super::raw::{self, RawBackend, RawConfig, RawFraming, RawSize, RawSocket, Sp, Span};
+use super::units::{fmt_duration, fmt_size, parse_duration, parse_size, Endpoint};
+use super::{
+    AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, Framing, Keepalive,
+    LengthPrefixed, Lifecycle, Limits, ListenerConfig, ListenerProtocol, OnServerClose,
+    SocketOptions,
+};
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,17 +30,21 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// Every problem found in a config file.
+/// Every problem found in a config file, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} (line {}, col {}): {}",
-            self.key, self.line, self.col, self.message
-        )
+        if self.line == 0 {
+            write!(f, "{}: {}", self.key, self.message)
+        } else {
+            write!(
+                f,
+                "{} (line {}, col {}): {}",
+                self.key, self.line, self.col, self.message
+            )
+        }
     }
 }
 impl fmt::Display for ConfigErrors {
@@ -39,11 +58,752 @@ impl fmt::Display for ConfigErrors {
         Ok(())
     }
 }
+impl std::error::Error for ConfigError {}
 impl std::error::Error for ConfigErrors {}
 
-pub fn parse(_src: &str) -> Result<Config, ConfigErrors> {
-    todo!()
+/// Key of the single error for a file that is not valid TOML.
+pub(super) const SYNTAX_KEY: &str = "toml";
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+const DEFAULT_BUFFER_MEMORY: u64 = 256 * MIB;
+const DEFAULT_MAX_SESSIONS: i64 = 10_000;
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_BUFFER_LIMIT: u64 = MIB;
+const MIN_BUFFER_LIMIT: u64 = KIB;
+const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(1);
+const DEFAULT_RETRY_MAX: Duration = Duration::from_millis(200);
+const DEFAULT_MAX_FRAME: u64 = 64 * KIB;
+const DEFAULT_MAX_FRAME_LENGTH_PREFIXED: u64 = 8 * MIB;
+const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
+    idle: Duration::from_secs(60),
+    interval: Duration::from_secs(10),
+    count: 6,
+};
+const DEFAULT_BACKEND_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Linux takes TCP_KEEPIDLE and TCP_KEEPINTVL in whole seconds up to this.
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// Redis answers this while it loads its data set.
+const RESP_RETRY_DEFAULT: &str = "-LOADING";
+
+/// Parses and validates a config file's text.
+pub fn parse(src: &str) -> Result<Config, ConfigErrors> {
+    let mut report = Report::new(src);
+    let config = match raw::parse_document(src) {
+        Ok(doc) => {
+            let raw = raw::read(&doc, &mut report);
+            Some(check(&raw, &mut report))
+        }
+        Err(e) => {
+            let msg = e.message().trim().replace('\n', "; ");
+            report.error(SYNTAX_KEY, &e.span(), format!("syntax error: {msg}"));
+            None
+        }
+    };
+    match config {
+        Some(config) if report.errors.is_empty() => Ok(config),
+        _ => Err(report.into_errors()),
+    }
 }
-pub fn load(_path: &Path) -> Result<Config, ConfigErrors> {
-    todo!()
+
+/// Reads and validates a config file. An unreadable file is one error whose
+/// key is the path.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(src) => parse(&src),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            key: path.display().to_string(),
+            line: 0,
+            col: 0,
+            message: format!("cannot read the file: {}", lowercase_first(&e.to_string())),
+        }])),
+    }
+}
+
+fn lowercase_first(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// Collects errors, turning byte spans into line:column.
+pub(super) struct Report<'s> {
+    src: &'s str,
+    /// Byte offset of the start of each line.
+    line_starts: Vec<usize>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'s> Report<'s> {
+    fn new(src: &'s str) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(src.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Report {
+            src,
+            line_starts,
+            errors: Vec::new(),
+        }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.src.len());
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let start = self.line_starts[line - 1];
+        let col = self
+            .src
+            .get(start..offset)
+            .map_or(offset - start, |s| s.chars().count());
+        (line, col + 1)
+    }
+
+    pub(super) fn error(&mut self, key: &str, span: &Span, message: impl Into<String>) {
+        let (line, col) = span
+            .as_ref()
+            .map_or((0, 0), |span| self.position(span.start));
+        self.errors.push(ConfigError {
+            key: key.to_owned(),
+            line,
+            col,
+            message: message.into(),
+        });
+    }
+
+    fn at<T>(&mut self, field: &Sp<T>, message: impl Into<String>) {
+        self.error(&field.key, &field.span, message);
+    }
+
+    /// Errors in file order; those without a position last.
+    fn into_errors(mut self) -> ConfigErrors {
+        self.errors.sort_by_key(|e| (e.line == 0, e.line, e.col));
+        ConfigErrors(self.errors)
+    }
+}
+
+/// Raw → Config. Every check runs; a value that failed its own check is
+/// `None` below, so rules that depend on it are skipped instead of
+/// piling follow-on errors onto one mistake. The returned Config is only
+/// used when no error was reported.
+fn check(raw: &RawConfig, r: &mut Report) -> Config {
+    let admin = raw.admin.as_ref().and_then(|a| {
+        let Some(listen) = &a.listen else {
+            r.error(
+                &format!("{}.listen", a.at.key),
+                &a.at.span,
+                "missing key \"listen\"",
+            );
+            return None;
+        };
+        match Endpoint::parse(&listen.value) {
+            Ok(Endpoint::Unix(_)) => {
+                r.at(listen, "the admin endpoint is tcp only (use host:port)");
+                None
+            }
+            Ok(ep) => Some(AdminConfig { listen: ep }),
+            Err(e) => {
+                r.at(listen, e);
+                None
+            }
+        }
+    });
+    let mut buffer_memory = size(r, &raw.limits.buffer_memory, DEFAULT_BUFFER_MEMORY);
+    if buffer_memory == Some(0) {
+        if let Some(f) = &raw.limits.buffer_memory {
+            r.at(f, format!("{} is 0 bytes; it must be more", f.value));
+        }
+        buffer_memory = None;
+    }
+    let max_sessions = integer(
+        r,
+        &raw.limits.max_sessions,
+        DEFAULT_MAX_SESSIONS,
+        1..=i64::from(u32::MAX),
+    );
+    let drain_timeout = duration(r, &raw.lifecycle.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+
+    let backends: Vec<BackendConfig> = raw
+        .backends
+        .iter()
+        .map(|b| backend(b, buffer_memory, r))
+        .collect();
+    unique_names(raw.backends.iter().map(|b| &b.name), "backend", r);
+    let backend_names: Vec<&str> = raw
+        .backends
+        .iter()
+        .filter_map(|b| b.name.as_ref().map(|n| n.value.as_str()))
+        .collect();
+
+    if raw.listeners.is_empty() {
+        r.error("listener", &None, "at least one [[listener]] is required");
+    }
+    unique_names(raw.listeners.iter().map(|l| &l.name), "listener", r);
+    let mut listens: HashMap<Endpoint, &Sp<String>> = HashMap::new();
+    let mut listeners = Vec::new();
+    for l in &raw.listeners {
+        let name = required_name(r, &l.at, &l.name);
+        let listen = required(r, &l.at, &l.listen, "listen").and_then(|f| {
+            let ep = Endpoint::parse(&f.value).map_err(|e| r.at(f, e)).ok()?;
+            // Several listeners may each ask for a kernel-chosen port.
+            if ep.port() != Some(0) {
+                if let Some(first) = listens.get(&ep) {
+                    let (line, _) = first.span.as_ref().map_or((0, 0), |s| r.position(s.start));
+                    r.at(
+                        f,
+                        format!(
+                            "{:?} is already the listen address of {} (line {line})",
+                            f.value,
+                            first.key.trim_end_matches(".listen")
+                        ),
+                    );
+                } else {
+                    listens.insert(ep.clone(), f);
+                }
+            }
+            Some(ep)
+        });
+        let backend = required(r, &l.at, &l.backend, "backend").and_then(|f| {
+            let found = backend_names.iter().position(|n| *n == f.value);
+            if found.is_none() {
+                let known = if backend_names.is_empty() {
+                    "there is no [[backend]]".to_owned()
+                } else {
+                    format!("backends: {}", backend_names.join(", "))
+                };
+                r.at(f, format!("no backend named {:?} ({known})", f.value));
+            }
+            // Index into the backends with a name, which is the index into
+            // all backends whenever the file is valid.
+            found
+        });
+        let protocol = choice(
+            r,
+            &l.protocol,
+            "protocol",
+            &[("tcp", Some(ListenerProtocol::Tcp)), ("resume", None)],
+            ListenerProtocol::Tcp,
+        );
+        let socket = socket(r, &l.socket, None);
+        listeners.push(ListenerConfig {
+            name: name.unwrap_or_default(),
+            listen: listen.unwrap_or(Endpoint::Tcp(String::new())),
+            backend: backend.unwrap_or(0),
+            protocol: protocol.unwrap_or(ListenerProtocol::Tcp),
+            socket,
+        });
+    }
+
+    Config {
+        admin,
+        limits: Limits {
+            buffer_memory: buffer_memory.unwrap_or(0),
+            max_sessions: max_sessions.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+        },
+        lifecycle: Lifecycle {
+            drain_timeout: drain_timeout.unwrap_or_default(),
+        },
+        listeners,
+        backends,
+    }
+}
+
+fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> BackendConfig {
+    let name = required_name(r, &b.at, &b.name);
+    let servers = required(r, &b.at, &b.servers, "servers").and_then(|list| {
+        if list.value.is_empty() {
+            r.at(list, "is empty; a backend needs at least one server");
+            return None;
+        }
+        let mut servers = Vec::new();
+        for f in list.value.iter().flatten() {
+            match Endpoint::parse(&f.value) {
+                Ok(ep) if ep.port() == Some(0) => {
+                    r.at(
+                        f,
+                        format!("{:?} has port 0; a server needs a real port", f.value),
+                    );
+                }
+                Ok(ep) => servers.push(ep),
+                Err(e) => r.at(f, e),
+            }
+        }
+        (servers.len() == list.value.len()).then_some(servers)
+    });
+    let protocol = choice(
+        r,
+        &b.protocol,
+        "protocol",
+        &[("tcp", Some(BackendProtocol::Tcp)), ("resume", None)],
+        BackendProtocol::Tcp,
+    );
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Ack {
+        None,
+        Tcp,
+        Response,
+    }
+    let ack = choice(
+        r,
+        &b.ack,
+        "ack mode",
+        &[
+            ("none", Some(Ack::None)),
+            ("tcp", Some(Ack::Tcp)),
+            ("response", Some(Ack::Response)),
+            ("resume", None),
+        ],
+        Ack::Tcp,
+    );
+    let response = ack == Some(Ack::Response);
+    // Keys that only mean something with ack = "response".
+    let ack_name = b.ack.as_ref().map_or("tcp", |a| a.value.as_str());
+    let response_only = |r: &mut Report, key: &str, span: &Span| {
+        if ack.is_some() && !response {
+            let name = key.rsplit('.').next().unwrap_or(key);
+            r.error(
+                key,
+                span,
+                format!("{name} only applies with ack = \"response\" (ack is {ack_name:?})"),
+            );
+        }
+    };
+
+    let framing = match &b.framing {
+        Some(f) => {
+            response_only(r, &f.key, &f.span);
+            framing(r, &f.value, &b.max_frame)
+        }
+        None => {
+            match (&b.ack, &b.max_frame) {
+                // `response` is never the default, so `ack` was written.
+                (Some(ack), _) if response => r.at(
+                    ack,
+                    "ack = \"response\" needs a framing key (lines, length-prefixed or resp)",
+                ),
+                (_, Some(m)) => r.at(m, "max_frame only applies with a framing"),
+                _ => {}
+            }
+            None
+        }
+    };
+    let ack = match ack {
+        Some(Ack::None) => Some(AckMode::None),
+        Some(Ack::Tcp) => Some(AckMode::Tcp),
+        Some(Ack::Response) => framing.map(AckMode::Response),
+        None => None,
+    };
+
+    let buffer_limit = size(r, &b.buffer_limit, DEFAULT_BUFFER_LIMIT);
+    if let Some(limit) = buffer_limit {
+        let (key, span) = b.buffer_limit.as_ref().map_or_else(
+            || (format!("{}.buffer_limit", b.at.key), b.at.span.clone()),
+            |f| (f.key.clone(), f.span.clone()),
+        );
+        if limit < MIN_BUFFER_LIMIT {
+            r.error(
+                &key,
+                &span,
+                format!("{} is below the minimum of 1 KiB", fmt_size(limit)),
+            );
+        } else if let Some(memory) = buffer_memory.filter(|m| limit > *m) {
+            r.error(
+                &key,
+                &span,
+                format!(
+                    "{} is more than limits.buffer_memory ({})",
+                    fmt_size(limit),
+                    fmt_size(memory)
+                ),
+            );
+        }
+    }
+    let hold_timeout = positive(r, &b.hold_timeout, DEFAULT_HOLD_TIMEOUT);
+    let connect_timeout = positive(r, &b.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    let retry_initial = positive(r, &b.retry_initial, DEFAULT_RETRY_INITIAL);
+    let retry_max = positive(r, &b.retry_max, DEFAULT_RETRY_MAX);
+    if let (Some(initial), Some(max)) = (retry_initial, retry_max) {
+        if initial > max {
+            let msg = format!(
+                "retry_initial ({}) is longer than retry_max ({})",
+                fmt_duration(initial),
+                fmt_duration(max)
+            );
+            match (&b.retry_initial, &b.retry_max) {
+                (Some(f), _) | (None, Some(f)) => r.at(f, msg),
+                (None, None) => {}
+            }
+        }
+    }
+    let on_server_close = choice(
+        r,
+        &b.on_server_close,
+        "on_server_close",
+        &[
+            ("reconnect", Some(OnServerClose::Reconnect)),
+            ("close", Some(OnServerClose::Close)),
+        ],
+        OnServerClose::Reconnect,
+    );
+
+    let frames = |r: &mut Report, f: &Option<Sp<i64>>| {
+        if let Some(f) = f {
+            response_only(r, &f.key, &f.span);
+        }
+        integer(r, f, 0, 0..=i64::from(u32::MAX)).map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    };
+    let greeting = frames(r, &b.greeting);
+    let preamble = frames(r, &b.preamble);
+
+    let retry_responses = match &b.retry_responses {
+        Some(list) => {
+            response_only(r, &list.key, &list.span);
+            for f in list.value.iter().flatten().filter(|f| f.value.is_empty()) {
+                r.at(f, "an empty prefix would match every response");
+            }
+            list.value
+                .iter()
+                .flatten()
+                .map(|f| f.value.as_bytes().to_vec())
+                .collect()
+        }
+        None if matches!(ack, Some(AckMode::Response(Framing::Resp { .. }))) => {
+            vec![RESP_RETRY_DEFAULT.as_bytes().to_vec()]
+        }
+        None => Vec::new(),
+    };
+
+    BackendConfig {
+        name: name.unwrap_or_default(),
+        servers: servers.unwrap_or_default(),
+        protocol: protocol.unwrap_or(BackendProtocol::Tcp),
+        ack: ack.unwrap_or(AckMode::None),
+        buffer_limit: buffer_limit.unwrap_or(0),
+        hold_timeout: hold_timeout.unwrap_or_default(),
+        connect_timeout: connect_timeout.unwrap_or_default(),
+        retry_initial: retry_initial.unwrap_or_default(),
+        retry_max: retry_max.unwrap_or_default(),
+        on_server_close: on_server_close.unwrap_or(OnServerClose::Reconnect),
+        greeting: greeting.unwrap_or(0),
+        preamble: preamble.unwrap_or(0),
+        retry_responses,
+        socket: socket(r, &b.socket, Some(DEFAULT_BACKEND_USER_TIMEOUT)),
+    }
+}
+
+fn framing(r: &mut Report, f: &RawFraming, max_frame: &Option<Sp<RawSize>>) -> Option<Framing> {
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Lines,
+        LengthPrefixed,
+        Resp,
+    }
+    let kind = choice(
+        r,
+        &Some(f.kind.clone()?),
+        "framing",
+        &[
+            ("lines", Some(Kind::Lines)),
+            ("length-prefixed", Some(Kind::LengthPrefixed)),
+            ("resp", Some(Kind::Resp)),
+        ],
+        Kind::Lines,
+    )?;
+    let (kind_key, kind_span) = f
+        .kind
+        .as_ref()
+        .map(|k| (k.key.clone(), k.span.clone()))
+        .unwrap_or_default();
+    let default_max = match kind {
+        Kind::LengthPrefixed => DEFAULT_MAX_FRAME_LENGTH_PREFIXED,
+        Kind::Lines | Kind::Resp => DEFAULT_MAX_FRAME,
+    };
+    let max = size(r, max_frame, default_max).and_then(|n| {
+        let n = usize::try_from(n).ok().filter(|n| *n > 0);
+        if n.is_none() {
+            if let Some(f) = max_frame {
+                r.at(f, format!("{} is 0 bytes; it must be more", f.value));
+            }
+        }
+        n
+    });
+    match kind {
+        Kind::Lines => Some(Framing::Lines { max_frame: max? }),
+        Kind::Resp => Some(Framing::Resp { max_frame: max? }),
+        Kind::LengthPrefixed => {
+            let offset = integer(r, &f.length_field_offset, 0, 0..=i64::from(u32::MAX));
+            let width = integer(r, &f.length_field_length, 4, i64::MIN..=i64::MAX).and_then(|n| {
+                if [1, 2, 4, 8].contains(&n) {
+                    return Some(n);
+                }
+                if let Some(f) = &f.length_field_length {
+                    r.at(
+                        f,
+                        format!("{n} is not a length field width (use 1, 2, 4 or 8)"),
+                    );
+                }
+                None
+            });
+            let adjustment = integer(r, &f.length_adjustment, 0, i64::MIN..=i64::MAX);
+            let big_endian = f.big_endian.as_ref().map_or(true, |b| b.value);
+            let offset = usize::try_from(offset?).ok()?;
+            let width = usize::try_from(width?).ok()?;
+            let max = max?;
+            if max <= offset + width {
+                let msg = format!(
+                    "{} cannot hold the {} byte header (length_field_offset + length_field_length)",
+                    fmt_size(max as u64),
+                    offset + width
+                );
+                match max_frame {
+                    Some(m) => r.at(m, msg),
+                    None => r.error(
+                        &kind_key,
+                        &kind_span,
+                        format!("the default max_frame {msg}"),
+                    ),
+                }
+                return None;
+            }
+            Some(Framing::LengthPrefixed(LengthPrefixed {
+                length_field_offset: offset,
+                length_field_length: width,
+                big_endian,
+                length_adjustment: adjustment?,
+                max_frame: max,
+            }))
+        }
+    }
+}
+
+fn socket(r: &mut Report, s: &RawSocket, default_user_timeout: Option<Duration>) -> SocketOptions {
+    let enabled = s.keepalive.as_ref().map_or(true, |k| k.value);
+    let keepalive_secs = |r: &mut Report, f: &Option<Sp<String>>, default: Duration| {
+        let d = duration(r, f, default)?;
+        let ok = d.subsec_nanos() == 0 && (1..=MAX_KEEPALIVE_SECS).contains(&d.as_secs());
+        if !ok {
+            if let Some(f) = f {
+                r.at(
+                    f,
+                    format!(
+                        "{} is not a whole number of seconds from 1s to {MAX_KEEPALIVE_SECS}s",
+                        fmt_duration(d)
+                    ),
+                );
+            }
+            return None;
+        }
+        Some(d)
+    };
+    let keepalive = if enabled {
+        let idle = keepalive_secs(r, &s.keepalive_idle, DEFAULT_KEEPALIVE.idle);
+        let interval = keepalive_secs(r, &s.keepalive_interval, DEFAULT_KEEPALIVE.interval);
+        let count = integer(
+            r,
+            &s.keepalive_count,
+            i64::from(DEFAULT_KEEPALIVE.count),
+            1..=127,
+        );
+        Some(Keepalive {
+            idle: idle.unwrap_or_default(),
+            interval: interval.unwrap_or_default(),
+            count: count.and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+        })
+    } else {
+        // Settings for something switched off are a mistake, not a no-op.
+        let given = [
+            s.keepalive_idle.as_ref().map(|f| (&f.key, &f.span)),
+            s.keepalive_interval.as_ref().map(|f| (&f.key, &f.span)),
+            s.keepalive_count.as_ref().map(|f| (&f.key, &f.span)),
+        ];
+        for (key, span) in given.into_iter().flatten() {
+            let name = key.rsplit('.').next().unwrap_or(key);
+            r.error(
+                key,
+                span,
+                format!("{name} has no effect with keepalive = false"),
+            );
+        }
+        None
+    };
+    let user_timeout = match &s.user_timeout {
+        None => default_user_timeout,
+        Some(f) => match parse_duration(&f.value) {
+            Err(e) => {
+                r.at(f, e);
+                None
+            }
+            // TCP_USER_TIMEOUT is u32 milliseconds; 0 is the kernel default.
+            Ok(d) if d.as_millis() > u128::from(u32::MAX) => {
+                r.at(f, format!("{} is longer than 49 days", fmt_duration(d)));
+                None
+            }
+            Ok(d) if d.is_zero() => None,
+            Ok(d) => Some(d),
+        },
+    };
+    SocketOptions {
+        nodelay: s.nodelay.as_ref().map_or(true, |n| n.value),
+        keepalive,
+        user_timeout,
+    }
+}
+
+/// A required key; reported missing at its table.
+fn required<'f, T>(
+    r: &mut Report,
+    table: &Sp<()>,
+    f: &'f Option<Sp<T>>,
+    name: &str,
+) -> Option<&'f Sp<T>> {
+    if f.is_none() {
+        r.error(
+            &format!("{}.{name}", table.key),
+            &table.span,
+            format!("missing key {name:?}"),
+        );
+    }
+    f.as_ref()
+}
+
+/// `name`: required, and usable as a metric label.
+fn required_name(r: &mut Report, table: &Sp<()>, f: &Option<Sp<String>>) -> Option<String> {
+    let f = required(r, table, f, "name")?;
+    let ok = !f.value.is_empty()
+        && f.value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        r.at(
+            f,
+            format!(
+                "{:?} is not a valid name (use letters, digits, '-', '_' or '.')",
+                f.value
+            ),
+        );
+        return None;
+    }
+    Some(f.value.clone())
+}
+
+fn unique_names<'a>(
+    names: impl Iterator<Item = &'a Option<Sp<String>>>,
+    what: &str,
+    r: &mut Report,
+) {
+    let mut seen: HashMap<&str, &Sp<String>> = HashMap::new();
+    for f in names.flatten() {
+        if let Some(first) = seen.get(f.value.as_str()) {
+            let (line, _) = first.span.as_ref().map_or((0, 0), |s| r.position(s.start));
+            r.at(
+                f,
+                format!(
+                    "duplicate {what} name {:?} (also {}, line {line})",
+                    f.value,
+                    first.key.trim_end_matches(".name")
+                ),
+            );
+        } else {
+            seen.insert(&f.value, f);
+        }
+    }
+}
+
+/// One of a fixed set of strings; `None` in `options` marks a value that is
+/// planned but not supported yet.
+fn choice<T: Copy>(
+    r: &mut Report,
+    f: &Option<Sp<String>>,
+    what: &str,
+    options: &[(&str, Option<T>)],
+    default: T,
+) -> Option<T> {
+    let Some(f) = f else {
+        return Some(default);
+    };
+    let supported: Vec<&str> = options
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(n, _)| *n)
+        .collect();
+    let list = match supported.as_slice() {
+        [one] => (*one).to_owned(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+        [] => String::new(),
+    };
+    match options.iter().find(|(n, _)| *n == f.value) {
+        Some((_, Some(v))) => Some(*v),
+        Some((_, None)) => {
+            r.at(
+                f,
+                format!("{what} {:?} is not supported yet (use {list})", f.value),
+            );
+            None
+        }
+        None => {
+            r.at(f, format!("unknown {what} {:?} (use {list})", f.value));
+            None
+        }
+    }
+}
+
+fn size(r: &mut Report, f: &Option<Sp<RawSize>>, default: u64) -> Option<u64> {
+    let Some(f) = f else {
+        return Some(default);
+    };
+    let parsed = match &f.value {
+        RawSize::Text(s) => parse_size(s),
+        RawSize::Bytes(n) => {
+            u64::try_from(*n).map_err(|_| format!("{n} is not a size (it is negative)"))
+        }
+    };
+    parsed.map_err(|e| r.at(f, e)).ok()
+}
+
+fn duration(r: &mut Report, f: &Option<Sp<String>>, default: Duration) -> Option<Duration> {
+    let Some(f) = f else {
+        return Some(default);
+    };
+    parse_duration(&f.value).map_err(|e| r.at(f, e)).ok()
+}
+
+/// A duration that must be more than zero.
+fn positive(r: &mut Report, f: &Option<Sp<String>>, default: Duration) -> Option<Duration> {
+    let d = duration(r, f, default)?;
+    if d.is_zero() {
+        if let Some(f) = f {
+            r.at(f, format!("{:?} is 0; it must be more", f.value));
+        }
+        return None;
+    }
+    Some(d)
+}
+
+fn integer(
+    r: &mut Report,
+    f: &Option<Sp<i64>>,
+    default: i64,
+    range: RangeInclusive<i64>,
+) -> Option<i64> {
+    let Some(f) = f else {
+        return Some(default);
+    };
+    if !range.contains(&f.value) {
+        r.at(
+            f,
+            format!(
+                "{} is out of range ({} to {})",
+                f.value,
+                range.start(),
+                range.end()
+            ),
+        );
+        return None;
+    }
+    Some(f.value)
 }

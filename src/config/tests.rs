@@ -1,0 +1,636 @@
+//! The config suite: whole files through [`parse`], valid and invalid.
+//! Unit parsers are tested beside their code in `units.rs`.
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// The smallest valid file.
+const MINIMAL: &str = r#"
+[[listener]]
+name = "orders"
+listen = "127.0.0.1:7000"
+backend = "orders"
+
+[[backend]]
+name = "orders"
+servers = ["127.0.0.1:7001"]
+"#;
+
+/// `MINIMAL` with `extra` lines appended to the backend table.
+fn backend_with(extra: &str) -> String {
+    format!("{MINIMAL}{extra}\n")
+}
+
+/// Every error as displayed.
+fn errors(src: &str) -> Vec<String> {
+    match parse(src) {
+        Ok(c) => panic!("expected errors, parsed {c:#?}"),
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// The one error a file has.
+fn error(src: &str) -> String {
+    let errs = errors(src);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    errs.into_iter().next().unwrap_or_default()
+}
+
+fn ok(src: &str) -> Config {
+    parse(src).unwrap_or_else(|e| panic!("{e}"))
+}
+
+const DEFAULT_SOCKET: SocketOptions = SocketOptions {
+    nodelay: true,
+    keepalive: Some(Keepalive {
+        idle: Duration::from_secs(60),
+        interval: Duration::from_secs(10),
+        count: 6,
+    }),
+    user_timeout: None,
+};
+
+#[test]
+fn minimal_file_gets_every_default() {
+    let want = Config {
+        admin: None,
+        limits: Limits {
+            buffer_memory: 256 << 20,
+            max_sessions: 10_000,
+        },
+        lifecycle: Lifecycle {
+            drain_timeout: Duration::from_secs(30),
+        },
+        listeners: vec![ListenerConfig {
+            name: "orders".into(),
+            listen: Endpoint::Tcp("127.0.0.1:7000".into()),
+            backend: 0,
+            protocol: ListenerProtocol::Tcp,
+            socket: DEFAULT_SOCKET,
+        }],
+        backends: vec![BackendConfig {
+            name: "orders".into(),
+            servers: vec![Endpoint::Tcp("127.0.0.1:7001".into())],
+            protocol: BackendProtocol::Tcp,
+            ack: AckMode::Tcp,
+            buffer_limit: 1 << 20,
+            hold_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+            retry_initial: Duration::from_millis(1),
+            retry_max: Duration::from_millis(200),
+            on_server_close: OnServerClose::Reconnect,
+            greeting: 0,
+            preamble: 0,
+            retry_responses: vec![],
+            socket: SocketOptions {
+                user_timeout: Some(Duration::from_secs(30)),
+                ..DEFAULT_SOCKET
+            },
+        }],
+    };
+    assert_eq!(ok(MINIMAL), want);
+}
+
+#[test]
+fn every_key_set() {
+    let c = ok(r#"
+[admin]
+listen = "[::1]:9900"
+[limits]
+buffer_memory = 1048576
+max_sessions = 5
+[lifecycle]
+drain_timeout = "250ms"
+
+[[listener]]
+name = "b-listener"
+listen = "unix:/run/a.sock"
+backend = "second"
+protocol = "tcp"
+nodelay = false
+keepalive = false
+user_timeout = "5s"
+
+[[backend]]
+name = "first"
+servers = ["h:1"]
+ack = "none"
+
+[[backend]]
+name = "second"
+servers = ["127.0.0.1:7001", "unix:srv.sock", "[::1]:7002"]
+protocol = "tcp"
+ack = "response"
+framing = { type = "length-prefixed", length_field_offset = 2, length_field_length = 2, big_endian = false, length_adjustment = -2 }
+max_frame = "64KiB"
+buffer_limit = "4KiB"
+hold_timeout = "1m"
+connect_timeout = "100ms"
+retry_initial = "5ms"
+retry_max = "5ms"
+on_server_close = "close"
+greeting = 1
+preamble = 2
+retry_responses = ["-BUSY", "ERR later"]
+keepalive_idle = "1s"
+keepalive_interval = "2s"
+keepalive_count = 127
+user_timeout = "0s"
+"#);
+    assert_eq!(
+        c.admin,
+        Some(AdminConfig {
+            listen: Endpoint::Tcp("[::1]:9900".into())
+        })
+    );
+    assert_eq!(c.limits.buffer_memory, 1 << 20);
+    assert_eq!(c.limits.max_sessions, 5);
+    assert_eq!(c.lifecycle.drain_timeout, Duration::from_millis(250));
+    let l = &c.listeners[0];
+    assert_eq!(l.backend, 1);
+    assert_eq!(c.backend_of(l).name, "second");
+    assert_eq!(l.listen, Endpoint::Unix("/run/a.sock".into()));
+    assert_eq!(
+        l.socket,
+        SocketOptions {
+            nodelay: false,
+            keepalive: None,
+            user_timeout: Some(Duration::from_secs(5)),
+        }
+    );
+    assert_eq!(c.backends[0].ack, AckMode::None);
+    let b = &c.backends[1];
+    assert_eq!(b.servers.len(), 3);
+    assert_eq!(
+        b.ack,
+        AckMode::Response(Framing::LengthPrefixed(LengthPrefixed {
+            length_field_offset: 2,
+            length_field_length: 2,
+            big_endian: false,
+            length_adjustment: -2,
+            max_frame: 64 << 10,
+        }))
+    );
+    assert_eq!(b.buffer_limit, 4096);
+    assert_eq!(b.hold_timeout, Duration::from_secs(60));
+    assert_eq!(b.connect_timeout, Duration::from_millis(100));
+    assert_eq!(b.retry_initial, b.retry_max);
+    assert_eq!(b.on_server_close, OnServerClose::Close);
+    assert_eq!((b.greeting, b.preamble), (1, 2));
+    assert_eq!(
+        b.retry_responses,
+        vec![b"-BUSY".to_vec(), b"ERR later".to_vec()]
+    );
+    assert_eq!(
+        b.socket,
+        SocketOptions {
+            nodelay: true,
+            keepalive: Some(Keepalive {
+                idle: Duration::from_secs(1),
+                interval: Duration::from_secs(2),
+                count: 127,
+            }),
+            user_timeout: None,
+        }
+    );
+}
+
+#[test]
+fn framing_forms_and_max_frame_defaults() {
+    let framing = |extra: &str| match ok(&backend_with(extra)).backends[0].ack.clone() {
+        AckMode::Response(f) => f,
+        other => panic!("{other:?}"),
+    };
+    let lines = "ack = \"response\"\nframing = \"lines\"";
+    assert_eq!(
+        framing(lines),
+        Framing::Lines {
+            max_frame: 64 << 10
+        }
+    );
+    let table = "ack = \"response\"\nframing = { type = \"resp\" }\nmax_frame = 100";
+    assert_eq!(framing(table), Framing::Resp { max_frame: 100 });
+    let lp = "ack = \"response\"\nframing = \"length-prefixed\"";
+    assert_eq!(
+        framing(lp),
+        Framing::LengthPrefixed(LengthPrefixed {
+            length_field_offset: 0,
+            length_field_length: 4,
+            big_endian: true,
+            length_adjustment: 0,
+            max_frame: 8 << 20,
+        })
+    );
+}
+
+#[test]
+fn resp_retries_loading_by_default() {
+    let c = ok(&backend_with("ack = \"response\"\nframing = \"resp\""));
+    assert_eq!(c.backends[0].retry_responses, vec![b"-LOADING".to_vec()]);
+    let c = ok(&backend_with(
+        "ack = \"response\"\nframing = \"resp\"\nretry_responses = []",
+    ));
+    assert!(c.backends[0].retry_responses.is_empty());
+    let c = ok(&backend_with("ack = \"response\"\nframing = \"lines\""));
+    assert!(c.backends[0].retry_responses.is_empty());
+}
+
+#[test]
+fn three_errors_at_once_with_positions() {
+    let src = r#"[[listener]]
+name = "orders"
+listen = "127.0.0.1:7000"
+backend = "ordrs"
+
+[[backend]]
+name = "orders"
+servers = ["127.0.0.1:7001"]
+buffer_limit = "12 parsecs"
+colour = "red"
+"#;
+    assert_eq!(
+        errors(src),
+        [
+            r#"listener[0].backend (line 4, col 11): no backend named "ordrs" (backends: orders)"#,
+            r#"backend[0].buffer_limit (line 9, col 16): "12 parsecs" is not a size (use B, KiB, MiB or GiB)"#,
+            r#"backend[0].colour (line 10, col 1): unknown key "colour""#,
+        ]
+    );
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    let src = backend_with("greeting = 1 # é\nhold_timeout = \"0s\"");
+    let src = src.replace(
+        "name = \"orders\"\nservers",
+        "name = \"orders\" # ünïcödé\nservers",
+    );
+    let err = &errors(&src);
+    assert!(err.iter().any(|e| e.contains("greeting (line")), "{err:#?}");
+    let errs = errors("listener = [{ \"é\" = 1, \"ü\" = 2 }]");
+    for want in [
+        r#"listener[0].é (line 1, col 15): unknown key "é""#,
+        r#"listener[0].ü (line 1, col 24): unknown key "ü""#,
+    ] {
+        assert!(errs.contains(&want.to_owned()), "{errs:#?}");
+    }
+    let errs = errors("[[listener]]\nname = \"ü\" ; listen = 1");
+    assert!(
+        errs[0].starts_with("toml (line 2, col 12): syntax error:"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn unknown_keys_everywhere() {
+    let src = r#"
+colour = 1
+[admin]
+listen = "127.0.0.1:1"
+port = 2
+[limits]
+buffer_memroy = "1MiB"
+[lifecycle]
+drain = "1s"
+[[listener]]
+name = "a"
+listen = "127.0.0.1:7000"
+backend = "b"
+tls = { cert = "c" }
+[[backend]]
+name = "b"
+servers = ["h:1"]
+ack = "response"
+framing = { type = "lines", big_endian = true }
+[extra]
+"#;
+    let keys: Vec<String> = match parse(src) {
+        Err(e) => {
+            e.0.into_iter()
+                .map(|e| format!("{} {}", e.key, e.line))
+                .collect()
+        }
+        Ok(_) => panic!(),
+    };
+    assert_eq!(
+        keys,
+        [
+            "colour 2",
+            "admin.port 5",
+            "limits.buffer_memroy 7",
+            "lifecycle.drain 9",
+            "listener[0].tls 14",
+            "backend[0].framing.big_endian 19",
+            "extra 20",
+        ]
+    );
+}
+
+#[test]
+fn wrong_toml_types() {
+    for (extra, want) in [
+        ("buffer_limit = true", "backend[0].buffer_limit (line 10, col 16): expected a size like \"64KiB\" or a number of bytes, found a boolean"),
+        ("hold_timeout = 30", "backend[0].hold_timeout (line 10, col 16): 30 needs a unit: write a string like \"30s\" or \"30ms\""),
+        ("connect_timeout = 1.5", "backend[0].connect_timeout (line 10, col 19): expected a duration like \"30s\", found a float"),
+        ("greeting = \"1\"", "backend[0].greeting (line 10, col 12): expected an integer, found a string"),
+        ("nodelay = \"yes\"", "backend[0].nodelay (line 10, col 11): expected a boolean (true or false), found a string"),
+        ("protocol = [\"tcp\"]", "backend[0].protocol (line 10, col 12): expected a string, found an array"),
+        ("retry_responses = \"-ERR\"", "backend[0].retry_responses (line 10, col 19): expected an array of strings, found a string"),
+        ("user_timeout = 1979-05-27", "backend[0].user_timeout (line 10, col 16): expected a duration like \"30s\", found a datetime"),
+        ("ack = \"response\"\nframing = 4", "backend[0].framing (line 11, col 11): expected a framing name (lines, length-prefixed or resp) or a table, found an integer"),
+        ("buffer_limit = -1", "backend[0].buffer_limit (line 10, col 16): -1 is not a size (it is negative)"),
+    ] {
+        assert_eq!(error(&backend_with(extra)), want, "{extra}");
+    }
+    let errs = errors(&MINIMAL.replace(r#"["127.0.0.1:7001"]"#, r#"["h:1", 2, "h:3"]"#));
+    assert_eq!(
+        errs,
+        ["backend[0].servers[1] (line 9, col 19): expected a string, found an integer"]
+    );
+    let errs = errors("listener = 1\n[[backend]]\nname = \"x\"\nservers = [\"h:1\"]");
+    assert_eq!(
+        errs,
+        [
+            "listener (line 1, col 12): expected an array of tables ([[listener]]), found an integer",
+            "listener: at least one [[listener]] is required",
+        ]
+    );
+    assert_eq!(
+        errors("limits = 3\n"),
+        [
+            "limits (line 1, col 10): expected a table, found an integer",
+            "listener: at least one [[listener]] is required",
+        ]
+    );
+}
+
+#[test]
+fn bad_values() {
+    for (extra, key, message) in [
+        ("protocol = \"udp\"", "backend[0].protocol", "unknown protocol \"udp\" (use tcp)"),
+        ("protocol = \"resume\"", "backend[0].protocol", "protocol \"resume\" is not supported yet (use tcp)"),
+        ("ack = \"always\"", "backend[0].ack", "unknown ack mode \"always\" (use none, tcp or response)"),
+        ("on_server_close = \"panic\"", "backend[0].on_server_close", "unknown on_server_close \"panic\" (use reconnect or close)"),
+        ("ack = \"response\"\nframing = \"json\"", "backend[0].framing", "unknown framing \"json\" (use lines, length-prefixed or resp)"),
+        ("ack = \"response\"\nframing = { length_field_length = 2 }", "backend[0].framing.type", "missing key \"type\" (lines, length-prefixed or resp)"),
+        ("hold_timeout = \"10 fortnights\"", "backend[0].hold_timeout", "\"10 fortnights\" is not a duration (use ms, s, m or h)"),
+        ("hold_timeout = \"0s\"", "backend[0].hold_timeout", "\"0s\" is 0; it must be more"),
+        ("connect_timeout = \"0ms\"", "backend[0].connect_timeout", "\"0ms\" is 0; it must be more"),
+        ("retry_initial = \"1s\"", "backend[0].retry_initial", "retry_initial (1s) is longer than retry_max (200ms)"),
+        ("retry_max = \"500us\"", "backend[0].retry_max", "retry_initial (1ms) is longer than retry_max (500us)"),
+        ("buffer_limit = \"1023B\"", "backend[0].buffer_limit", "1023 bytes is below the minimum of 1 KiB"),
+        ("buffer_limit = \"512MiB\"", "backend[0].buffer_limit", "512 MiB is more than limits.buffer_memory (256 MiB)"),
+        ("keepalive_count = 0", "backend[0].keepalive_count", "0 is out of range (1 to 127)"),
+        ("keepalive_count = 128", "backend[0].keepalive_count", "128 is out of range (1 to 127)"),
+        ("keepalive_idle = \"1500ms\"", "backend[0].keepalive_idle", "1500ms is not a whole number of seconds from 1s to 32767s"),
+        ("keepalive_interval = \"0s\"", "backend[0].keepalive_interval", "0s is not a whole number of seconds from 1s to 32767s"),
+        ("keepalive = false\nkeepalive_count = 3", "backend[0].keepalive_count", "keepalive_count has no effect with keepalive = false"),
+        ("user_timeout = \"50d\"", "backend[0].user_timeout", "\"50d\" is not a duration (use ms, s, m or h)"),
+        ("user_timeout = \"1200h\"", "backend[0].user_timeout", "4320000s is longer than 49 days"),
+        ("servers = []", "backend[0].servers", "is empty; a backend needs at least one server"),
+        ("servers = [\"127.0.0.1:0\"]", "backend[0].servers[0]", "\"127.0.0.1:0\" has port 0; a server needs a real port"),
+        ("servers = [\"db\"]", "backend[0].servers[0]", "\"db\" is not an endpoint (use host:port, [ipv6]:port or unix:/path)"),
+        ("ack = \"response\"", "backend[0].ack", "ack = \"response\" needs a framing key (lines, length-prefixed or resp)"),
+        ("framing = \"lines\"", "backend[0].framing", "framing only applies with ack = \"response\" (ack is \"tcp\")"),
+        ("ack = \"none\"\nframing = \"lines\"", "backend[0].framing", "framing only applies with ack = \"response\" (ack is \"none\")"),
+        ("max_frame = \"1MiB\"", "backend[0].max_frame", "max_frame only applies with a framing"),
+        ("greeting = 1", "backend[0].greeting", "greeting only applies with ack = \"response\" (ack is \"tcp\")"),
+        ("preamble = 0", "backend[0].preamble", "preamble only applies with ack = \"response\" (ack is \"tcp\")"),
+        ("retry_responses = []", "backend[0].retry_responses", "retry_responses only applies with ack = \"response\" (ack is \"tcp\")"),
+        ("ack = \"response\"\nframing = \"lines\"\ngreeting = -1", "backend[0].greeting", "-1 is out of range (0 to 4294967295)"),
+        ("ack = \"response\"\nframing = \"lines\"\nretry_responses = [\"\"]", "backend[0].retry_responses[0]", "an empty prefix would match every response"),
+        ("ack = \"response\"\nframing = \"lines\"\nmax_frame = 0", "backend[0].max_frame", "0 is 0 bytes; it must be more"),
+        ("ack = \"response\"\nframing = { type = \"length-prefixed\", length_field_length = 3 }", "backend[0].framing.length_field_length", "3 is not a length field width (use 1, 2, 4 or 8)"),
+        ("ack = \"response\"\nframing = { type = \"length-prefixed\", length_field_length = 16 }", "backend[0].framing.length_field_length", "16 is not a length field width (use 1, 2, 4 or 8)"),
+        ("ack = \"response\"\nframing = { type = \"length-prefixed\", length_field_offset = -1 }", "backend[0].framing.length_field_offset", "-1 is out of range (0 to 4294967295)"),
+        ("ack = \"response\"\nframing = { type = \"length-prefixed\", length_field_offset = 2 }\nmax_frame = 6", "backend[0].max_frame", "6 bytes cannot hold the 6 byte header (length_field_offset + length_field_length)"),
+        ("ack = \"response\"\nframing = { type = \"lines\", length_field_length = 2 }", "backend[0].framing.length_field_length", "unknown key \"length_field_length\""),
+    ] {
+        let src = if extra.starts_with("servers") {
+            MINIMAL.replace(r#"servers = ["127.0.0.1:7001"]"#, extra)
+        } else {
+            backend_with(extra)
+        };
+        let errs = errors(&src);
+        assert_eq!(errs.len(), 1, "{extra}: {errs:#?}");
+        let (head, msg) = errs[0].split_once(": ").unwrap_or_default();
+        assert!(head.starts_with(&format!("{key} (line ")), "{extra}: {}", errs[0]);
+        assert_eq!(msg, message, "{extra}");
+    }
+}
+
+#[test]
+fn limits_and_admin() {
+    assert_eq!(
+        error(&format!("[limits]\nmax_sessions = 0\n{MINIMAL}")),
+        "limits.max_sessions (line 2, col 16): 0 is out of range (1 to 4294967295)"
+    );
+    assert_eq!(
+        error(&format!("[limits]\nbuffer_memory = \"0B\"\n{MINIMAL}")),
+        "limits.buffer_memory (line 2, col 17): \"0B\" is 0 bytes; it must be more"
+    );
+    assert_eq!(
+        error(&format!("[limits]\nbuffer_memory = \"512KiB\"\n{MINIMAL}")),
+        "backend[0].buffer_limit (line 9, col 1): 1 MiB is more than limits.buffer_memory (512 KiB)"
+    );
+    assert_eq!(
+        error(&format!("[lifecycle]\ndrain_timeout = \"soon\"\n{MINIMAL}")),
+        "lifecycle.drain_timeout (line 2, col 17): \"soon\" is not a duration (use ms, s, m or h)"
+    );
+    assert_eq!(
+        error(&format!("[admin]\nlisten = \"unix:/a\"\n{MINIMAL}")),
+        "admin.listen (line 2, col 10): the admin endpoint is tcp only (use host:port)"
+    );
+    assert_eq!(
+        error(&format!("[admin]\n{MINIMAL}")),
+        "admin.listen (line 1, col 1): missing key \"listen\""
+    );
+    // A bad buffer_memory does not also fail every buffer_limit against a default.
+    assert_eq!(
+        errors(&format!(
+            "[limits]\nbuffer_memory = \"lots\"\n{}",
+            backend_with("buffer_limit = \"1GiB\"")
+        ))
+        .len(),
+        1
+    );
+}
+
+#[test]
+fn listener_rules() {
+    let two = r#"
+[[listener]]
+name = "a"
+listen = "127.0.0.1:7000"
+backend = "b"
+[[listener]]
+name = "a"
+listen = "127.0.0.1:7000"
+backend = "b"
+[[backend]]
+name = "b"
+servers = ["h:1"]
+"#;
+    assert_eq!(
+        errors(two),
+        [
+            r#"listener[1].name (line 7, col 8): duplicate listener name "a" (also listener[0], line 3)"#,
+            r#"listener[1].listen (line 8, col 10): "127.0.0.1:7000" is already the listen address of listener[0] (line 4)"#,
+        ]
+    );
+    // Port 0 twice is two different kernel-chosen ports.
+    let c = ok(&two
+        .replace("7000", "0")
+        .replacen("name = \"a\"", "name = \"c\"", 1));
+    assert_eq!(c.listeners.len(), 2);
+    let dup_backend = format!("{MINIMAL}[[backend]]\nname = \"orders\"\nservers = [\"h:2\"]\n");
+    assert_eq!(
+        error(&dup_backend),
+        r#"backend[1].name (line 11, col 8): duplicate backend name "orders" (also backend[0], line 8)"#
+    );
+    assert_eq!(
+        errors("[[listener]]\nname = \"a b\"\nlisten = \"h\"\nbackend = \"x\"\nprotocol = \"resume\"\nbogus = 1"),
+        [
+            r#"listener[0].name (line 2, col 8): "a b" is not a valid name (use letters, digits, '-', '_' or '.')"#,
+            r#"listener[0].listen (line 3, col 10): "h" is not an endpoint (use host:port, [ipv6]:port or unix:/path)"#,
+            r#"listener[0].backend (line 4, col 11): no backend named "x" (there is no [[backend]])"#,
+            r#"listener[0].protocol (line 5, col 12): protocol "resume" is not supported yet (use tcp)"#,
+            r#"listener[0].bogus (line 6, col 1): unknown key "bogus""#,
+        ]
+    );
+    assert_eq!(
+        errors("[[listener]]\n[[backend]]\n"),
+        [
+            "listener[0].name (line 1, col 1): missing key \"name\"",
+            "listener[0].listen (line 1, col 1): missing key \"listen\"",
+            "listener[0].backend (line 1, col 1): missing key \"backend\"",
+            "backend[0].name (line 2, col 1): missing key \"name\"",
+            "backend[0].servers (line 2, col 1): missing key \"servers\"",
+        ]
+    );
+    assert_eq!(
+        error("[[backend]]\nname = \"b\"\nservers = [\"h:1\"]\n"),
+        "listener: at least one [[listener]] is required"
+    );
+}
+
+#[test]
+fn syntax_errors_are_one_error() {
+    let e = parse("[[listener]]\nname = \"a\nlisten = 1").unwrap_err();
+    assert_eq!(e.0.len(), 1);
+    assert_eq!((e.0[0].key.as_str(), e.0[0].line), ("toml", 2));
+    assert!(e.0[0].message.starts_with("syntax error: "), "{}", e.0[0]);
+    let e = parse("a = 1\na = 2\n").unwrap_err();
+    assert_eq!((e.0.len(), e.0[0].line), (1, 2), "{e}");
+}
+
+#[test]
+fn datetimes_do_not_stop_the_report() {
+    let errs = errors(&backend_with(
+        "when = 1979-05-27T07:32:00Z\nhold_timeout = 07:32:00",
+    ));
+    assert_eq!(
+        errs,
+        [
+            r#"backend[0].when (line 10, col 1): unknown key "when""#,
+            r#"backend[0].hold_timeout (line 11, col 16): expected a duration like "30s", found a datetime"#,
+        ]
+    );
+}
+
+#[test]
+fn load_reports_the_path() {
+    let e = load(std::path::Path::new("/nonexistent/holdfast.toml")).unwrap_err();
+    assert_eq!(e.0.len(), 1);
+    assert_eq!(e.0[0].key, "/nonexistent/holdfast.toml");
+    assert_eq!(e.0[0].line, 0);
+    assert!(
+        e.0[0]
+            .message
+            .starts_with("cannot read the file: no such file"),
+        "{e}"
+    );
+    assert!(e
+        .to_string()
+        .starts_with("/nonexistent/holdfast.toml: cannot read"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic(src in "\\PC*") {
+        prop_assert!(parse(&src).is_err());
+    }
+
+    #[test]
+    fn tomlish_garbage_is_an_error_not_a_panic(
+        src in "([\\[\\]{}=\",.\\n a-z0-9_:-]|listener|backend|servers|framing|\"1MiB\"){0,80}"
+    ) {
+        prop_assert!(parse(&src).is_err());
+    }
+
+    /// Cut, splice or overwrite a valid file anywhere: never a panic, and
+    /// every error has a key and a position inside the file.
+    #[test]
+    fn mangled_files_never_panic(
+        at in 0usize..1000, len in 0usize..40, junk in "\\PC{0,8}"
+    ) {
+        let src = backend_with("ack = \"response\"\nframing = { type = \"length-prefixed\" }\nretry_responses = [\"-X\"]\nbuffer_limit = 4096");
+        let mut cut = src.clone();
+        let start = floor_char_boundary(&src, at % (src.len() + 1));
+        let end = floor_char_boundary(&src, (start + len).min(src.len()));
+        cut.replace_range(start..end, &junk);
+        if let Err(errs) = parse(&cut) {
+            let lines = cut.lines().count().max(1);
+            for e in &errs.0 {
+                prop_assert!(!e.key.is_empty());
+                prop_assert!(e.key == "listener" || (e.line >= 1 && e.line <= lines + 1), "{e}");
+            }
+        }
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[test]
+fn design_md_example_parses() {
+    let c = ok(r#"
+[admin]
+listen = "127.0.0.1:9900"      # GET /metrics, /healthz, /sessions
+
+[[listener]]
+name = "orders"
+listen = "0.0.0.0:7000"        # or "unix:/run/orders.sock"
+backend = "orders"
+# protocol = "tcp"             # or "resume" (an edge holdfast connects here)
+# tls = { cert = "cert.pem", key = "key.pem" }
+
+[[backend]]
+name = "orders"
+servers = ["127.0.0.1:7001", "unix:/run/orders-server.sock"]
+protocol = "tcp"               # or "resume"
+ack = "response"               # none | tcp | response  (resume implies its own acks)
+framing = "lines"              # for ack = "response"
+buffer_limit = "1MiB"          # per session
+hold_timeout = "30s"
+connect_timeout = "1s"
+"#);
+    assert_eq!(
+        c.backends[0].ack,
+        AckMode::Response(Framing::Lines {
+            max_frame: 64 << 10
+        })
+    );
+    assert_eq!(
+        c.backends[0].servers[1],
+        Endpoint::Unix("/run/orders-server.sock".into())
+    );
+}
