@@ -165,7 +165,10 @@ ack = "none"
 /// 1,000 sessions at once through one listener, each byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_sessions() {
-    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A deep backlog: 1,000 connects arrive at once.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server = sock.listen(4096).unwrap();
     let server_addr = server.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         loop {

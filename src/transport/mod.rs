@@ -19,6 +19,10 @@ use crate::config::{Endpoint, SocketOptions};
 
 pub mod sockopt;
 
+/// Listen backlog (the kernel caps it at `net.core.somaxconn`): deep enough
+/// for a burst of reconnecting clients.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// A connection to a client or a server.
 #[derive(Debug)]
 pub enum Conn {
@@ -236,7 +240,7 @@ impl Listener {
                     }
                     .map_err(io_err)?;
                     sock.set_reuseaddr(true).map_err(io_err)?;
-                    match sock.bind(a).and_then(|_| sock.listen(1024)) {
+                    match sock.bind(a).and_then(|_| sock.listen(LISTEN_BACKLOG)) {
                         Ok(l) => return Ok(Listener::Tcp(l)),
                         Err(e) => last = Some(e),
                     }

@@ -15,6 +15,16 @@ use tokio::task::JoinHandle;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
+/// Logs to the test's captured output; `RUST_LOG=holdfast=debug` for more.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// holdfast running in this process.
 pub struct Proxy {
     pub endpoints: Vec<Endpoint>,
@@ -26,6 +36,7 @@ pub struct Proxy {
 impl Proxy {
     /// Parses `toml`, binds, runs, and returns once the phase is Running.
     pub async fn start(toml: &str) -> Proxy {
+        init_logging();
         let cfg = config::parse(toml).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let bound = holdfast::proxy::bind(&cfg).await.expect("bind");
         let endpoints = bound.local_endpoints();
