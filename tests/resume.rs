@@ -134,18 +134,18 @@ async fn verified_lines_until(
     Ok(seq)
 }
 
-/// ack = "tcp" with an echo server: bytes the server host's TCP acked are not
-/// replayed, the rest are. Each client streams numbered lines and checks the
-/// echo is in order with nothing duplicated; the documented loss window (bytes
-/// acked by the server host that its process never echoed) may drop whole
-/// tails of what was in flight at a kill, so the check is: the echoed stream
-/// is a subsequence of the sent lines, in order, without duplicates, and
-/// nothing after the last kill is lost.
+/// ack = "tcp" with an echo server, 20 clients, 20 SIGKILLs. The documented
+/// window of `tcp`: bytes the server host's TCP acknowledged that its process
+/// never read are lost, and bytes the process read before holdfast saw them
+/// acknowledged are sent again. So each kill may cause at most one
+/// discontinuity in a client's echoed stream (a skip, a repeat, or one torn
+/// line where two legs meet), never a reset or an EOF, and everything after
+/// the last kill arrives exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_ack_survives_20_kills_with_20_clients() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
-    let mut server = Server::start("127.0.0.1:0", "lines").await;
+    let mut server = Server::start("127.0.0.1:0", "echo").await;
     let proxy = Proxy::start(&config(&server.addr, "tcp", "")).await;
     let progress = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -161,7 +161,7 @@ async fn tcp_ack_survives_20_kills_with_20_clients() {
             let writer = tokio::spawn(async move {
                 let mut seq = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    w.write_all(format!("c{id} {seq:08}\n").as_bytes())
+                    w.write_all(format!("{seq:08}\n").as_bytes())
                         .await
                         .map_err(|e| format!("client {id}: write: {e}"))?;
                     seq += 1;
@@ -169,18 +169,20 @@ async fn tcp_ack_survives_20_kills_with_20_clients() {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
-                // A final marker after the chaos: must arrive.
-                w.write_all(format!("c{id} end\n").as_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                // After the chaos: 1,000 more lines that must all arrive exactly.
+                for k in 0..1000 {
+                    w.write_all(format!("{:08}\n", seq + k).as_bytes())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
                 w.shutdown().await.map_err(|e| e.to_string())?;
-                Ok::<u64, String>(seq)
+                Ok::<u64, String>(seq + 1000)
             });
             let mut r = tokio::io::BufReader::new(r);
             let mut line = String::new();
-            let mut last: Option<u64> = None;
-            let mut got = 0u64;
-            let mut ended = false;
+            let mut next = 0u64;
+            let mut discontinuities = 0usize;
+            let mut tail_exact = 0u64;
             loop {
                 line.clear();
                 let n = r
@@ -190,41 +192,44 @@ async fn tcp_ack_survives_20_kills_with_20_clients() {
                 if n == 0 {
                     break;
                 }
-                if line == format!("c{id} end\n") {
-                    ended = true;
-                    continue;
-                }
-                let seq: u64 = line
-                    .trim_end()
-                    .strip_prefix(&format!("c{id} "))
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| format!("client {id}: foreign or torn line {line:?}"))?;
-                if let Some(l) = last {
-                    if seq <= l {
-                        return Err(format!("client {id}: {seq} after {l}: duplicate or reorder"));
+                progress.fetch_add(1, Ordering::Relaxed);
+                match line.trim_end().parse::<u64>() {
+                    Ok(seq) if seq == next && line.len() == 9 => {
+                        next += 1;
+                        tail_exact += 1;
+                    }
+                    Ok(seq) if line.len() == 9 => {
+                        discontinuities += 1;
+                        tail_exact = 1;
+                        next = seq + 1;
+                    }
+                    _ => {
+                        // A torn line where two legs meet.
+                        discontinuities += 1;
+                        tail_exact = 0;
                     }
                 }
-                last = Some(seq);
-                got += 1;
-                progress.fetch_add(1, Ordering::Relaxed);
             }
             let sent = writer.await.unwrap()?;
-            if !ended {
-                return Err(format!("client {id}: the end marker was lost"));
+            if next != sent {
+                return Err(format!("client {id}: the stream ended at {next}, sent {sent}"));
             }
-            Ok::<(u64, u64), String>((sent, got))
+            if tail_exact < 1000 {
+                return Err(format!("client {id}: only {tail_exact} exact lines at the end"));
+            }
+            Ok::<(u64, usize), String>((sent, discontinuities))
         }));
     }
     chaos(&mut server, KILLS, progress.clone()).await;
     stop.store(true, Ordering::Relaxed);
-    let (mut sent, mut got) = (0, 0);
+    let mut total = 0;
     for c in clients {
-        let (s, g) = c.await.expect("join").unwrap_or_else(|e| panic!("{e}"));
-        sent += s;
-        got += g;
+        let (sent, disc) = c.await.expect("join").unwrap_or_else(|e| panic!("{e}"));
+        // A torn line and the skip after it come from the same kill.
+        assert!(disc <= 2 * KILLS, "{disc} discontinuities for {KILLS} kills");
+        total += sent;
     }
-    assert!(got > 0 && got <= sent);
-    eprintln!("tcp ack: {got} of {sent} lines echoed across {KILLS} kills");
+    eprintln!("tcp ack: {total} lines across {KILLS} kills");
     proxy.stop().await;
 }
 
