@@ -1,0 +1,1 @@
+//! A seeded simulation of random interleavings of the session core.
