@@ -129,7 +129,6 @@ pub(super) struct LegRec {
 
 pub(super) struct Harness {
     pub core: SessionCore,
-    pub mode: AckMode,
     pub now: Instant,
     pub t0: Instant,
     /// Indexed by generation.
@@ -151,11 +150,9 @@ pub(super) struct Harness {
 impl Harness {
     pub fn new(cfg: BackendConfig) -> Harness {
         let t0 = Instant::now();
-        let mode = cfg.ack.clone();
         let core = SessionCore::new(SessionId(0x1234_5678_9abc_def0_1122), Arc::new(cfg), 0, t0);
         let mut h = Harness {
             core,
-            mode,
             now: t0,
             t0,
             legs: Vec::new(),
@@ -625,4 +622,378 @@ fn tcp_mode_server_close_before_everything_acked_is_a_failure() {
     h.server_eof(g1);
     assert!(h.client_fin);
     assert_eq!(h.core.done(), Some(CloseReason::ClientClosed));
+}
+
+// ---- ack = "response" ----
+
+#[test]
+fn response_mode_resends_exactly_the_unanswered_requests() {
+    for mode in response_modes() {
+        let mut h = Harness::with_mode(mode.clone());
+        h.up_max = 5;
+        let g0 = h.connect_last();
+        let reqs: Vec<Vec<u8>> = (0..5)
+            .map(|i| frame(&mode, format!("req-{i}").as_bytes()))
+            .collect();
+        let resps: Vec<Vec<u8>> = (0..5)
+            .map(|i| frame(&mode, format!("RESPONSE-{i}").as_bytes()))
+            .collect();
+        // Pipelined, in one chunk and then split.
+        h.client(&reqs[..3].concat());
+        h.client(&reqs[3][..2]);
+        h.client(&reqs[3][2..]);
+        h.client(&reqs[4]);
+        assert_eq!(h.rx_stream(g0), reqs.concat(), "{mode:?}");
+        // Two whole answers, then the third cut in the middle.
+        let answered = cat(&[&resps[0], &resps[1], &resps[2][..5]]);
+        h.server(g0, &answered[..3]);
+        h.server(g0, &answered[3..]);
+        assert_eq!(h.client_rx, cat(&[&resps[0], &resps[1]]), "{mode:?}");
+        let acked = (reqs[0].len() + reqs[1].len()) as u64;
+        assert_eq!(h.core.stream(Dir::Up).acked(), acked, "{mode:?}");
+        h.server_error(g0);
+
+        let g1 = h.connect_last();
+        assert_eq!(h.legs[1].base, Some(acked), "{mode:?}");
+        assert_eq!(h.rx_stream(g1), reqs[2..].concat(), "{mode:?}");
+        // The new server answers all three, one byte at a time.
+        for b in resps[2..].concat() {
+            h.server(g1, &[b]);
+        }
+        assert_eq!(h.client_rx, resps.concat(), "{mode:?}: each response once");
+        assert_eq!(h.core.stream(Dir::Up).acked(), reqs.concat().len() as u64);
+        h.client_eof();
+        h.server_eof(g1);
+        assert_eq!(h.core.done(), Some(CloseReason::ClientClosed), "{mode:?}");
+    }
+}
+
+#[test]
+fn response_mode_server_close_with_requests_unanswered_is_a_failure() {
+    for mode in response_modes() {
+        let mut h = Harness::with_mode(mode.clone());
+        let g0 = h.connect_last();
+        let (a, b) = (frame(&mode, b"a"), frame(&mode, b"b"));
+        h.client(&cat(&[&a, &b]));
+        h.client_eof();
+        assert!(h.legs[0].fin, "{mode:?}");
+        h.server(g0, &frame(&mode, b"A"));
+        h.server_eof(g0);
+        assert!(h.core.done().is_none(), "{mode:?}: b is unanswered");
+        let g1 = h.connect_last();
+        assert_eq!(h.rx_stream(g1), b, "{mode:?}");
+        assert!(h.legs[1].fin, "{mode:?}");
+        h.server(g1, &frame(&mode, b"B"));
+        h.server_eof(g1);
+        assert_eq!(
+            h.client_rx,
+            cat(&[&frame(&mode, b"A"), &frame(&mode, b"B")])
+        );
+        assert_eq!(h.core.done(), Some(CloseReason::ClientClosed), "{mode:?}");
+    }
+}
+
+#[test]
+fn response_mode_greeting_is_delivered_once() {
+    for mode in response_modes() {
+        let mut cfg = backend(mode.clone(), 1);
+        cfg.greeting = 1;
+        let mut h = Harness::new(cfg);
+        let hello = frame(&mode, b"HELLO v1");
+        let g0 = h.connect_last();
+        h.server(g0, &hello);
+        assert_eq!(h.client_rx, hello, "{mode:?}");
+        let q = frame(&mode, b"q");
+        h.client(&q);
+        assert_eq!(
+            h.core.stream(Dir::Up).acked(),
+            0,
+            "{mode:?}: a greeting acks nothing"
+        );
+        h.server_error(g0);
+        let g1 = h.connect_last();
+        assert_eq!(h.rx_stream(g1), q, "{mode:?}");
+        // Greeting and answer in one chunk: the greeting is swallowed.
+        h.server(g1, &cat(&[&frame(&mode, b"HELLO v2"), &frame(&mode, b"Q")]));
+        assert_eq!(h.client_rx, cat(&[&hello, &frame(&mode, b"Q")]), "{mode:?}");
+        assert_eq!(h.core.stream(Dir::Up).acked(), q.len() as u64, "{mode:?}");
+    }
+}
+
+#[test]
+fn response_mode_preamble_is_resent_and_its_answer_swallowed() {
+    for mode in response_modes() {
+        let mut cfg = backend(mode.clone(), 1);
+        cfg.preamble = 1;
+        let mut h = Harness::new(cfg);
+        let (auth, get) = (frame(&mode, b"AUTH secret"), frame(&mode, b"GET k"));
+        let ok = frame(&mode, b"OK");
+        let g0 = h.connect_last();
+        h.client(&cat(&[&auth, &get]));
+        h.server(g0, &ok);
+        assert_eq!(h.client_rx, ok, "{mode:?}");
+        h.server_eof(g0);
+        let g1 = h.connect_last();
+        assert_eq!(
+            h.legs[1].rx,
+            cat(&[&auth, &get]),
+            "{mode:?}: preamble + unanswered"
+        );
+        assert_eq!(h.rx_stream(g1), get, "{mode:?}");
+        let val = frame(&mode, b"VALUE");
+        h.server(g1, &cat(&[&ok, &val]));
+        assert_eq!(
+            h.client_rx,
+            cat(&[&ok, &val]),
+            "{mode:?}: the preamble answer is swallowed"
+        );
+
+        // Once more, with everything answered: only the preamble is re-sent.
+        h.server_error(g1);
+        let g2 = h.connect_last();
+        assert_eq!(h.legs[2].rx, auth, "{mode:?}");
+        assert!(h.rx_stream(g2).is_empty(), "{mode:?}");
+        // A different answer to the preamble ends the session.
+        h.server(g2, &frame(&mode, b"DENIED"));
+        assert_eq!(
+            h.core.done(),
+            Some(CloseReason::PreambleMismatch),
+            "{mode:?}"
+        );
+        assert!(h.legs[2].closed, "{mode:?}");
+        assert_eq!(h.client_rx, cat(&[&ok, &val]), "{mode:?}");
+    }
+}
+
+#[test]
+fn response_mode_retry_response_restarts_the_leg_after_a_backoff() {
+    for mode in response_modes() {
+        let mut cfg = backend(mode.clone(), 2);
+        let loading = frame(&mode, b"-LOADING dataset in memory");
+        let prefix = loading[..loading.len() - b" dataset in memory".len()].to_vec();
+        cfg.retry_responses = vec![b"-BUSY".to_vec(), prefix];
+        let mut h = Harness::new(cfg);
+        let g0 = h.connect_last();
+        let req = frame(&mode, b"GET k");
+        h.client(&req);
+        h.server(g0, &loading);
+        assert!(
+            h.client_rx.is_empty(),
+            "{mode:?}: a retry response is swallowed"
+        );
+        assert!(h.legs[0].closed, "{mode:?}");
+        assert_eq!(h.legs.len(), 1, "{mode:?}: not at once");
+        let failed_at = h.now;
+        let due = h.core.deadline().expect("a retry is armed");
+        let wait = due - failed_at;
+        assert!(
+            wait >= Duration::from_micros(500) && wait <= Duration::from_millis(1),
+            "{mode:?}: backoff {wait:?}"
+        );
+        h.advance(wait / 2);
+        assert_eq!(h.legs.len(), 1, "{mode:?}: before the backoff");
+        h.to_deadline();
+        let g1 = h.last();
+        assert_eq!(h.legs[1].server, 0, "{mode:?}: the same server");
+        h.connected(g1);
+        assert_eq!(h.rx_stream(g1), req, "{mode:?}: the request is re-sent");
+        let val = frame(&mode, b"VALUE");
+        h.server(g1, &val);
+        assert_eq!(h.client_rx, val, "{mode:?}");
+        assert!(h.events.contains(&Event::LegFailed {
+            gen: g0,
+            server: 0,
+            reason: LegFailure::RetryResponse
+        }));
+    }
+}
+
+#[test]
+fn response_mode_frame_too_large() {
+    for mode in response_modes() {
+        let small = match &mode {
+            AckMode::Response(Framing::Lines { .. }) => {
+                AckMode::Response(Framing::Lines { max_frame: 16 })
+            }
+            AckMode::Response(Framing::Resp { .. }) => {
+                AckMode::Response(Framing::Resp { max_frame: 16 })
+            }
+            AckMode::Response(Framing::LengthPrefixed(lp)) => {
+                AckMode::Response(Framing::LengthPrefixed(LengthPrefixed {
+                    max_frame: 16,
+                    ..*lp
+                }))
+            }
+            _ => unreachable!(),
+        };
+        // From the client.
+        let mut h = Harness::with_mode(small.clone());
+        let g0 = h.connect_last();
+        h.client(&frame(&small, b"ok"));
+        h.client(&frame(&small, &[b'x'; 40])[..30]);
+        assert_eq!(h.core.done(), Some(CloseReason::FrameTooLarge), "{mode:?}");
+        assert!(h.legs[0].closed);
+        // From the server.
+        let mut h = Harness::with_mode(small.clone());
+        let g0b = h.connect_last();
+        assert_eq!(g0, g0b);
+        h.client(&frame(&small, b"ok"));
+        h.server(g0, &frame(&small, &[b'y'; 40])[..30]);
+        assert_eq!(h.core.done(), Some(CloseReason::FrameTooLarge), "{mode:?}");
+        assert!(h.client_rx.is_empty());
+        assert_eq!(h.closed_events(), [CloseReason::FrameTooLarge]);
+    }
+}
+
+// ---- hold, backoff, reconnect order ----
+
+#[test]
+fn hold_retries_same_server_then_others_then_backs_off() {
+    let mut cfg = backend(AckMode::Tcp, 3);
+    cfg.retry_initial = Duration::from_millis(1);
+    cfg.retry_max = Duration::from_millis(20);
+    let mut h = Harness::new(cfg);
+    // Leg 0 on server 0 fails: server 0 again at once, then 1 and 2.
+    let g0 = h.connect_last();
+    h.client(b"abc");
+    h.server_error(g0);
+    let mut delays = Vec::new();
+    let mut order = Vec::new();
+    for _ in 0..30 {
+        let g = h.last();
+        let leg = &h.legs[g.0 as usize];
+        order.push(leg.server);
+        delays.push(leg.asked_at - h.legs[g.0 as usize - 1].asked_at.max(h.t0));
+        h.refused(g);
+        if h.legs.len() as u64 == g.0 + 1 {
+            h.to_deadline();
+        }
+    }
+    assert_eq!(
+        &order[..7],
+        [0, 1, 2, 0, 1, 2, 0],
+        "the same server first, then the others"
+    );
+    // Within a round: no wait. Between rounds: 1, 2, 4, 8, 16, 20, 20... ms
+    // with jitter in the upper half.
+    for (i, d) in delays.iter().enumerate() {
+        if i % 3 != 0 || i == 0 {
+            assert_eq!(*d, Duration::ZERO, "attempt {i}");
+        } else {
+            let full = Duration::from_millis(1 << (i / 3 - 1)).min(Duration::from_millis(20));
+            assert!(
+                *d >= full / 2 && *d <= full,
+                "attempt {i}: {d:?} vs {full:?}"
+            );
+        }
+    }
+    assert!(h.core.done().is_none());
+    assert!(h.core.is_held());
+    // A server comes back: the bytes are replayed.
+    let g = h.connect_last();
+    assert_eq!(h.rx_stream(g), b"abc");
+    assert!(!h.core.is_held());
+}
+
+#[test]
+fn hold_from_the_start_then_hold_timeout_delivers_then_fins() {
+    let mut cfg = backend(AckMode::Tcp, 2);
+    cfg.hold_timeout = Duration::from_secs(2);
+    let mut h = Harness::new(cfg);
+    // No server at start.
+    h.refused(h.last());
+    assert_eq!(h.legs[1].server, 1);
+    h.refused(h.last());
+    h.client(b"held bytes");
+    let g = loop {
+        let g = h.last();
+        if h.legs[g.0 as usize].resolved {
+            h.to_deadline();
+        } else if h.now - h.t0 > Duration::from_millis(500) {
+            break g;
+        } else {
+            h.refused(g);
+        }
+    };
+    // One comes up, talks, and dies before acking anything.
+    h.connected(g);
+    assert_eq!(h.rx_stream(g), b"held bytes");
+    h.stall_down = true;
+    h.server(g, b"last words");
+    h.server_error(g);
+    // Nobody else answers until the hold times out.
+    while h.core.done().is_none() && !h.core.stream(Dir::Down).fin_read() {
+        let g = h.last();
+        if !h.legs[g.0 as usize].resolved && !h.legs[g.0 as usize].closed {
+            h.refused(g);
+        }
+        h.to_deadline();
+        assert!(
+            h.now - h.t0 <= Duration::from_secs(2),
+            "the hold outlived hold_timeout"
+        );
+    }
+    assert_eq!(h.now - h.t0, Duration::from_secs(2), "hold since the start");
+    assert!(h.legs.iter().all(|l| l.closed || l.resolved));
+    assert!(!h.client_fin, "FIN before the bytes");
+    assert!(!h.core.want_read_client());
+    h.stall_down = false;
+    h.pump();
+    assert_eq!(h.client_rx, b"last words");
+    assert!(h.client_fin);
+    assert_eq!(h.core.done(), Some(CloseReason::HoldTimeout));
+    assert_eq!(h.core.deadline(), None);
+}
+
+#[test]
+fn hold_applies_backpressure_at_buffer_limit() {
+    let mut cfg = backend(AckMode::Tcp, 1);
+    cfg.buffer_limit = 10;
+    let mut h = Harness::new(cfg);
+    assert!(h.core.want_read_client());
+    h.client(b"012345");
+    assert!(h.core.want_read_client());
+    h.client(b"6789");
+    assert!(!h.core.want_read_client(), "stops reading at the limit");
+    assert_eq!(h.core.buffered_bytes(), 10);
+    let g = h.connect_last();
+    assert!(!h.core.want_read_client(), "sent is not acked");
+    h.acked(g, 4);
+    assert!(h.core.want_read_client());
+    assert_eq!(h.rx_stream(g), b"0123456789");
+}
+
+#[test]
+fn shutdown_delivers_then_fins() {
+    for mode in all_modes() {
+        let mut h = Harness::with_mode(mode.clone());
+        let g = h.connect_last();
+        h.client(&frame(&mode, b"q"));
+        h.stall_down = true;
+        h.server(g, &frame(&mode, b"a"));
+        h.core.on_shutdown(h.now);
+        h.pump();
+        assert!(h.legs[0].closed, "{mode:?}");
+        assert!(!h.client_fin, "{mode:?}");
+        h.stall_down = false;
+        h.pump();
+        assert_eq!(h.client_rx, frame(&mode, b"a"), "{mode:?}");
+        assert!(h.client_fin, "{mode:?}");
+        assert_eq!(h.core.done(), Some(CloseReason::Shutdown), "{mode:?}");
+    }
+}
+
+#[test]
+fn client_error_ends_at_once() {
+    for mode in all_modes() {
+        let mut h = Harness::with_mode(mode.clone());
+        let g = h.connect_last();
+        h.client(&frame(&mode, b"q"));
+        h.core.on_client_error(h.now);
+        h.pump();
+        assert_eq!(h.core.done(), Some(CloseReason::ClientError), "{mode:?}");
+        assert!(h.legs[0].closed, "{mode:?}");
+        h.server(g, &frame(&mode, b"a"));
+        assert!(h.client_rx.is_empty(), "{mode:?}");
+    }
 }
