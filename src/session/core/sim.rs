@@ -353,7 +353,7 @@ impl Sim {
             _ => {
                 if let Some(d) = self.h.core.deadline() {
                     if d <= now + Duration::from_secs(1) {
-                        self.h.to_deadline();
+                        self.h.fire_deadline();
                     }
                 }
             }

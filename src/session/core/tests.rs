@@ -335,7 +335,7 @@ impl Harness {
     }
 
     /// Moves the clock to the core's deadline and fires the timer.
-    pub fn to_deadline(&mut self) {
+    pub fn fire_deadline(&mut self) {
         let d = self.core.deadline().expect("a deadline");
         self.now = self.now.max(d);
         self.core.on_timeout(self.now);
@@ -792,7 +792,7 @@ fn response_mode_retry_response_restarts_the_leg_after_a_backoff() {
         );
         h.advance(wait / 2);
         assert_eq!(h.legs.len(), 1, "{mode:?}: before the backoff");
-        h.to_deadline();
+        h.fire_deadline();
         let g1 = h.last();
         assert_eq!(h.legs[1].server, 0, "{mode:?}: the same server");
         h.connected(g1);
@@ -866,7 +866,7 @@ fn hold_retries_same_server_then_others_then_backs_off() {
         delays.push(leg.asked_at - h.legs[g.0 as usize - 1].asked_at.max(h.t0));
         h.refused(g);
         if h.legs.len() as u64 == g.0 + 1 {
-            h.to_deadline();
+            h.fire_deadline();
         }
     }
     assert_eq!(
@@ -908,7 +908,7 @@ fn hold_from_the_start_then_hold_timeout_delivers_then_fins() {
     let g = loop {
         let g = h.last();
         if h.legs[g.0 as usize].resolved {
-            h.to_deadline();
+            h.fire_deadline();
         } else if h.now - h.t0 > Duration::from_millis(500) {
             break g;
         } else {
@@ -927,7 +927,7 @@ fn hold_from_the_start_then_hold_timeout_delivers_then_fins() {
         if !h.legs[g.0 as usize].resolved && !h.legs[g.0 as usize].closed {
             h.refused(g);
         }
-        h.to_deadline();
+        h.fire_deadline();
         assert!(
             h.now - h.t0 <= Duration::from_secs(2),
             "the hold outlived hold_timeout"
