@@ -247,6 +247,8 @@ pub struct SessionCore {
     had_leg: bool,
     /// Failed connect attempts since the last working leg.
     attempts: u32,
+    /// Retry responses in a row (reset by a real answer): their backoff grows.
+    retries: u32,
     /// Since when the session has had no working leg (or no progress).
     hold_since: Option<Instant>,
     /// `up.acked` when the hold started: progress past it ends the hold.
@@ -317,6 +319,7 @@ impl SessionCore {
             next_gen: Generation(0),
             had_leg: false,
             attempts: 0,
+            retries: 0,
             hold_since: Some(now),
             hold_acked: 0,
             req_scanner,
@@ -724,6 +727,7 @@ impl SessionCore {
                 self.preamble.push((req, resp_bytes));
             }
             self.answered += 1;
+            self.retries = 0;
             self.up.ack_to(req_end);
         }
         for piece in frame {
@@ -865,8 +869,8 @@ impl SessionCore {
         self.up.rewind();
         self.start_hold(now);
         let delay = if reason == LegFailure::RetryResponse {
-            self.attempts += 1;
-            self.backoff(self.attempts)
+            self.retries += 1;
+            self.backoff(self.retries)
         } else {
             Duration::ZERO
         };
