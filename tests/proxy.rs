@@ -62,11 +62,18 @@ ack = "none"
     );
     let proxy = Proxy::start(&toml).await;
     let data = pattern(64 << 20, 2);
-    let client = UnixStream::connect(&listen_path).await.expect("connect unix");
-    let got = send_and_collect(client, data.clone()).await.expect("no error");
+    let client = UnixStream::connect(&listen_path)
+        .await
+        .expect("connect unix");
+    let got = send_and_collect(client, data.clone())
+        .await
+        .expect("no error");
     assert_bytes_eq(&got, &data, "64 MiB over unix sockets");
     proxy.stop().await;
-    assert!(!listen_path.exists(), "the listener's socket file is removed on stop");
+    assert!(
+        !listen_path.exists(),
+        "the listener's socket file is removed on stop"
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -82,7 +89,7 @@ async fn client_half_close_reaches_server_after_all_bytes() {
         let (mut s, _) = server.accept().await.unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap(); // until the client's FIN
-        // Still writable after the client's half-close.
+                                                // Still writable after the client's half-close.
         s.write_all(format!("got {} bytes", got.len()).as_bytes())
             .await
             .unwrap();
@@ -219,7 +226,10 @@ async fn drain_closes_idle_sessions_after_drain_timeout() {
     c.read_exact(&mut buf).await.unwrap();
     proxy.shutdown.drain.cancel();
     let mut phase = proxy.phase.clone();
-    phase.wait_for(|p| *p == holdfast::lifecycle::Phase::Draining).await.unwrap();
+    phase
+        .wait_for(|p| *p == holdfast::lifecycle::Phase::Draining)
+        .await
+        .unwrap();
     // New connections are refused once draining.
     assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
     // The idle session is closed with a FIN after the drain timeout.
@@ -228,7 +238,10 @@ async fn drain_closes_idle_sessions_after_drain_timeout() {
         .await
         .expect("closed after drain timeout");
     assert!(n.is_ok(), "clean EOF: {n:?}");
-    phase.wait_for(|p| *p == holdfast::lifecycle::Phase::Stopped).await.unwrap();
+    phase
+        .wait_for(|p| *p == holdfast::lifecycle::Phase::Stopped)
+        .await
+        .unwrap();
 }
 
 /// The real binary: SIGTERM with an open session drains within
@@ -261,7 +274,9 @@ async fn binary_sigterm_drains_and_exits_zero() {
     let mut addr = None;
     loop {
         let mut line = String::new();
-        let n = tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await.unwrap();
+        let n = tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line)
+            .await
+            .unwrap();
         assert!(n > 0, "holdfast exited early:\n{log}");
         log.push_str(&line);
         if let Some(i) = line.find("addr=") {
@@ -288,7 +303,10 @@ async fn binary_sigterm_drains_and_exits_zero() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
     let mut rest = Vec::new();
-    assert!(c.read_to_end(&mut rest).await.is_ok(), "client got a clean EOF");
+    assert!(
+        c.read_to_end(&mut rest).await.is_ok(),
+        "client got a clean EOF"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&dir);
 }

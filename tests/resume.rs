@@ -101,7 +101,11 @@ async fn verified_lines_until(
     while !stop.load(Ordering::Relaxed) {
         let mut batch = String::new();
         for k in 0..8 {
-            batch.push_str(&format!("c{id} r{:07} {}\n", seq + k, "x".repeat((k * 37 % 200) as usize)));
+            batch.push_str(&format!(
+                "c{id} r{:07} {}\n",
+                seq + k,
+                "x".repeat((k * 37 % 200) as usize)
+            ));
         }
         w.write_all(batch.as_bytes())
             .await
@@ -115,7 +119,11 @@ async fn verified_lines_until(
             if n == 0 {
                 return Err(format!("client {id}: EOF at request {}", seq + k));
             }
-            let want = format!("c{id} r{:07} {}\n", seq + k, "x".repeat((k * 37 % 200) as usize));
+            let want = format!(
+                "c{id} r{:07} {}\n",
+                seq + k,
+                "x".repeat((k * 37 % 200) as usize)
+            );
             if line != want {
                 return Err(format!("client {id}: got {line:?}, want {want:?}"));
             }
@@ -129,7 +137,10 @@ async fn verified_lines_until(
         .await
         .map_err(|e| format!("client {id}: final read: {e}"))?;
     if !rest.is_empty() {
-        return Err(format!("client {id}: {} extra bytes at the end", rest.len()));
+        return Err(format!(
+            "client {id}: {} extra bytes at the end",
+            rest.len()
+        ));
     }
     Ok(seq)
 }
@@ -212,10 +223,14 @@ async fn tcp_ack_survives_20_kills_with_20_clients() {
             }
             let sent = writer.await.unwrap()?;
             if next != sent {
-                return Err(format!("client {id}: the stream ended at {next}, sent {sent}"));
+                return Err(format!(
+                    "client {id}: the stream ended at {next}, sent {sent}"
+                ));
             }
             if tail_exact < 1000 {
-                return Err(format!("client {id}: only {tail_exact} exact lines at the end"));
+                return Err(format!(
+                    "client {id}: only {tail_exact} exact lines at the end"
+                ));
             }
             Ok::<(u64, usize), String>((sent, discontinuities))
         }));
@@ -226,7 +241,10 @@ async fn tcp_ack_survives_20_kills_with_20_clients() {
     for c in clients {
         let (sent, disc) = c.await.expect("join").unwrap_or_else(|e| panic!("{e}"));
         // A torn line and the skip after it come from the same kill.
-        assert!(disc <= 2 * KILLS, "{disc} discontinuities for {KILLS} kills");
+        assert!(
+            disc <= 2 * KILLS,
+            "{disc} discontinuities for {KILLS} kills"
+        );
         total += sent;
     }
     eprintln!("tcp ack: {total} lines across {KILLS} kills");
@@ -261,13 +279,18 @@ async fn response_length_prefixed_survives_kills() {
                 let mut batch = Vec::new();
                 let mut want = Vec::new();
                 for k in 0..4u64 {
-                    let body = pattern(((seq + k) * 131 % 3000) as usize + 1, seq + k + id as u64 * 1_000_000);
+                    let body = pattern(
+                        ((seq + k) * 131 % 3000) as usize + 1,
+                        seq + k + id as u64 * 1_000_000,
+                    );
                     let mut f = (body.len() as u32).to_be_bytes().to_vec();
                     f.extend_from_slice(&body);
                     batch.extend_from_slice(&f);
                     want.extend_from_slice(&f);
                 }
-                s.write_all(&batch).await.map_err(|e| format!("client {id}: write: {e}"))?;
+                s.write_all(&batch)
+                    .await
+                    .map_err(|e| format!("client {id}: write: {e}"))?;
                 let mut got = vec![0u8; want.len()];
                 s.read_exact(&mut got)
                     .await

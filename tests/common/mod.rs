@@ -103,7 +103,13 @@ impl Server {
 
     async fn spawn(&mut self) {
         let mut cmd = Command::new(BIN);
-        cmd.args(["example-server", "--listen", &self.addr, "--mode", &self.mode]);
+        cmd.args([
+            "example-server",
+            "--listen",
+            &self.addr,
+            "--mode",
+            &self.mode,
+        ]);
         if let Some(g) = &self.greeting {
             cmd.args(["--greeting", g]);
         }
@@ -240,7 +246,9 @@ pub async fn line_client(
     line.clear();
     let n = r.read_line(&mut line).await.map_err(|e| e.to_string())?;
     if n != 0 {
-        return Err(format!("client {id}: extra bytes after the last response: {line:?}"));
+        return Err(format!(
+            "client {id}: extra bytes after the last response: {line:?}"
+        ));
     }
     Ok(seq)
 }
