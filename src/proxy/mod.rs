@@ -16,11 +16,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{BackendConfig, Config, Endpoint, ListenerConfig};
+use crate::config::{Config, Endpoint, ListenerConfig};
 use crate::lifecycle::{Phase, Shutdown};
 use crate::session::driver::{Driver, Shared};
 use crate::session::{SessionCore, SessionId};
 use crate::transport::{self, BindError, Conn, Listener};
+
+pub mod backend;
+
+pub use backend::Backend;
 
 /// How long an accept loop pauses when the process is out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -49,13 +53,6 @@ pub async fn bind(config: &Config) -> Result<Bound, BindError> {
     Ok(Bound { listeners })
 }
 
-/// Per-backend state shared by its listeners' sessions.
-struct BackendState {
-    config: Arc<BackendConfig>,
-    /// Round robin across sessions.
-    next_server: AtomicUsize,
-}
-
 /// Runs the proxy until `shutdown` says stop and every session has ended.
 /// Publishes phases on `phase`.
 pub async fn run(
@@ -65,16 +62,15 @@ pub async fn run(
     phase: watch::Sender<Phase>,
 ) -> io::Result<()> {
     let shared = Arc::new(Shared::new(config.limits.buffer_memory));
-    let backends: Vec<Arc<BackendState>> = config
+    let backends: Vec<Arc<Backend>> = config
         .backends
         .iter()
-        .map(|b| {
-            Arc::new(BackendState {
-                config: Arc::new(b.clone()),
-                next_server: AtomicUsize::new(0),
-            })
-        })
+        .map(|b| Backend::new(Arc::new(b.clone())))
         .collect();
+    let stop_probers = CancellationToken::new();
+    for b in &backends {
+        tokio::spawn(b.clone().probe(stop_probers.clone()));
+    }
     let sessions = TaskTracker::new();
     let close_sessions = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
@@ -140,6 +136,7 @@ pub async fn run(
             "sessions still open after the stop grace; exiting anyway"
         );
     }
+    stop_probers.cancel();
     phase.send_replace(Phase::Stopped);
     tracing::info!("holdfast stopped");
     Ok(())
@@ -147,7 +144,7 @@ pub async fn run(
 
 struct AcceptCtx {
     listener_name: Arc<str>,
-    backend: Arc<BackendState>,
+    backend: Arc<Backend>,
     shared: Arc<Shared>,
     sessions: TaskTracker,
     close_sessions: CancellationToken,
@@ -203,14 +200,14 @@ fn start_session(ctx: &AcceptCtx, conn: Conn, peer: String) {
         }
     }
     let backend = ctx.backend.config.clone();
-    let n = backend.servers.len();
-    let first = ctx.backend.next_server.fetch_add(1, Ordering::Relaxed) % n.max(1);
+    let first = ctx.backend.pick_server();
     let id = SessionId::random();
     let now = tokio::time::Instant::now().into_std();
     let core = SessionCore::new(id, backend.clone(), first, now);
     let driver = Driver::new(
         core,
         conn,
+        ctx.backend.clone(),
         ctx.shared.clone(),
         ctx.close_sessions.child_token(),
     );

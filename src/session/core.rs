@@ -827,6 +827,18 @@ impl SessionCore {
         self.step(now);
     }
 
+    /// A connection to `backend.servers[server]` just succeeded elsewhere (a
+    /// probe or another session): a waiting session retries there now rather
+    /// than at the end of its backoff.
+    pub fn on_server_up(&mut self, server: usize, now: Instant) {
+        if let LegState::Waiting { at, .. } = self.leg {
+            if at > now && server < self.backend.servers.len() {
+                self.leg = LegState::Waiting { at: now, server };
+                self.step(now);
+            }
+        }
+    }
+
     /// The timer armed from [`SessionCore::deadline`] fired.
     pub fn on_timeout(&mut self, now: Instant) {
         self.step(now);
@@ -867,10 +879,16 @@ impl SessionCore {
             return;
         }
         self.up.rewind();
+        // A leg that made no progress since the last failure (a server that
+        // accepts and then fails) backs off; otherwise retry at once.
+        let no_progress = self.hold_since.is_some();
         self.start_hold(now);
         let delay = if reason == LegFailure::RetryResponse {
             self.retries += 1;
             self.backoff(self.retries)
+        } else if no_progress {
+            self.attempts += 1;
+            self.backoff(self.attempts)
         } else {
             Duration::ZERO
         };

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::core::{Action, CloseReason, Event, Generation, LegFailure, SessionCore};
 use crate::config::{AckMode, BackendConfig};
+use crate::proxy::Backend;
 use crate::stream::Dir;
 use crate::transport::{self, Conn};
 
@@ -66,6 +67,8 @@ pub struct Summary {
 }
 
 type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>>;
+type UpReceiver = tokio::sync::watch::Receiver<(u64, usize)>;
+type UpFuture = Pin<Box<dyn Future<Output = (UpReceiver, Option<usize>)> + Send>>;
 
 struct ServerConn {
     gen: Generation,
@@ -79,6 +82,12 @@ struct ServerConn {
 pub struct Driver {
     core: SessionCore,
     backend: Arc<BackendConfig>,
+    shared_backend: Arc<Backend>,
+    /// Whether this session is counted as held in `shared_backend`.
+    held: bool,
+    /// "Server is up" announcements, listened to while held.
+    up_rx: Option<UpReceiver>,
+    up_fut: Option<UpFuture>,
     shared: Arc<Shared>,
     client: Conn,
     client_rbuf: BytesMut,
@@ -103,13 +112,19 @@ impl Driver {
     pub fn new(
         core: SessionCore,
         client: Conn,
+        shared_backend: Arc<Backend>,
         shared: Arc<Shared>,
         close: CancellationToken,
     ) -> Driver {
         let backend = core.backend().clone();
+        let up_rx = Some(shared_backend.subscribe());
         Driver {
             core,
             backend,
+            shared_backend,
+            held: false,
+            up_rx,
+            up_fut: None,
             shared,
             client,
             client_rbuf: BytesMut::new(),
@@ -134,6 +149,9 @@ impl Driver {
     pub async fn run(mut self) -> Summary {
         let reason = std::future::poll_fn(|cx| self.poll(cx)).await;
         self.release_memory();
+        if self.held {
+            self.shared_backend.set_held(false);
+        }
         Summary {
             reason,
             bytes_up: self.core.stream(Dir::Up).read(),
@@ -162,6 +180,7 @@ impl Driver {
             progress |= self.poll_read_client(cx);
             progress |= self.poll_read_server(cx);
             progress |= self.poll_timers(cx);
+            progress |= self.poll_server_up(cx);
             self.drain_events();
             self.account_memory();
             if !progress {
@@ -192,6 +211,11 @@ impl Driver {
             progress = true;
             match action {
                 Action::Connect { gen, server } => {
+                    if let Some(conn) = self.shared_backend.take_ready(server) {
+                        // The prober's connection: no connect to wait for.
+                        self.connecting = Some((gen, Box::pin(std::future::ready(Ok(conn)))));
+                        continue;
+                    }
                     let endpoint = self.backend.servers[server].clone();
                     let opts = self.backend.socket;
                     let timeout = self.backend.connect_timeout;
@@ -455,6 +479,42 @@ impl Driver {
             progress = true;
         }
         progress
+    }
+
+    /// While held, listens for "server is up" from the backend's prober and
+    /// other sessions; keeps the backend's count of held sessions.
+    fn poll_server_up(&mut self, cx: &mut Context<'_>) -> bool {
+        let held = self.core.is_held();
+        if held != self.held {
+            self.shared_backend.set_held(held);
+            self.held = held;
+        }
+        if !held {
+            return false;
+        }
+        if self.up_fut.is_none() {
+            let Some(mut rx) = self.up_rx.take() else {
+                return false;
+            };
+            self.up_fut = Some(Box::pin(async move {
+                let server = match rx.changed().await {
+                    Ok(()) => Some(rx.borrow_and_update().1),
+                    Err(_) => None,
+                };
+                (rx, server)
+            }));
+        }
+        let fut = self.up_fut.as_mut().expect("armed above");
+        let Poll::Ready((rx, server)) = fut.as_mut().poll(cx) else {
+            return false;
+        };
+        self.up_fut = None;
+        let Some(server) = server else {
+            return false; // the backend is gone: no more announcements
+        };
+        self.up_rx = Some(rx);
+        self.core.on_server_up(server, Self::now());
+        true
     }
 
     fn account_memory(&mut self) {

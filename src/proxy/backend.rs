@@ -1,0 +1,141 @@
+//! Per-backend state shared by the sessions of every listener that uses it:
+//! round robin, the count of held sessions, and the prober that notices a
+//! server coming back within milliseconds.
+//!
+//! While any session of a backend is held, one prober task tries the
+//! backend's servers every `2 × retry_initial` (2 ms by default). When a
+//! connect succeeds it parks that connection for the next session that wants
+//! the server (so the server sees no stray connection) and tells every held
+//! session, which retries at once instead of waiting out its backoff. One
+//! cheap probe per backend replaces thousands of fast per-session retries.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BackendConfig;
+use crate::transport::{self, Conn};
+
+/// A backend as the running proxy sees it.
+pub struct Backend {
+    pub config: Arc<BackendConfig>,
+    /// Round robin across sessions.
+    next_server: AtomicUsize,
+    /// Sessions of this backend with no working leg.
+    held: AtomicUsize,
+    /// Woken when `held` leaves 0.
+    held_changed: Notify,
+    /// A connection the prober made, per server, for the next taker.
+    ready: Mutex<Vec<Option<Conn>>>,
+    /// Bumped with the server's index each time a server is found up.
+    up: watch::Sender<(u64, usize)>,
+}
+
+impl Backend {
+    pub fn new(config: Arc<BackendConfig>) -> Arc<Backend> {
+        let n = config.servers.len();
+        Arc::new(Backend {
+            config,
+            next_server: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+            held_changed: Notify::new(),
+            ready: Mutex::new((0..n).map(|_| None).collect()),
+            up: watch::channel((0, 0)).0,
+        })
+    }
+
+    /// The first server for a new session (round robin).
+    pub fn pick_server(&self) -> usize {
+        self.next_server.fetch_add(1, Ordering::Relaxed) % self.config.servers.len().max(1)
+    }
+
+    /// A session started or stopped holding.
+    pub fn set_held(&self, held: bool) {
+        if held {
+            if self.held.fetch_add(1, Ordering::AcqRel) == 0 {
+                self.held_changed.notify_one();
+            }
+        } else {
+            self.held.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// A probed connection to `server`, if one is waiting.
+    pub fn take_ready(&self, server: usize) -> Option<Conn> {
+        self.ready.lock().ok()?.get_mut(server)?.take()
+    }
+
+    /// Tells held sessions that `server` accepted a connection.
+    pub fn announce_up(&self, server: usize) {
+        self.up.send_modify(|(epoch, s)| {
+            *epoch += 1;
+            *s = server;
+        });
+    }
+
+    /// A receiver for "server is up" announcements.
+    pub fn subscribe(&self) -> watch::Receiver<(u64, usize)> {
+        self.up.subscribe()
+    }
+
+    /// Probes the servers while sessions are held, until `stop`.
+    pub async fn probe(self: Arc<Self>, stop: CancellationToken) {
+        let interval = (self.config.retry_initial * 2).max(Duration::from_millis(1));
+        // Announce only a server that was down at its previous probe (or at
+        // the first): one that accepts and then fails sessions must not make
+        // them skip their backoff.
+        let mut was_down = vec![true; self.config.servers.len()];
+        loop {
+            while self.held() == 0 {
+                // Nobody waits: drop parked connections, sleep until someone holds.
+                if let Ok(mut r) = self.ready.lock() {
+                    r.iter_mut().for_each(|c| *c = None);
+                }
+                let notified = self.held_changed.notified();
+                if self.held() > 0 {
+                    break;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = notified => {}
+                }
+            }
+            for (i, endpoint) in self.config.servers.iter().enumerate() {
+                let parked = self.ready.lock().map(|r| r[i].is_some()).unwrap_or(true);
+                if parked {
+                    continue;
+                }
+                let attempt =
+                    transport::connect(endpoint, &self.config.socket, self.config.connect_timeout);
+                let res = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = attempt => r,
+                };
+                match res {
+                    Ok(conn) => {
+                        if let Ok(mut r) = self.ready.lock() {
+                            r[i] = Some(conn);
+                        }
+                        if was_down[i] {
+                            tracing::debug!(backend = %self.config.name, server.addr = %endpoint, "probe: server is up");
+                            self.announce_up(i);
+                        }
+                        was_down[i] = false;
+                    }
+                    Err(_) => was_down[i] = true,
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
