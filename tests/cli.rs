@@ -1,0 +1,177 @@
+//! The binary's command line: `check` on good and bad files, `run` with a
+//! bad config, Unix listener hygiene, and the accept loop surviving EMFILE.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+fn holdfast(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("run holdfast")
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let out = holdfast(&["check", "--config", "config/holdfast.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok (1 listener, 1 backend)"), "{stdout}");
+}
+
+#[test]
+fn check_reports_every_error_with_its_line_and_exits_64() {
+    let out = holdfast(&["check", "--config", "tests/fixtures/invalid/three-errors.toml"]);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "listener[0].backend (line 5, col 11): no backend named \"ordrs\"",
+        "backend[0].buffer_limit (line 10, col 16): \"12 parsecs\" is not a size",
+        "backend[0].colour (line 11, col 1): unknown key \"colour\"",
+    ] {
+        assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn check_on_a_missing_file_exits_64() {
+    let out = holdfast(&["check", "--config", "no/such/file.toml"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/file.toml"));
+}
+
+#[test]
+fn run_refuses_an_invalid_config_before_binding() {
+    let out = holdfast(&["run", "--config", "tests/fixtures/invalid/three-errors.toml"]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+fn tmpdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("holdfast-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn unix_listener_config(path: &std::path::Path) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "l"
+listen = "unix:{}"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["127.0.0.1:9"]
+ack = "none"
+"#,
+        path.display()
+    )
+}
+
+/// A socket file left by a dead process is replaced; one that a live process
+/// listens on makes holdfast refuse to start, with a clear message.
+#[tokio::test]
+async fn unix_listener_replaces_stale_socket_and_refuses_a_live_one() {
+    let dir = tmpdir("unix");
+    let path = dir.join("l.sock");
+    // Stale: bound and dropped without unlinking.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let cfg = holdfast::config::parse(&unix_listener_config(&path)).unwrap();
+    let bound = holdfast::proxy::bind(&cfg).await.expect("stale socket replaced");
+    // Live: `bound` listens there now.
+    let err = holdfast::proxy::bind(&cfg).await.expect_err("live socket refused");
+    let msg = err.to_string();
+    assert!(msg.contains("another process is listening"), "{msg}");
+    drop(bound);
+    // A regular file is never removed.
+    std::fs::write(&path, b"not a socket").unwrap();
+    let err = holdfast::proxy::bind(&cfg).await.expect_err("file refused");
+    assert!(err.to_string().contains("is not a socket"), "{err}");
+    assert!(path.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The real binary with only 64 file descriptors: a burst of clients runs it
+/// out of descriptors; the accept loop logs, backs off and keeps serving, and
+/// once the burst is gone a new client is proxied normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_loop_survives_emfile() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = tmpdir("emfile");
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["{}"]
+ack = "none"
+"#,
+            server.addr
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n 64 && exec {BIN} run --config {}", cfg.display()),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    while let Some(line) = log.next_line().await.unwrap() {
+        if let Some(i) = line.find("addr=") {
+            addr = line[i + 5..].split_whitespace().next().map(str::to_string);
+        }
+        if line.contains("holdfast running") {
+            break;
+        }
+    }
+    let addr = addr.expect("listening address");
+    // 100 clients: each session needs two descriptors, so this exhausts 64.
+    let mut burst = Vec::new();
+    for _ in 0..100 {
+        burst.push(connect(&addr).await);
+    }
+    // Wait for the accept loop to report it.
+    let saw = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("out of resources") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("an EMFILE log line in time");
+    assert!(saw);
+    drop(burst);
+    // Keep draining the log so the child never blocks on stderr.
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    // A new client is served once descriptors are free again.
+    let mut c = connect(&addr).await;
+    c.write_all(b"still here").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("served in time")
+        .unwrap();
+    assert_eq!(got, b"still here");
+    child.start_kill().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
