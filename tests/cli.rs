@@ -16,14 +16,22 @@ fn holdfast(args: &[&str]) -> std::process::Output {
 #[test]
 fn check_accepts_the_example_config() {
     let out = holdfast(&["check", "--config", "config/holdfast.toml"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("ok (1 listener, 1 backend)"), "{stdout}");
 }
 
 #[test]
 fn check_reports_every_error_with_its_line_and_exits_64() {
-    let out = holdfast(&["check", "--config", "tests/fixtures/invalid/three-errors.toml"]);
+    let out = holdfast(&[
+        "check",
+        "--config",
+        "tests/fixtures/invalid/three-errors.toml",
+    ]);
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for want in [
@@ -44,7 +52,11 @@ fn check_on_a_missing_file_exits_64() {
 
 #[test]
 fn run_refuses_an_invalid_config_before_binding() {
-    let out = holdfast(&["run", "--config", "tests/fixtures/invalid/three-errors.toml"]);
+    let out = holdfast(&[
+        "run",
+        "--config",
+        "tests/fixtures/invalid/three-errors.toml",
+    ]);
     assert_eq!(out.status.code(), Some(64));
 }
 
@@ -82,9 +94,13 @@ async fn unix_listener_replaces_stale_socket_and_refuses_a_live_one() {
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
     let cfg = holdfast::config::parse(&unix_listener_config(&path)).unwrap();
-    let bound = holdfast::proxy::bind(&cfg).await.expect("stale socket replaced");
+    let bound = holdfast::proxy::bind(&cfg)
+        .await
+        .expect("stale socket replaced");
     // Live: `bound` listens there now.
-    let err = holdfast::proxy::bind(&cfg).await.expect_err("live socket refused");
+    let err = holdfast::proxy::bind(&cfg)
+        .await
+        .expect_err("live socket refused");
     let msg = err.to_string();
     assert!(msg.contains("another process is listening"), "{msg}");
     drop(bound);

@@ -17,11 +17,13 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
+use crate::metrics::BackendMetrics;
 use crate::transport::{self, Conn};
 
 /// A backend as the running proxy sees it.
 pub struct Backend {
     pub config: Arc<BackendConfig>,
+    pub metrics: BackendMetrics,
     /// Round robin across sessions.
     next_server: AtomicUsize,
     /// Sessions of this backend with no working leg.
@@ -35,10 +37,11 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(config: Arc<BackendConfig>) -> Arc<Backend> {
+    pub fn new(config: Arc<BackendConfig>, metrics: BackendMetrics) -> Arc<Backend> {
         let n = config.servers.len();
         Arc::new(Backend {
             config,
+            metrics,
             next_server: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
             held_changed: Notify::new(),
@@ -54,6 +57,11 @@ impl Backend {
 
     /// A session started or stopped holding.
     pub fn set_held(&self, held: bool) {
+        if held {
+            self.metrics.held.inc();
+        } else {
+            self.metrics.held.dec();
+        }
         if held {
             if self.held.fetch_add(1, Ordering::AcqRel) == 0 {
                 self.held_changed.notify_one();

@@ -18,7 +18,8 @@ use tracing::Instrument;
 
 use crate::config::{Config, Endpoint, ListenerConfig};
 use crate::lifecycle::{Phase, Shutdown};
-use crate::session::driver::{Driver, Shared};
+use crate::metrics::{Metrics, REJECT_MAX_SESSIONS};
+use crate::session::driver::{Driver, SessionCtx, Shared};
 use crate::session::{SessionCore, SessionId};
 use crate::transport::{self, BindError, Conn, Listener};
 
@@ -35,12 +36,18 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub struct Bound {
     listeners: Vec<Listener>,
+    admin: Option<tokio::net::TcpListener>,
 }
 
 impl Bound {
     /// The real address of each listener, in config order (useful with port 0).
     pub fn local_endpoints(&self) -> Vec<Endpoint> {
         self.listeners.iter().map(|l| l.local_endpoint()).collect()
+    }
+
+    /// The admin endpoint's real address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 }
 
@@ -50,7 +57,21 @@ pub async fn bind(config: &Config) -> Result<Bound, BindError> {
     for l in &config.listeners {
         listeners.push(Listener::bind(&l.listen).await?);
     }
-    Ok(Bound { listeners })
+    let admin = match &config.admin {
+        Some(a) => match &a.listen {
+            Endpoint::Tcp(addr) => Some(
+                tokio::net::TcpListener::bind(addr.as_str())
+                    .await
+                    .map_err(|source| BindError::Io {
+                        endpoint: format!("admin {addr}"),
+                        source,
+                    })?,
+            ),
+            Endpoint::Unix(_) => None,
+        },
+        None => None,
+    };
+    Ok(Bound { listeners, admin })
 }
 
 /// Runs the proxy until `shutdown` says stop and every session has ended.
@@ -61,13 +82,68 @@ pub async fn run(
     shutdown: Shutdown,
     phase: watch::Sender<Phase>,
 ) -> io::Result<()> {
-    let shared = Arc::new(Shared::new(config.limits.buffer_memory));
+    run_with(config, bound, shutdown, phase, Runtime::default()).await
+}
+
+/// What a running proxy shares with the admin endpoint and embedders.
+#[derive(Clone)]
+pub struct Runtime {
+    pub metrics: Metrics,
+    pub shared: Arc<Shared>,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime {
+            metrics: Metrics::new(),
+            shared: Arc::new(Shared::new(u64::MAX)),
+        }
+    }
+}
+
+impl Runtime {
+    /// A runtime for `config` (its global buffer memory limit).
+    pub fn for_config(config: &Config) -> Runtime {
+        Runtime {
+            metrics: Metrics::new(),
+            shared: Arc::new(Shared::new(config.limits.buffer_memory)),
+        }
+    }
+}
+
+/// [`run`] with a given [`Runtime`] (metrics registry and session registry),
+/// so the admin endpoint and tests can see into it.
+pub async fn run_with(
+    config: Config,
+    bound: Bound,
+    shutdown: Shutdown,
+    phase: watch::Sender<Phase>,
+    rt: Runtime,
+) -> io::Result<()> {
+    let shared = if rt.shared.buffer_limit == config.limits.buffer_memory {
+        rt.shared.clone()
+    } else {
+        Arc::new(Shared::new(config.limits.buffer_memory))
+    };
     let backends: Vec<Arc<Backend>> = config
         .backends
         .iter()
-        .map(|b| Backend::new(Arc::new(b.clone())))
+        .map(|b| Backend::new(Arc::new(b.clone()), rt.metrics.backend(&b.name)))
         .collect();
     let stop_probers = CancellationToken::new();
+    if let Some(admin) = bound.admin {
+        tracing::info!(addr = %admin.local_addr()?, "admin endpoint listening");
+        let rt = Runtime {
+            metrics: rt.metrics.clone(),
+            shared: shared.clone(),
+        };
+        tokio::spawn(crate::admin::serve(
+            admin,
+            rt,
+            phase.subscribe(),
+            stop_probers.clone(),
+        ));
+    }
     for b in &backends {
         tokio::spawn(b.clone().probe(stop_probers.clone()));
     }
@@ -80,8 +156,11 @@ pub async fn run(
         tracing::info!(listener = %cfg.name, addr = %listener.local_endpoint(), "listening");
         let ctx = AcceptCtx {
             listener_name: Arc::from(cfg.name.as_str()),
-            backend: backends[cfg.backend].clone(),
-            shared: shared.clone(),
+            session: SessionCtx {
+                backend: backends[cfg.backend].clone(),
+                listener: rt.metrics.listener(&cfg.name),
+                shared: shared.clone(),
+            },
             sessions: sessions.clone(),
             close_sessions: close_sessions.clone(),
             open: open.clone(),
@@ -144,8 +223,7 @@ pub async fn run(
 
 struct AcceptCtx {
     listener_name: Arc<str>,
-    backend: Arc<Backend>,
-    shared: Arc<Shared>,
+    session: SessionCtx,
     sessions: TaskTracker,
     close_sessions: CancellationToken,
     open: Arc<AtomicUsize>,
@@ -190,40 +268,55 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 fn start_session(ctx: &AcceptCtx, conn: Conn, peer: String) {
+    let lm = &ctx.session.listener;
     if ctx.open.load(Ordering::Relaxed) >= ctx.max_sessions {
+        lm.rejected(REJECT_MAX_SESSIONS);
         tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, limit = ctx.max_sessions, "max_sessions reached: refusing client");
         return;
     }
+    lm.accepted.inc();
     if let Conn::Tcp(s) = &conn {
         if let Err(e) = transport::apply_tcp_options(socket2::SockRef::from(s), &ctx.cfg.socket) {
             tracing::debug!(error = %e, "setting client socket options failed");
         }
     }
-    let backend = ctx.backend.config.clone();
-    let first = ctx.backend.pick_server();
+    let backend = ctx.session.backend.config.clone();
+    let first = ctx.session.backend.pick_server();
     let id = SessionId::random();
     let now = tokio::time::Instant::now().into_std();
     let core = SessionCore::new(id, backend.clone(), first, now);
     let driver = Driver::new(
         core,
         conn,
-        ctx.backend.clone(),
-        ctx.shared.clone(),
+        peer.clone(),
+        ctx.session.clone(),
         ctx.close_sessions.child_token(),
     );
+    let lm = lm.clone();
     let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend.name);
     let open = ctx.open.clone();
     open.fetch_add(1, Ordering::Relaxed);
     ctx.sessions.spawn(
         async move {
             tracing::info!(client.addr = %peer, "session opened");
+            lm.sessions.inc();
             let s = driver.run().await;
             open.fetch_sub(1, Ordering::Relaxed);
+            lm.sessions.dec();
+            lm.closed(s.reason.as_str());
+            if s.client_reset {
+                lm.client_reset(s.reason.as_str());
+                tracing::warn!(
+                    reason = s.reason.as_str(),
+                    "client input unread at close: the client got a reset"
+                );
+            }
             tracing::info!(
                 reason = s.reason.as_str(),
                 bytes_up = s.bytes_up,
                 bytes_down = s.bytes_down,
                 legs = s.legs,
+                replayed_bytes = s.replayed,
                 duration_ms = s.duration.as_millis() as u64,
                 "session closed"
             );

@@ -6,21 +6,26 @@
 //! `copy_bidirectional`): every byte that moves goes through the core, which
 //! keeps the offsets. Decisions live in the core; this file only does IO.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use std::os::fd::AsFd;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use super::core::{Action, CloseReason, Event, Generation, LegFailure, SessionCore};
+use super::core::{Action, CloseReason, Event, Generation, LegFailure, SessionCore, SessionId};
+use super::status::SessionStatus;
 use crate::config::{AckMode, BackendConfig};
+use crate::metrics::ListenerMetrics;
 use crate::proxy::Backend;
 use crate::stream::Dir;
 use crate::transport::{self, Conn};
@@ -35,6 +40,9 @@ const ACK_SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
 const MEMORY_RETRY: Duration = Duration::from_millis(10);
 /// How long a graceful close may take before the session is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a closed session keeps reading (and discarding) what the client
+/// still sends, so that closing does not reset it.
+const LINGER: Duration = Duration::from_secs(2);
 /// Loop turns before the task yields to others.
 const TURNS_PER_POLL: usize = 64;
 
@@ -45,6 +53,8 @@ pub struct Shared {
     pub buffer_used: AtomicU64,
     /// `[limits] buffer_memory`.
     pub buffer_limit: u64,
+    /// Every open session's published status.
+    pub sessions: Mutex<HashMap<SessionId, Arc<SessionStatus>>>,
 }
 
 impl Shared {
@@ -52,14 +62,39 @@ impl Shared {
         Shared {
             buffer_used: AtomicU64::new(0),
             buffer_limit,
+            sessions: Mutex::new(HashMap::new()),
         }
     }
+
+    /// Snapshots of every open session.
+    pub fn session_views(&self) -> Vec<super::status::SessionView> {
+        let list: Vec<Arc<SessionStatus>> = match self.sessions.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut views: Vec<_> = list.iter().map(|s| s.view()).collect();
+        views.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
+        views
+    }
+}
+
+/// What a session task needs from the proxy around it.
+#[derive(Clone)]
+pub struct SessionCtx {
+    pub backend: Arc<Backend>,
+    pub listener: ListenerMetrics,
+    pub shared: Arc<Shared>,
 }
 
 /// What a finished session reports.
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub reason: CloseReason,
+    /// Bytes sent again on later legs.
+    pub replayed: u64,
+    /// The client connection ended with a reset from holdfast's side
+    /// (unread input at close).
+    pub client_reset: bool,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub legs: u64,
@@ -89,6 +124,11 @@ pub struct Driver {
     up_rx: Option<UpReceiver>,
     up_fut: Option<UpFuture>,
     shared: Arc<Shared>,
+    listener: ListenerMetrics,
+    status: Arc<SessionStatus>,
+    connect_started: Option<Instant>,
+    replayed: u64,
+    client_eof: bool,
     client: Conn,
     client_rbuf: BytesMut,
     server: Option<ServerConn>,
@@ -112,20 +152,34 @@ impl Driver {
     pub fn new(
         core: SessionCore,
         client: Conn,
-        shared_backend: Arc<Backend>,
-        shared: Arc<Shared>,
+        client_addr: String,
+        ctx: SessionCtx,
         close: CancellationToken,
     ) -> Driver {
         let backend = core.backend().clone();
-        let up_rx = Some(shared_backend.subscribe());
+        let up_rx = Some(ctx.backend.subscribe());
+        let status = Arc::new(SessionStatus::new(
+            core.id(),
+            ctx.listener.name(),
+            &backend.name,
+            client_addr,
+        ));
+        if let Ok(mut m) = ctx.shared.sessions.lock() {
+            m.insert(core.id(), status.clone());
+        }
         Driver {
             core,
             backend,
-            shared_backend,
+            shared_backend: ctx.backend,
             held: false,
             up_rx,
             up_fut: None,
-            shared,
+            shared: ctx.shared,
+            listener: ctx.listener,
+            status,
+            connect_started: None,
+            replayed: 0,
+            client_eof: false,
             client,
             client_rbuf: BytesMut::new(),
             server: None,
@@ -152,12 +206,47 @@ impl Driver {
         if self.held {
             self.shared_backend.set_held(false);
         }
+        self.server = None;
+        self.connecting = None;
+        let client_reset = if reason == CloseReason::ClientError {
+            false
+        } else {
+            self.linger().await
+        };
+        if let Ok(mut m) = self.shared.sessions.lock() {
+            m.remove(&self.core.id());
+        }
         Summary {
             reason,
+            replayed: self.replayed,
+            client_reset,
             bytes_up: self.core.stream(Dir::Up).read(),
             bytes_down: self.core.stream(Dir::Down).sent(),
             legs: self.legs,
             duration: self.started.elapsed(),
+        }
+    }
+
+    /// After the session ended: make sure the client has our FIN, then read
+    /// and discard what it still sends until its FIN or `LINGER`, so that
+    /// closing does not reset the connection. Returns true if input was still
+    /// unread when the socket was dropped (the kernel then sends a reset).
+    async fn linger(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let _ = self.client.shutdown_write();
+        if self.client_eof {
+            return false;
+        }
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + LINGER;
+        loop {
+            match tokio::time::timeout_at(deadline, self.client.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(_)) => continue,
+                Err(_) => {
+                    return crate::transport::sockopt::inq(self.client.as_fd()).unwrap_or(0) > 0
+                }
+            }
         }
     }
 
@@ -211,6 +300,8 @@ impl Driver {
             progress = true;
             match action {
                 Action::Connect { gen, server } => {
+                    self.shared_backend.metrics.connect_attempts.inc();
+                    self.connect_started = Some(Instant::now());
                     if let Some(conn) = self.shared_backend.take_ready(server) {
                         // The prober's connection: no connect to wait for.
                         self.connecting = Some((gen, Box::pin(std::future::ready(Ok(conn)))));
@@ -266,6 +357,14 @@ impl Driver {
             return false;
         };
         self.connecting = None;
+        if let Some(t) = self.connect_started.take() {
+            if res.is_ok() {
+                self.shared_backend
+                    .metrics
+                    .connect_duration
+                    .observe(t.elapsed().as_secs_f64());
+            }
+        }
         match res {
             Ok(conn) => {
                 self.legs += 1;
@@ -354,6 +453,7 @@ impl Driver {
             let slices: Vec<IoSlice<'_>> = self.iov.iter().map(|b| IoSlice::new(b)).collect();
             match Pin::new(&mut self.client).poll_write_vectored(cx, &slices) {
                 Poll::Ready(Ok(n)) => {
+                    self.listener.bytes_down.inc_by(n as u64);
                     self.core.on_client_written(n, Self::now());
                     progress = true;
                 }
@@ -384,9 +484,13 @@ impl Driver {
             self.client_rbuf.reserve(READ_SIZE);
         }
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_rbuf) {
-            Poll::Ready(Ok(0)) => self.core.on_client_eof(Self::now()),
+            Poll::Ready(Ok(0)) => {
+                self.client_eof = true;
+                self.core.on_client_eof(Self::now());
+            }
             Poll::Ready(Ok(_)) => {
                 let chunk = self.client_rbuf.split().freeze();
+                self.listener.bytes_up.inc_by(chunk.len() as u64);
                 self.core.on_client_data(chunk, Self::now());
             }
             Poll::Ready(Err(e)) => {
@@ -519,6 +623,11 @@ impl Driver {
 
     fn account_memory(&mut self) {
         let now = self.core.buffered_bytes();
+        self.shared_backend
+            .metrics
+            .replay_buffer
+            .add(now as i64 - self.mem_counted as i64);
+        self.status.update(&self.core, self.legs > 0);
         if now > self.mem_counted {
             self.shared
                 .buffer_used
@@ -532,6 +641,10 @@ impl Driver {
     }
 
     fn release_memory(&mut self) {
+        self.shared_backend
+            .metrics
+            .replay_buffer
+            .sub(self.mem_counted as i64);
         self.shared
             .buffer_used
             .fetch_sub(self.mem_counted, Ordering::Relaxed);
@@ -551,6 +664,13 @@ impl Driver {
                     let addr = self.backend.servers[server].to_string();
                     let up = self.core.stream(Dir::Up);
                     if resumed {
+                        let m = &self.shared_backend.metrics;
+                        m.resumes.inc();
+                        m.replayed_up.inc_by(replay);
+                        self.replayed += replay;
+                        if let Some(h) = held {
+                            m.hold_duration.observe(h.as_secs_f64());
+                        }
                         tracing::info!(
                             leg.gen = gen.0,
                             server.addr = %addr,
@@ -571,6 +691,13 @@ impl Driver {
                     reason,
                 } => {
                     let addr = self.backend.servers[server].to_string();
+                    let m = &self.shared_backend.metrics;
+                    match reason {
+                        LegFailure::ConnectRefused
+                        | LegFailure::ConnectTimeout
+                        | LegFailure::ConnectError => m.connect_failed(reason.as_str()),
+                        _ => m.leg_failed(reason.as_str()),
+                    }
                     tracing::debug!(
                         leg.gen = gen.0,
                         server.addr = %addr,

@@ -3,5 +3,6 @@
 
 pub mod core;
 pub mod driver;
+pub mod status;
 
 pub use self::core::{Action, CloseReason, Event, Generation, LegFailure, SessionCore, SessionId};

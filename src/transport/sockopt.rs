@@ -49,3 +49,14 @@ pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
     Ok(n.max(0) as u64)
 }
+
+/// Bytes received and not yet read (SIOCINQ).
+pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCINQ (FIONREAD) writes one c_int through the pointer.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}

@@ -1,0 +1,299 @@
+//! Prometheus metrics on an explicit [`Registry`] (never the global one).
+//!
+//! Every name is a constant with the `holdfast_` prefix; labels come only
+//! from configured names (listener, backend) or fixed enums (reasons,
+//! directions), never from an address or a session id. Sessions get
+//! pre-labelled handles ([`ListenerMetrics`], [`BackendMetrics`]) so the hot
+//! path never looks a label up. This module owns no sockets: `admin` serves
+//! the text format.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub const CLIENT_CONNECTIONS_ACCEPTED: &str = "holdfast_client_connections_accepted_total";
+pub const CLIENT_CONNECTIONS_REJECTED: &str = "holdfast_client_connections_rejected_total";
+pub const SESSIONS: &str = "holdfast_sessions";
+pub const SESSIONS_HELD: &str = "holdfast_sessions_held";
+pub const SESSIONS_CLOSED: &str = "holdfast_sessions_closed_total";
+pub const BYTES: &str = "holdfast_bytes_total";
+pub const SERVER_CONNECT_ATTEMPTS: &str = "holdfast_server_connect_attempts_total";
+pub const SERVER_CONNECT_FAILURES: &str = "holdfast_server_connect_failures_total";
+pub const SERVER_CONNECT_DURATION: &str = "holdfast_server_connect_duration_seconds";
+pub const LEGS_FAILED: &str = "holdfast_legs_failed_total";
+pub const RESUMES: &str = "holdfast_resumes_total";
+pub const REPLAYED_BYTES: &str = "holdfast_replayed_bytes_total";
+pub const REPLAY_BUFFER_BYTES: &str = "holdfast_replay_buffer_bytes";
+pub const HOLD_DURATION: &str = "holdfast_hold_duration_seconds";
+pub const CLIENT_RESETS: &str = "holdfast_client_resets_total";
+pub const CONFIG_RELOADS: &str = "holdfast_config_reloads_total";
+pub const BUILD_INFO: &str = "holdfast_build_info";
+
+/// Why a client connection was refused at accept.
+pub const REJECT_MAX_SESSIONS: &str = "max_sessions";
+
+/// Every metric holdfast exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    accepted: IntCounterVec,
+    rejected: IntCounterVec,
+    sessions: IntGaugeVec,
+    held: IntGaugeVec,
+    closed: IntCounterVec,
+    bytes: IntCounterVec,
+    connect_attempts: IntCounterVec,
+    connect_failures: IntCounterVec,
+    connect_duration: HistogramVec,
+    legs_failed: IntCounterVec,
+    resumes: IntCounterVec,
+    replayed: IntCounterVec,
+    replay_buffer: IntGaugeVec,
+    hold_duration: HistogramVec,
+    client_resets: IntCounterVec,
+    reloads: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Exponential buckets from 100 µs to about 10 s.
+fn latency_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.0001, 2.0, 18).expect("valid buckets")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+            r.register(Box::new(c.clone())).expect("register");
+            c
+        }
+        fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric");
+            r.register(Box::new(g.clone())).expect("register");
+            g
+        }
+        fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(latency_buckets()),
+                labels,
+            )
+            .expect("metric");
+            r.register(Box::new(h.clone())).expect("register");
+            h
+        }
+        let r = &registry.clone();
+        let m = Metrics {
+            accepted: counter(
+                r,
+                CLIENT_CONNECTIONS_ACCEPTED,
+                "Client connections accepted.",
+                &["listener"],
+            ),
+            rejected: counter(
+                r,
+                CLIENT_CONNECTIONS_REJECTED,
+                "Client connections refused at accept.",
+                &["listener", "reason"],
+            ),
+            sessions: gauge(r, SESSIONS, "Sessions open now.", &["listener"]),
+            held: gauge(
+                r,
+                SESSIONS_HELD,
+                "Open sessions with no working leg.",
+                &["backend"],
+            ),
+            closed: counter(
+                r,
+                SESSIONS_CLOSED,
+                "Sessions ended, by reason.",
+                &["listener", "reason"],
+            ),
+            bytes: counter(
+                r,
+                BYTES,
+                "Bytes read from clients (up) and delivered to clients (down).",
+                &["listener", "direction"],
+            ),
+            connect_attempts: counter(
+                r,
+                SERVER_CONNECT_ATTEMPTS,
+                "Connect attempts to servers.",
+                &["backend"],
+            ),
+            connect_failures: counter(
+                r,
+                SERVER_CONNECT_FAILURES,
+                "Failed connect attempts to servers.",
+                &["backend", "reason"],
+            ),
+            connect_duration: histogram(
+                r,
+                SERVER_CONNECT_DURATION,
+                "Time to connect to a server.",
+                &["backend"],
+            ),
+            legs_failed: counter(
+                r,
+                LEGS_FAILED,
+                "Server connections that failed under a session.",
+                &["backend", "reason"],
+            ),
+            resumes: counter(r, RESUMES, "Sessions resumed on a new leg.", &["backend"]),
+            replayed: counter(
+                r,
+                REPLAYED_BYTES,
+                "Bytes sent again on a new leg.",
+                &["backend", "direction"],
+            ),
+            replay_buffer: gauge(
+                r,
+                REPLAY_BUFFER_BYTES,
+                "Bytes held in replay buffers.",
+                &["backend"],
+            ),
+            hold_duration: histogram(
+                r,
+                HOLD_DURATION,
+                "Time from a leg failure to the session resumed.",
+                &["backend"],
+            ),
+            client_resets: counter(
+                r,
+                CLIENT_RESETS,
+                "Client connections holdfast closed with a reset (should stay 0).",
+                &["listener", "cause"],
+            ),
+            reloads: counter(r, CONFIG_RELOADS, "Configuration reloads.", &["result"]),
+            registry,
+        };
+        let build = gauge(r, BUILD_INFO, "holdfast build information.", &["version"]);
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("utf-8")
+    }
+
+    /// Handles for one listener.
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            metrics: self.clone(),
+            name: name.to_string(),
+            accepted: self.accepted.with_label_values(&[name]),
+            sessions: self.sessions.with_label_values(&[name]),
+            bytes_up: self.bytes.with_label_values(&[name, "up"]),
+            bytes_down: self.bytes.with_label_values(&[name, "down"]),
+        }
+    }
+
+    /// Handles for one backend.
+    pub fn backend(&self, name: &str) -> BackendMetrics {
+        BackendMetrics {
+            metrics: self.clone(),
+            name: name.to_string(),
+            held: self.held.with_label_values(&[name]),
+            connect_attempts: self.connect_attempts.with_label_values(&[name]),
+            connect_duration: self.connect_duration.with_label_values(&[name]),
+            resumes: self.resumes.with_label_values(&[name]),
+            replayed_up: self.replayed.with_label_values(&[name, "up"]),
+            replay_buffer: self.replay_buffer.with_label_values(&[name]),
+            hold_duration: self.hold_duration.with_label_values(&[name]),
+        }
+    }
+
+    /// A configuration reload finished (`result`: `ok` or `error`).
+    pub fn reload(&self, result: &str) {
+        self.reloads.with_label_values(&[result]).inc();
+    }
+}
+
+/// Pre-labelled metrics of one listener.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    metrics: Metrics,
+    name: String,
+    pub accepted: IntCounter,
+    pub sessions: IntGauge,
+    pub bytes_up: IntCounter,
+    pub bytes_down: IntCounter,
+}
+
+impl ListenerMetrics {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.metrics
+            .rejected
+            .with_label_values(&[&self.name, reason])
+            .inc();
+    }
+
+    pub fn closed(&self, reason: &str) {
+        self.metrics
+            .closed
+            .with_label_values(&[&self.name, reason])
+            .inc();
+    }
+
+    pub fn client_reset(&self, cause: &str) {
+        self.metrics
+            .client_resets
+            .with_label_values(&[&self.name, cause])
+            .inc();
+    }
+}
+
+/// Pre-labelled metrics of one backend.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    metrics: Metrics,
+    name: String,
+    pub held: IntGauge,
+    pub connect_attempts: IntCounter,
+    pub connect_duration: Histogram,
+    pub resumes: IntCounter,
+    pub replayed_up: IntCounter,
+    pub replay_buffer: IntGauge,
+    pub hold_duration: Histogram,
+}
+
+impl BackendMetrics {
+    pub fn connect_failed(&self, reason: &str) {
+        self.metrics
+            .connect_failures
+            .with_label_values(&[&self.name, reason])
+            .inc();
+    }
+
+    pub fn leg_failed(&self, reason: &str) {
+        self.metrics
+            .legs_failed
+            .with_label_values(&[&self.name, reason])
+            .inc();
+    }
+}

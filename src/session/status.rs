@@ -1,0 +1,144 @@
+//! A live session's published status, for the admin endpoint's `/sessions`.
+//!
+//! The session task stores its offsets here (relaxed atomics, once per turn
+//! of its loop); readers take a consistent-enough snapshot without touching
+//! the task. It owns nothing else.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::core::{SessionCore, SessionId};
+use crate::stream::Dir;
+
+/// What a session is doing, as `/sessions` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Connecting its first leg.
+    Connecting = 0,
+    /// A leg is up.
+    Up = 1,
+    /// No working leg: holding the client.
+    Held = 2,
+    /// Ending.
+    Closing = 3,
+}
+
+impl State {
+    fn from_u8(v: u8) -> State {
+        match v {
+            0 => State::Connecting,
+            1 => State::Up,
+            2 => State::Held,
+            _ => State::Closing,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::Up => "up",
+            State::Held => "held",
+            State::Closing => "closing",
+        }
+    }
+}
+
+/// The published status of one session.
+#[derive(Debug)]
+pub struct SessionStatus {
+    pub id: SessionId,
+    pub listener: String,
+    pub backend: String,
+    pub client: String,
+    pub started: Instant,
+    state: AtomicU8,
+    generation: AtomicU64,
+    up: [AtomicU64; 3],
+    down: [AtomicU64; 3],
+    buffered: AtomicU64,
+}
+
+/// A snapshot, as JSON.
+#[derive(Debug, Serialize)]
+pub struct SessionView {
+    pub id: String,
+    pub listener: String,
+    pub backend: String,
+    pub client: String,
+    pub state: &'static str,
+    pub leg_generation: u64,
+    pub up: StreamView,
+    pub down: StreamView,
+    pub buffered_bytes: u64,
+    pub age_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamView {
+    pub read: u64,
+    pub sent: u64,
+    pub acked: u64,
+}
+
+impl SessionStatus {
+    pub fn new(id: SessionId, listener: &str, backend: &str, client: String) -> SessionStatus {
+        SessionStatus {
+            id,
+            listener: listener.to_string(),
+            backend: backend.to_string(),
+            client,
+            started: Instant::now(),
+            state: AtomicU8::new(State::Connecting as u8),
+            generation: AtomicU64::new(0),
+            up: Default::default(),
+            down: Default::default(),
+            buffered: AtomicU64::new(0),
+        }
+    }
+
+    /// Publishes the core's current offsets and state.
+    pub fn update(&self, core: &SessionCore, had_leg: bool) {
+        let state = if core.done().is_some() {
+            State::Closing
+        } else if let Some(gen) = core.leg_gen() {
+            self.generation.store(gen.0, Ordering::Relaxed);
+            State::Up
+        } else if had_leg {
+            State::Held
+        } else {
+            State::Connecting
+        };
+        self.state.store(state as u8, Ordering::Relaxed);
+        for (dir, cells) in [(Dir::Up, &self.up), (Dir::Down, &self.down)] {
+            let s = core.stream(dir);
+            cells[0].store(s.read(), Ordering::Relaxed);
+            cells[1].store(s.sent(), Ordering::Relaxed);
+            cells[2].store(s.acked(), Ordering::Relaxed);
+        }
+        self.buffered
+            .store(core.buffered_bytes(), Ordering::Relaxed);
+    }
+
+    pub fn view(&self) -> SessionView {
+        let stream = |c: &[AtomicU64; 3]| StreamView {
+            read: c[0].load(Ordering::Relaxed),
+            sent: c[1].load(Ordering::Relaxed),
+            acked: c[2].load(Ordering::Relaxed),
+        };
+        SessionView {
+            id: self.id.to_string(),
+            listener: self.listener.clone(),
+            backend: self.backend.clone(),
+            client: self.client.clone(),
+            state: State::from_u8(self.state.load(Ordering::Relaxed)).as_str(),
+            leg_generation: self.generation.load(Ordering::Relaxed),
+            up: stream(&self.up),
+            down: stream(&self.down),
+            buffered_bytes: self.buffered.load(Ordering::Relaxed),
+            age_seconds: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
