@@ -60,7 +60,10 @@ where
     }
     match mode {
         Mode::Lines => {
-            let mut r = BufReader::new(r);
+            // Answers are batched: written once no more whole request is
+            // buffered, as a pipelining server would.
+            let mut r = BufReader::with_capacity(64 * 1024, r);
+            let mut out = Vec::with_capacity(64 * 1024);
             let mut line = Vec::new();
             loop {
                 line.clear();
@@ -68,8 +71,13 @@ where
                 if n == 0 || line.last() != Some(&b'\n') {
                     break;
                 }
-                w.write_all(&line).await?;
+                out.extend_from_slice(&line);
+                if !r.buffer().contains(&b'\n') || out.len() >= 64 * 1024 {
+                    w.write_all(&out).await?;
+                    out.clear();
+                }
             }
+            w.write_all(&out).await?;
         }
         Mode::Echo => {
             let mut r = r;
