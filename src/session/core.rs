@@ -230,6 +230,9 @@ struct RespLeg {
     scanner: Scanner,
     /// Leg-local server bytes `[start, end)` not yet released as frames.
     pending: ReplayBuffer,
+    /// `[pending.start, deliver_to)` are whole frames approved for the
+    /// client, moved to the down stream in one go by `flush_responses`.
+    deliver_to: u64,
 }
 
 /// The pure state of one session.
@@ -259,6 +262,8 @@ pub struct SessionCore {
     req_ends: VecDeque<Offset>,
     /// Response mode: end of the last request frame scanned.
     req_last_end: Offset,
+    /// Scratch for moving response chunks.
+    pieces_scratch: Vec<Bytes>,
     /// Scratch for scanners.
     ends_scratch: Vec<u64>,
     /// Requests answered so far (for the preamble).
@@ -326,6 +331,7 @@ impl SessionCore {
             req_ends: VecDeque::new(),
             req_last_end: 0,
             ends_scratch: Vec::new(),
+            pieces_scratch: Vec::new(),
             answered: 0,
             preamble: Vec::new(),
             greeting_delivered: 0,
@@ -576,6 +582,7 @@ impl SessionCore {
             AckMode::Response(framing) => Some(RespLeg {
                 scanner: Scanner::new(framing),
                 pending: ReplayBuffer::new(0),
+                deliver_to: 0,
             }),
             _ => None,
         };
@@ -673,6 +680,7 @@ impl SessionCore {
             }
         }
         self.ends_scratch = ends;
+        self.flush_responses();
         self.step(now);
     }
 
@@ -686,16 +694,17 @@ impl SessionCore {
             return false;
         }
         let resp = leg.resp.as_mut().expect("response mode");
-        let mut frame = Vec::with_capacity(2);
-        resp.pending.pop_to(end, &mut frame);
+        // Frames are consecutive: this one starts where the last one ended,
+        // whether that one was approved for the client or swallowed.
+        let start = resp.deliver_to.max(resp.pending.start());
 
         if leg.greeting_seen < self.backend.greeting {
             leg.greeting_seen += 1;
             if self.greeting_delivered < self.backend.greeting {
                 self.greeting_delivered += 1;
-                for piece in frame {
-                    self.down.push(piece);
-                }
+                resp.deliver_to = end;
+            } else {
+                self.swallow_response(end);
             }
             return true;
         }
@@ -703,37 +712,64 @@ impl SessionCore {
             .backend
             .retry_responses
             .iter()
-            .any(|p| frame_starts_with(&frame, p));
-        if let Some(expected) = leg.preamble_expect.front() {
-            if is_retry {
-                self.leg_failed(LegFailure::RetryResponse, now);
-                return false;
-            }
-            if !frame_eq(&frame, expected) {
+            .any(|p| resp.pending.starts_with_at(start, p));
+        if is_retry {
+            self.flush_responses();
+            self.leg_failed(LegFailure::RetryResponse, now);
+            return false;
+        }
+        if let Some(expected) = leg.preamble_expect.pop_front() {
+            if resp.pending.copy_range(start, end) != expected {
+                self.flush_responses();
                 self.abort(CloseReason::PreambleMismatch, now);
                 return false;
             }
-            leg.preamble_expect.pop_front();
+            self.swallow_response(end);
             return true;
-        }
-        if is_retry {
-            self.leg_failed(LegFailure::RetryResponse, now);
-            return false;
         }
         if let Some(req_end) = self.req_ends.pop_front() {
             if (self.answered as u128) < self.backend.preamble as u128 {
                 let req = self.up.buffer().copy_range(self.up.acked(), req_end);
-                let resp_bytes = concat(&frame);
-                self.preamble.push((req, resp_bytes));
+                self.preamble
+                    .push((req, resp.pending.copy_range(start, end)));
             }
             self.answered += 1;
             self.retries = 0;
             self.up.ack_to(req_end);
         }
-        for piece in frame {
+        resp.deliver_to = end;
+        true
+    }
+
+    /// Moves the response frames approved for the client (whole frames, as
+    /// the large shared chunks they arrived in) into the down stream.
+    fn flush_responses(&mut self) {
+        let LegState::Up(leg) = &mut self.leg else {
+            return;
+        };
+        let Some(resp) = leg.resp.as_mut() else {
+            return;
+        };
+        if resp.deliver_to <= resp.pending.start() {
+            return;
+        }
+        let mut pieces = std::mem::take(&mut self.pieces_scratch);
+        resp.pending.pop_to(resp.deliver_to, &mut pieces);
+        for piece in pieces.drain(..) {
             self.down.push(piece);
         }
-        true
+        self.pieces_scratch = pieces;
+    }
+
+    /// Drops the response frame ending at `end` (after delivering the ones
+    /// approved before it).
+    fn swallow_response(&mut self, end: u64) {
+        self.flush_responses();
+        if let LegState::Up(leg) = &mut self.leg {
+            if let Some(resp) = leg.resp.as_mut() {
+                resp.pending.release_to(end);
+            }
+        }
     }
 
     /// `ack = "tcp"`: the server's TCP confirmed `bytes_acked` bytes of leg
@@ -1053,6 +1089,12 @@ impl SessionCore {
         );
         if let LegState::Up(leg) = &self.leg {
             assert!(leg.base <= self.up.sent(), "leg base within sent");
+            if let Some(resp) = &leg.resp {
+                assert!(
+                    resp.deliver_to <= resp.pending.start(),
+                    "approved responses are flushed after every input"
+                );
+            }
         }
     }
 }
@@ -1068,37 +1110,6 @@ fn frame_reason(e: &FrameError) -> CloseReason {
 fn is_resp_no_reply(frame: &[u8]) -> bool {
     matches!(frame, b"\n" | b"\r\n" | b"*0\r\n" | b"*-1\r\n")
         || frame.iter().all(|b| b.is_ascii_whitespace())
-}
-
-fn frame_starts_with(frame: &[Bytes], prefix: &[u8]) -> bool {
-    let mut rest = prefix;
-    for piece in frame {
-        if rest.is_empty() {
-            return true;
-        }
-        let k = rest.len().min(piece.len());
-        if piece[..k] != rest[..k] {
-            return false;
-        }
-        rest = &rest[k..];
-    }
-    rest.is_empty()
-}
-
-fn frame_eq(frame: &[Bytes], expected: &[u8]) -> bool {
-    let total: usize = frame.iter().map(|p| p.len()).sum();
-    total == expected.len() && frame_starts_with(frame, expected)
-}
-
-fn concat(frame: &[Bytes]) -> Bytes {
-    if frame.len() == 1 {
-        return frame[0].clone();
-    }
-    let mut v = Vec::with_capacity(frame.iter().map(|p| p.len()).sum());
-    for p in frame {
-        v.extend_from_slice(p);
-    }
-    Bytes::from(v)
 }
 
 #[cfg(test)]

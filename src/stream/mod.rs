@@ -190,6 +190,33 @@ impl ReplayBuffer {
         Bytes::from(out)
     }
 
+    /// Whether the bytes held from `offset` start with `prefix` (false when
+    /// fewer bytes are held).
+    pub fn starts_with_at(&self, offset: Offset, prefix: &[u8]) -> bool {
+        if offset < self.start || offset + prefix.len() as u64 > self.end() {
+            return false;
+        }
+        let mut rest = prefix;
+        let mut chunk_start = self.start;
+        for chunk in self.chunks.iter() {
+            let chunk_end = chunk_start + chunk.len() as u64;
+            if rest.is_empty() {
+                break;
+            }
+            if chunk_end > offset {
+                let from = offset.max(chunk_start) - chunk_start;
+                let avail = &chunk[from as usize..];
+                let k = rest.len().min(avail.len());
+                if avail[..k] != rest[..k] {
+                    return false;
+                }
+                rest = &rest[k..];
+            }
+            chunk_start = chunk_end;
+        }
+        rest.is_empty()
+    }
+
     /// Iterates over the chunks held, front first.
     pub fn iter(&self) -> impl Iterator<Item = &Bytes> {
         self.chunks.iter()
