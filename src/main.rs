@@ -126,8 +126,16 @@ fn main() -> ExitCode {
                 let shutdown = Shutdown::new();
                 let signals = tokio::spawn(shutdown.clone().from_signals());
                 let (phase, _) = tokio::sync::watch::channel(Phase::Starting);
-                let res = holdfast::proxy::run(cfg, bound, shutdown, phase).await;
+                let rt = holdfast::proxy::Runtime::for_config(&cfg);
+                let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+                let hup = tokio::spawn(reload_on_sighup(
+                    config.clone(),
+                    reload_tx,
+                    rt.metrics.clone(),
+                ));
+                let res = holdfast::proxy::run_with(cfg, bound, shutdown, phase, rt, reloads).await;
                 signals.abort();
+                hup.abort();
                 match res {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -171,6 +179,46 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// SIGHUP: read and validate the file again; a bad file changes nothing
+/// (its errors are logged and counted), a good one is handed to the proxy.
+async fn reload_on_sighup(
+    path: PathBuf,
+    tx: tokio::sync::mpsc::Sender<holdfast::proxy::ReloadRequest>,
+    metrics: holdfast::metrics::Metrics,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading");
+        let config = match config::load(&path) {
+            Ok(c) => c,
+            Err(errors) => {
+                metrics.reload("error");
+                for e in &errors.0 {
+                    tracing::error!(error = %e, "reload: invalid config");
+                }
+                tracing::error!(
+                    errors = errors.0.len(),
+                    "reload rejected: keeping the running configuration"
+                );
+                continue;
+            }
+        };
+        let (done, result) = tokio::sync::oneshot::channel();
+        if tx
+            .send(holdfast::proxy::ReloadRequest { config, done })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let _ = result.await;
     }
 }
 

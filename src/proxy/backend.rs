@@ -34,6 +34,11 @@ pub struct Backend {
     ready: Mutex<Vec<Option<Conn>>>,
     /// Bumped with the server's index each time a server is found up.
     up: watch::Sender<(u64, usize)>,
+    /// Set when a reload changed this backend's settings: new legs of live
+    /// sessions move to it.
+    successor: Mutex<Option<Arc<Backend>>>,
+    /// Stops the prober.
+    stop: CancellationToken,
 }
 
 impl Backend {
@@ -47,7 +52,30 @@ impl Backend {
             held_changed: Notify::new(),
             ready: Mutex::new((0..n).map(|_| None).collect()),
             up: watch::channel((0, 0)).0,
+            successor: Mutex::new(None),
+            stop: CancellationToken::new(),
         })
+    }
+
+    /// A reload replaced this backend: live sessions take `new` at their next
+    /// leg; this one stops probing.
+    pub fn replace_with(&self, new: Arc<Backend>) {
+        if let Ok(mut s) = self.successor.lock() {
+            *s = Some(new);
+        }
+        self.stop.cancel();
+    }
+
+    /// The newest backend that replaced this one, if any.
+    pub fn successor(&self) -> Option<Arc<Backend>> {
+        let next = self.successor.lock().ok()?.clone()?;
+        Some(next.successor().unwrap_or(next))
+    }
+
+    /// Stops the prober (the backend is gone from the config, or holdfast
+    /// is stopping).
+    pub fn stop_probe(&self) {
+        self.stop.cancel();
     }
 
     /// The first server for a new session (round robin).
@@ -94,7 +122,8 @@ impl Backend {
     }
 
     /// Probes the servers while sessions are held, until `stop`.
-    pub async fn probe(self: Arc<Self>, stop: CancellationToken) {
+    pub async fn probe(self: Arc<Self>) {
+        let stop = self.stop.clone();
         let interval = (self.config.retry_initial * 2).max(Duration::from_millis(1));
         // Announce only a server that was down at its previous probe (or at
         // the first): one that accepts and then fails sessions must not make

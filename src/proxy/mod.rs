@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -82,7 +84,8 @@ pub async fn run(
     shutdown: Shutdown,
     phase: watch::Sender<Phase>,
 ) -> io::Result<()> {
-    run_with(config, bound, shutdown, phase, Runtime::default()).await
+    let (_keep, reloads) = mpsc::channel(1);
+    run_with(config, bound, shutdown, phase, Runtime::default(), reloads).await
 }
 
 /// What a running proxy shares with the admin endpoint and embedders.
@@ -111,26 +114,30 @@ impl Runtime {
     }
 }
 
+/// A configuration reload for a running proxy: the new, validated config,
+/// and where to say whether it was applied.
+pub struct ReloadRequest {
+    pub config: Config,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
 /// [`run`] with a given [`Runtime`] (metrics registry and session registry),
-/// so the admin endpoint and tests can see into it.
+/// so the admin endpoint and tests can see into it, and a channel of
+/// reloads (SIGHUP in the binary).
 pub async fn run_with(
     config: Config,
     bound: Bound,
     shutdown: Shutdown,
     phase: watch::Sender<Phase>,
     rt: Runtime,
+    mut reloads: mpsc::Receiver<ReloadRequest>,
 ) -> io::Result<()> {
-    let shared = if rt.shared.buffer_limit == config.limits.buffer_memory {
+    let shared = if rt.shared.buffer_limit() == config.limits.buffer_memory {
         rt.shared.clone()
     } else {
         Arc::new(Shared::new(config.limits.buffer_memory))
     };
-    let backends: Vec<Arc<Backend>> = config
-        .backends
-        .iter()
-        .map(|b| Backend::new(Arc::new(b.clone()), rt.metrics.backend(&b.name)))
-        .collect();
-    let stop_probers = CancellationToken::new();
+    let stop_admin = CancellationToken::new();
     if let Some(admin) = bound.admin {
         tracing::info!(addr = %admin.local_addr()?, "admin endpoint listening");
         let rt = Runtime {
@@ -141,38 +148,24 @@ pub async fn run_with(
             admin,
             rt,
             phase.subscribe(),
-            stop_probers.clone(),
+            stop_admin.clone(),
         ));
     }
-    for b in &backends {
-        tokio::spawn(b.clone().probe(stop_probers.clone()));
-    }
-    let sessions = TaskTracker::new();
-    let close_sessions = CancellationToken::new();
-    let stop_accepting = CancellationToken::new();
-    let open = Arc::new(AtomicUsize::new(0));
-    let mut accept_loops = Vec::new();
+    let mut proxy = Running {
+        metrics: rt.metrics.clone(),
+        shared,
+        sessions: TaskTracker::new(),
+        close_sessions: CancellationToken::new(),
+        open: Arc::new(AtomicUsize::new(0)),
+        backends: HashMap::new(),
+        listeners: Vec::new(),
+        config: config.clone(),
+    };
+    let backends = proxy.backends_for(&config);
     for (listener, cfg) in bound.listeners.into_iter().zip(config.listeners.iter()) {
-        tracing::info!(listener = %cfg.name, addr = %listener.local_endpoint(), "listening");
-        let ctx = AcceptCtx {
-            listener_name: Arc::from(cfg.name.as_str()),
-            session: SessionCtx {
-                backend: backends[cfg.backend].clone(),
-                listener: rt.metrics.listener(&cfg.name),
-                shared: shared.clone(),
-            },
-            sessions: sessions.clone(),
-            close_sessions: close_sessions.clone(),
-            open: open.clone(),
-            max_sessions: config.limits.max_sessions,
-            cfg: cfg.clone(),
-        };
-        accept_loops.push(tokio::spawn(accept_loop(
-            listener,
-            ctx,
-            stop_accepting.clone(),
-        )));
+        proxy.start_listener(listener, cfg, &config, &backends);
     }
+    proxy.backends = backends;
     tracing::info!(
         listeners = config.listeners.len(),
         backends = config.backends.len(),
@@ -180,18 +173,40 @@ pub async fn run_with(
     );
     phase.send_replace(Phase::Running);
 
-    tokio::select! {
-        _ = shutdown.drain.cancelled() => {}
-        _ = shutdown.stop.cancelled() => {}
+    loop {
+        tokio::select! {
+            _ = shutdown.drain.cancelled() => break,
+            _ = shutdown.stop.cancelled() => break,
+            Some(req) = reloads.recv() => {
+                let res = proxy.reload(req.config).await;
+                match &res {
+                    Ok(()) => {
+                        proxy.metrics.reload("ok");
+                        tracing::info!(
+                            listeners = proxy.config.listeners.len(),
+                            backends = proxy.config.backends.len(),
+                            "configuration reloaded"
+                        );
+                    }
+                    Err(e) => {
+                        proxy.metrics.reload("error");
+                        tracing::error!(error = %e, "reload failed: keeping the running configuration");
+                    }
+                }
+                let _ = req.done.send(res);
+            }
+        }
     }
-    stop_accepting.cancel();
-    for l in accept_loops {
-        let _ = l.await;
+    let open = proxy.open.clone();
+    for l in proxy.listeners.drain(..) {
+        l.stop.cancel();
+        let _ = l.join.await;
     }
+    let sessions = proxy.sessions.clone();
     sessions.close();
     if !shutdown.stop.is_cancelled() {
         phase.send_replace(Phase::Draining);
-        let drain = config.lifecycle.drain_timeout;
+        let drain = proxy.config.lifecycle.drain_timeout;
         tracing::info!(
             sessions = open.load(Ordering::Relaxed),
             drain_timeout_ms = drain.as_millis() as u64,
@@ -205,7 +220,7 @@ pub async fn run_with(
             _ = shutdown.stop.cancelled() => {}
         }
     }
-    close_sessions.cancel();
+    proxy.close_sessions.cancel();
     if tokio::time::timeout(STOP_GRACE, sessions.wait())
         .await
         .is_err()
@@ -215,10 +230,162 @@ pub async fn run_with(
             "sessions still open after the stop grace; exiting anyway"
         );
     }
-    stop_probers.cancel();
+    for b in proxy.backends.values() {
+        b.stop_probe();
+    }
+    stop_admin.cancel();
     phase.send_replace(Phase::Stopped);
     tracing::info!("holdfast stopped");
     Ok(())
+}
+
+/// The state of a running proxy that a reload changes.
+struct Running {
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    sessions: TaskTracker,
+    close_sessions: CancellationToken,
+    open: Arc<AtomicUsize>,
+    /// By backend name.
+    backends: HashMap<String, Arc<Backend>>,
+    listeners: Vec<RunningListener>,
+    config: Config,
+}
+
+struct RunningListener {
+    name: String,
+    listen: Endpoint,
+    /// Swapped on reload: the next accepted client uses the new settings.
+    ctx: watch::Sender<Arc<AcceptCtx>>,
+    stop: CancellationToken,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// The backends of `config`: the running one where its settings are
+    /// unchanged, a new one (which replaces the old for new legs) otherwise.
+    fn backends_for(&self, config: &Config) -> HashMap<String, Arc<Backend>> {
+        let mut out = HashMap::new();
+        for b in &config.backends {
+            let backend = match self.backends.get(&b.name) {
+                Some(old) if *old.config == *b => old.clone(),
+                old => {
+                    let new = Backend::new(Arc::new(b.clone()), self.metrics.backend(&b.name));
+                    tokio::spawn(new.clone().probe());
+                    if let Some(old) = old {
+                        old.replace_with(new.clone());
+                    }
+                    new
+                }
+            };
+            out.insert(b.name.clone(), backend);
+        }
+        out
+    }
+
+    fn accept_ctx(
+        &self,
+        cfg: &ListenerConfig,
+        config: &Config,
+        backends: &HashMap<String, Arc<Backend>>,
+    ) -> Arc<AcceptCtx> {
+        let backend_name = &config.backends[cfg.backend].name;
+        Arc::new(AcceptCtx {
+            listener_name: Arc::from(cfg.name.as_str()),
+            session: SessionCtx {
+                backend: backends[backend_name].clone(),
+                listener: self.metrics.listener(&cfg.name),
+                shared: self.shared.clone(),
+            },
+            sessions: self.sessions.clone(),
+            close_sessions: self.close_sessions.clone(),
+            open: self.open.clone(),
+            max_sessions: config.limits.max_sessions,
+            cfg: cfg.clone(),
+        })
+    }
+
+    fn start_listener(
+        &mut self,
+        listener: Listener,
+        cfg: &ListenerConfig,
+        config: &Config,
+        backends: &HashMap<String, Arc<Backend>>,
+    ) {
+        tracing::info!(listener = %cfg.name, addr = %listener.local_endpoint(), "listening");
+        let (ctx, ctx_rx) = watch::channel(self.accept_ctx(cfg, config, backends));
+        let stop = CancellationToken::new();
+        let join = tokio::spawn(accept_loop(listener, ctx_rx, stop.clone()));
+        self.listeners.push(RunningListener {
+            name: cfg.name.clone(),
+            listen: cfg.listen.clone(),
+            ctx,
+            stop,
+            join,
+        });
+    }
+
+    /// Applies a new configuration: listeners present in both (same name and
+    /// address) keep their socket and take the new settings for new clients;
+    /// new listeners are bound first (any failure leaves everything as it
+    /// was); removed listeners stop accepting while their sessions run on;
+    /// changed backends apply to new sessions and to new legs of live ones.
+    async fn reload(&mut self, config: Config) -> Result<(), String> {
+        if config.admin != self.config.admin {
+            tracing::warn!("[admin] changes take effect at the next restart");
+        }
+        // Bind what is new before touching anything.
+        let mut fresh = Vec::new();
+        for cfg in &config.listeners {
+            let kept = self
+                .listeners
+                .iter()
+                .any(|l| l.name == cfg.name && l.listen == cfg.listen);
+            if !kept {
+                let listener = Listener::bind(&cfg.listen)
+                    .await
+                    .map_err(|e| format!("listener {:?}: {e}", cfg.name))?;
+                fresh.push((cfg.clone(), listener));
+            }
+        }
+        let backends = self.backends_for(&config);
+        // Stop removed (or moved) listeners; their sessions continue.
+        let mut kept = Vec::new();
+        for l in self.listeners.drain(..) {
+            let still = config
+                .listeners
+                .iter()
+                .any(|c| c.name == l.name && c.listen == l.listen);
+            if still {
+                kept.push(l);
+            } else {
+                tracing::info!(listener = %l.name, addr = %l.listen, "listener removed");
+                l.stop.cancel();
+            }
+        }
+        self.listeners = kept;
+        for l in &self.listeners {
+            let cfg = config
+                .listeners
+                .iter()
+                .find(|c| c.name == l.name)
+                .expect("kept listeners are in the new config");
+            l.ctx.send_replace(self.accept_ctx(cfg, &config, &backends));
+        }
+        for (cfg, listener) in fresh {
+            self.start_listener(listener, &cfg, &config, &backends);
+        }
+        // Backends no longer named stop probing once their sessions are gone.
+        for (name, old) in &self.backends {
+            if !backends.contains_key(name) {
+                old.stop_probe();
+            }
+        }
+        self.shared.set_buffer_limit(config.limits.buffer_memory);
+        self.backends = backends;
+        self.config = config;
+        Ok(())
+    }
 }
 
 struct AcceptCtx {
@@ -231,13 +398,18 @@ struct AcceptCtx {
     cfg: ListenerConfig,
 }
 
-async fn accept_loop(listener: Listener, ctx: AcceptCtx, stop: CancellationToken) {
+async fn accept_loop(
+    listener: Listener,
+    ctx: watch::Receiver<Arc<AcceptCtx>>,
+    stop: CancellationToken,
+) {
     let mut out_of_fds = false;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
+        let ctx = ctx.borrow().clone();
         match accepted {
             Ok((conn, peer)) => {
                 out_of_fds = false;

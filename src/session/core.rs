@@ -372,6 +372,18 @@ impl SessionCore {
         }
     }
 
+    /// New settings for the session's next legs (a reload). The ack mode
+    /// must be the same; the caller checks.
+    pub fn set_backend(&mut self, backend: Arc<BackendConfig>) {
+        debug_assert!(backend.ack == self.backend.ack);
+        let n = backend.servers.len().max(1);
+        match &mut self.leg {
+            LegState::Waiting { server, .. } | LegState::Connecting { server, .. } => *server %= n,
+            _ => {}
+        }
+        self.backend = backend;
+    }
+
     /// Whether the session has no working leg and wants one.
     pub fn is_held(&self) -> bool {
         matches!(

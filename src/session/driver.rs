@@ -51,8 +51,8 @@ const TURNS_PER_POLL: usize = 64;
 pub struct Shared {
     /// Bytes held in replay buffers across all sessions.
     pub buffer_used: AtomicU64,
-    /// `[limits] buffer_memory`.
-    pub buffer_limit: u64,
+    /// `[limits] buffer_memory` (a reload may change it).
+    buffer_limit: AtomicU64,
     /// Every open session's published status.
     pub sessions: Mutex<HashMap<SessionId, Arc<SessionStatus>>>,
 }
@@ -61,9 +61,17 @@ impl Shared {
     pub fn new(buffer_limit: u64) -> Shared {
         Shared {
             buffer_used: AtomicU64::new(0),
-            buffer_limit,
+            buffer_limit: AtomicU64::new(buffer_limit),
             sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn buffer_limit(&self) -> u64 {
+        self.buffer_limit.load(Ordering::Relaxed)
+    }
+
+    pub fn set_buffer_limit(&self, limit: u64) {
+        self.buffer_limit.store(limit, Ordering::Relaxed);
     }
 
     /// Snapshots of every open session.
@@ -300,6 +308,7 @@ impl Driver {
             progress = true;
             match action {
                 Action::Connect { gen, server } => {
+                    let server = self.adopt_reloaded_backend(server);
                     self.shared_backend.metrics.connect_attempts.inc();
                     self.connect_started = Some(Instant::now());
                     if let Some(conn) = self.shared_backend.take_ready(server) {
@@ -346,6 +355,28 @@ impl Driver {
             }
         }
         progress
+    }
+
+    /// A reload replaced the backend: a new leg uses its settings (servers,
+    /// timeouts, backoff, socket options) unless its ack mode differs, which a
+    /// live session can't change. Returns the server index to use.
+    fn adopt_reloaded_backend(&mut self, server: usize) -> usize {
+        let Some(next) = self.shared_backend.successor() else {
+            return server;
+        };
+        if next.config.ack != self.backend.ack {
+            return server;
+        }
+        if self.held {
+            self.shared_backend.set_held(false);
+            next.set_held(true);
+        }
+        self.up_rx = Some(next.subscribe());
+        self.up_fut = None;
+        self.shared_backend = next;
+        self.backend = self.shared_backend.config.clone();
+        self.core.set_backend(self.backend.clone());
+        server % self.backend.servers.len().max(1)
     }
 
     fn poll_connect(&mut self, cx: &mut Context<'_>) -> bool {
@@ -472,7 +503,7 @@ impl Driver {
         if !self.core.want_read_client() {
             return false;
         }
-        if self.shared.buffer_used.load(Ordering::Relaxed) >= self.shared.buffer_limit {
+        if self.shared.buffer_used.load(Ordering::Relaxed) >= self.shared.buffer_limit() {
             // Over the global buffer memory: look again shortly.
             if !self.mem_timer_armed {
                 self.mem_timer.as_mut().reset(Instant::now() + MEMORY_RETRY);
@@ -661,7 +692,12 @@ impl Driver {
                     replay,
                     held,
                 } => {
-                    let addr = self.backend.servers[server].to_string();
+                    let addr = self
+                        .backend
+                        .servers
+                        .get(server)
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
                     let up = self.core.stream(Dir::Up);
                     if resumed {
                         let m = &self.shared_backend.metrics;
@@ -690,7 +726,12 @@ impl Driver {
                     server,
                     reason,
                 } => {
-                    let addr = self.backend.servers[server].to_string();
+                    let addr = self
+                        .backend
+                        .servers
+                        .get(server)
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
                     let m = &self.shared_backend.metrics;
                     match reason {
                         LegFailure::ConnectRefused
