@@ -17,7 +17,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 struct Ops {
     addrs: Vec<String>,
     admin: String,
-    rt: Runtime,
     reload: mpsc::Sender<ReloadRequest>,
     shutdown: Shutdown,
     phase: watch::Receiver<Phase>,
@@ -49,7 +48,6 @@ async fn start(toml: &str) -> Ops {
     Ops {
         addrs,
         admin,
-        rt,
         reload,
         shutdown,
         phase,
