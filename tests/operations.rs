@@ -440,3 +440,57 @@ async fn sighup_reload_of_the_real_binary() {
     child.start_kill().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `[log] access`: one JSON line per session end with its reason, bytes and
+/// legs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_line_per_session() {
+    let server = Server::start("127.0.0.1:0", "lines").await;
+    let dir = std::env::temp_dir().join(format!("holdfast-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("access.log");
+    let _ = std::fs::remove_file(&path);
+    let toml = format!(
+        "[log]\naccess = \"{}\"\n{}",
+        path.display(),
+        lines_config(&server.addr)
+    );
+    let ops = start(&toml).await;
+    for i in 0..3 {
+        let mut c = connect(&ops.addrs[0]).await;
+        c.write_all(format!("request {i}\n").as_bytes())
+            .await
+            .unwrap();
+        c.shutdown().await.unwrap();
+        let mut got = String::new();
+        c.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, format!("request {i}\n"));
+    }
+    // Lines are written when each session task ends: wait for all three.
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().count() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for l in &lines {
+        assert_eq!(l["listener"], "front");
+        assert_eq!(l["backend"], "lines");
+        assert_eq!(l["reason"], "client_closed");
+        assert_eq!(l["bytes_up"], 10);
+        assert_eq!(l["bytes_down"], 10);
+        assert_eq!(l["legs"], 1);
+        assert_eq!(l["replayed_bytes"], 0);
+        assert_eq!(l["session"].as_str().unwrap().len(), 32);
+        assert!(l["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+    ops.shutdown.stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -25,6 +25,8 @@ pub struct Config {
     pub limits: Limits,
     /// `[lifecycle]`: shutdown behaviour.
     pub lifecycle: Lifecycle,
+    /// `[log]`: the access log.
+    pub log: LogConfig,
     /// `[[listener]]` tables, in file order.
     pub listeners: Vec<ListenerConfig>,
     /// `[[backend]]` tables, in file order.
@@ -52,6 +54,19 @@ pub struct Lifecycle {
     /// `drain_timeout`: on SIGTERM, how long open sessions may run before they
     /// are closed (default 30 s).
     pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LogConfig {
+    /// `access`: one JSON line per session end, to `"stdout"` or a file
+    /// (appended); `None` (the default) writes none.
+    pub access: Option<AccessLog>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Stdout,
+    File(std::path::PathBuf),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -252,6 +252,7 @@ pub(super) struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub limits: RawLimits,
     pub lifecycle: RawLifecycle,
+    pub log: RawLog,
     /// `[[listener]]`, in file order.
     pub listeners: Vec<RawListener>,
     pub backends: Vec<RawBackend>,
@@ -275,6 +276,12 @@ pub(super) struct RawLimits {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub(super) struct RawLifecycle {
     pub drain_timeout: Option<Sp<String>>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(super) struct RawLog {
+    pub access: Option<Sp<String>>,
 }
 
 /// One `[[listener]]`.
@@ -366,6 +373,12 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
     if let Some(mut t) = top.table("lifecycle", report) {
         raw.lifecycle = RawLifecycle {
             drain_timeout: t.duration("drain_timeout", report),
+        };
+        t.finish(report);
+    }
+    if let Some(mut t) = top.table("log", report) {
+        raw.log = RawLog {
+            access: t.string("access", report),
         };
         t.finish(report);
     }

@@ -63,6 +63,7 @@ fn minimal_file_gets_every_default() {
         lifecycle: Lifecycle {
             drain_timeout: Duration::from_secs(30),
         },
+        log: LogConfig { access: None },
         listeners: vec![ListenerConfig {
             name: "orders".into(),
             listen: Endpoint::Tcp("127.0.0.1:7000".into()),
@@ -633,4 +634,22 @@ connect_timeout = "1s"
         c.backends[0].servers[1],
         Endpoint::Unix("/run/orders-server.sock".into())
     );
+}
+
+#[test]
+fn access_log_targets() {
+    let base = "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n[[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:1\"]\n";
+    let with = |v: &str| parse(&format!("[log]\naccess = {v}\n{base}"));
+    assert_eq!(
+        with("\"stdout\"").unwrap().log.access,
+        Some(AccessLog::Stdout)
+    );
+    assert_eq!(
+        with("\"/var/log/holdfast/access.log\"").unwrap().log.access,
+        Some(AccessLog::File("/var/log/holdfast/access.log".into()))
+    );
+    let err = with("\"\"").unwrap_err();
+    assert_eq!(err.0[0].key, "log.access");
+    let err = parse(&format!("[log]\nformat = \"x\"\n{base}")).unwrap_err();
+    assert_eq!(err.0[0].key, "log.format");
 }

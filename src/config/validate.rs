@@ -14,8 +14,8 @@ use std::time::Duration;
 use super::raw::{self, RawBackend, RawConfig, RawFraming, RawSize, RawSocket, Sp, Span};
 use super::units::{fmt_duration, fmt_size, parse_duration, parse_size, Endpoint};
 use super::{
-    AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, Framing, Keepalive,
-    LengthPrefixed, Lifecycle, Limits, ListenerConfig, ListenerProtocol, OnServerClose,
+    AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, Framing, Keepalive,
+    LengthPrefixed, Lifecycle, Limits, ListenerConfig, ListenerProtocol, LogConfig, OnServerClose,
     SocketOptions,
 };
 
@@ -226,6 +226,18 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         1..=i64::from(u32::MAX),
     );
     let drain_timeout = duration(r, &raw.lifecycle.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    let access = raw
+        .log
+        .access
+        .as_ref()
+        .and_then(|a| match a.value.as_str() {
+            "" => {
+                r.at(a, "is empty; use \"stdout\" or a file path");
+                None
+            }
+            "stdout" | "-" => Some(AccessLog::Stdout),
+            path => Some(AccessLog::File(std::path::PathBuf::from(path))),
+        });
 
     let backends: Vec<BackendConfig> = raw
         .backends
@@ -307,6 +319,7 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         lifecycle: Lifecycle {
             drain_timeout: drain_timeout.unwrap_or_default(),
         },
+        log: LogConfig { access },
         listeners,
         backends,
     }

@@ -25,7 +25,10 @@ use crate::session::driver::{Driver, SessionCtx, Shared};
 use crate::session::{SessionCore, SessionId};
 use crate::transport::{self, BindError, Conn, Listener};
 
+pub mod access;
 pub mod backend;
+
+use access::AccessLogger;
 
 pub use backend::Backend;
 
@@ -159,6 +162,7 @@ pub async fn run_with(
         open: Arc::new(AtomicUsize::new(0)),
         backends: HashMap::new(),
         listeners: Vec::new(),
+        access: open_access_log(&config)?,
         config: config.clone(),
     };
     let backends = proxy.backends_for(&config);
@@ -249,7 +253,17 @@ struct Running {
     /// By backend name.
     backends: HashMap<String, Arc<Backend>>,
     listeners: Vec<RunningListener>,
+    access: Option<Arc<AccessLogger>>,
     config: Config,
+}
+
+fn open_access_log(config: &Config) -> io::Result<Option<Arc<AccessLogger>>> {
+    match &config.log.access {
+        Some(target) => AccessLogger::open(target)
+            .map(|l| Some(Arc::new(l)))
+            .map_err(|e| io::Error::new(e.kind(), format!("access log: {e}"))),
+        None => Ok(None),
+    }
 }
 
 struct RunningListener {
@@ -301,6 +315,7 @@ impl Running {
             close_sessions: self.close_sessions.clone(),
             open: self.open.clone(),
             max_sessions: config.limits.max_sessions,
+            access: self.access.clone(),
             cfg: cfg.clone(),
         })
     }
@@ -334,7 +349,9 @@ impl Running {
         if config.admin != self.config.admin {
             tracing::warn!("[admin] changes take effect at the next restart");
         }
-        // Bind what is new before touching anything.
+        // Reopen the access log (rotation) and bind what is new before
+        // touching anything.
+        let access = open_access_log(&config).map_err(|e| e.to_string())?;
         let mut fresh = Vec::new();
         for cfg in &config.listeners {
             let kept = self
@@ -348,6 +365,7 @@ impl Running {
                 fresh.push((cfg.clone(), listener));
             }
         }
+        self.access = access;
         let backends = self.backends_for(&config);
         // Stop removed (or moved) listeners; their sessions continue.
         let mut kept = Vec::new();
@@ -395,6 +413,7 @@ struct AcceptCtx {
     close_sessions: CancellationToken,
     open: Arc<AtomicUsize>,
     max_sessions: usize,
+    access: Option<Arc<AccessLogger>>,
     cfg: ListenerConfig,
 }
 
@@ -465,6 +484,8 @@ fn start_session(ctx: &AcceptCtx, conn: Conn, peer: String) {
         ctx.close_sessions.child_token(),
     );
     let lm = lm.clone();
+    let access = ctx.access.clone();
+    let listener_name = ctx.listener_name.clone();
     let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend.name);
     let open = ctx.open.clone();
     open.fetch_add(1, Ordering::Relaxed);
@@ -492,6 +513,9 @@ fn start_session(ctx: &AcceptCtx, conn: Conn, peer: String) {
                 duration_ms = s.duration.as_millis() as u64,
                 "session closed"
             );
+            if let Some(log) = access {
+                log.record(&id.to_string(), &peer, &listener_name, &backend.name, &s);
+            }
         }
         .instrument(span),
     );
