@@ -115,6 +115,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            // Before any thread starts: it unsets LISTEN_* in our environment.
+            if let Err(e) = take_systemd_sockets() {
+                tracing::error!(error = %e, "cannot use the sockets systemd passed");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
             runtime().block_on(async move {
                 let bound = match holdfast::proxy::bind(&cfg).await {
                     Ok(b) => b,
@@ -123,10 +128,17 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_RUNTIME);
                     }
                 };
+                let unused = holdfast::systemd::listen_fd_names();
+                if !unused.is_empty() {
+                    tracing::warn!(sockets = %unused.join(","), "systemd passed sockets no listener uses");
+                }
                 let shutdown = Shutdown::new();
                 let signals = tokio::spawn(shutdown.clone().from_signals());
-                let (phase, _) = tokio::sync::watch::channel(Phase::Starting);
+                let (phase, phases) = tokio::sync::watch::channel(Phase::Starting);
+                let notifier = tokio::spawn(notify_systemd(phases, shutdown.clone()));
                 let res = holdfast::proxy::run(cfg, bound, shutdown, phase).await;
+                // run dropped the phase sender: the notifier has said STOPPING.
+                let _ = notifier.await;
                 signals.abort();
                 match res {
                     Ok(()) => ExitCode::SUCCESS,
@@ -172,6 +184,46 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Takes the sockets systemd passed (socket activation) into the table that
+/// `systemd:NAME` listeners bind from.
+fn take_systemd_sockets() -> Result<(), holdfast::systemd::ListenFdsError> {
+    let names = holdfast::systemd::init_listen_fds()?;
+    if !names.is_empty() {
+        tracing::info!(sockets = %names.join(","), "systemd passed sockets");
+    }
+    Ok(())
+}
+
+/// Tells systemd (when `NOTIFY_SOCKET` is set) READY=1 once every listener
+/// is bound and accepting (phase Running), and STOPPING=1 as soon as a
+/// shutdown starts. Ends when the proxy stops.
+async fn notify_systemd(mut phases: tokio::sync::watch::Receiver<Phase>, shutdown: Shutdown) {
+    let report = |r: std::io::Result<()>, what: &str| {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot notify systemd of {what}");
+        }
+    };
+    let mut ready = false;
+    loop {
+        let phase = *phases.borrow_and_update();
+        match phase {
+            Phase::Starting => {}
+            Phase::Running if !ready => {
+                ready = true;
+                report(holdfast::systemd::ready(), "READY=1");
+            }
+            Phase::Running => {}
+            Phase::Draining | Phase::Stopped => break,
+        }
+        tokio::select! {
+            changed = phases.changed() => if changed.is_err() { break },
+            _ = shutdown.drain.cancelled() => break,
+            _ = shutdown.stop.cancelled() => break,
+        }
+    }
+    report(holdfast::systemd::stopping(), "STOPPING=1");
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -634,3 +634,25 @@ connect_timeout = "1s"
         Endpoint::Unix("/run/orders-server.sock".into())
     );
 }
+
+#[test]
+fn systemd_endpoints_are_for_listeners_only() {
+    let c = ok(&MINIMAL.replace("127.0.0.1:7000", "systemd:orders"));
+    assert_eq!(c.listeners[0].listen, Endpoint::Systemd("orders".into()));
+    assert_eq!(
+        error(&MINIMAL.replace("127.0.0.1:7001", "systemd:orders")),
+        r#"backend[0].servers[0] (line 9, col 12): "systemd:orders": systemd:NAME is for listeners only; a server is host:port or unix:/path"#
+    );
+    assert_eq!(
+        error(&format!("[admin]\nlisten = \"systemd:admin\"\n{MINIMAL}")),
+        r#"admin.listen (line 2, col 10): "systemd:admin": the admin endpoint cannot be a systemd socket; it is tcp only (use host:port)"#
+    );
+    // One listener per passed name.
+    let two = format!(
+        "{}[[listener]]\nname = \"b\"\nlisten = \"systemd:orders\"\nbackend = \"orders\"\n",
+        MINIMAL.replace("127.0.0.1:7000", "systemd:orders")
+    );
+    assert!(
+        error(&two).contains(r#""systemd:orders" is already the listen address of listener[0]"#)
+    );
+}
