@@ -123,6 +123,7 @@ impl Proxy {
             .map(|e| match e {
                 Endpoint::Tcp(a) => a,
                 Endpoint::Unix(p) => panic!("unix listener {}", p.display()),
+                Endpoint::Systemd(n) => panic!("systemd listener {n}"),
             })
             .collect();
         let shutdown = Shutdown::new();

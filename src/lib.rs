@@ -10,4 +10,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod session;
 pub mod stream;
+pub mod systemd;
 pub mod transport;

@@ -115,6 +115,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            // Before any thread starts: it unsets LISTEN_* in our environment.
+            if let Err(e) = take_systemd_sockets() {
+                tracing::error!(error = %e, "cannot use the sockets systemd passed");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
             runtime().block_on(async move {
                 let bound = match holdfast::proxy::bind(&cfg).await {
                     Ok(b) => b,
@@ -123,9 +128,14 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_RUNTIME);
                     }
                 };
+                let unused = holdfast::systemd::listen_fd_names();
+                if !unused.is_empty() {
+                    tracing::warn!(sockets = %unused.join(","), "systemd passed sockets no listener uses");
+                }
                 let shutdown = Shutdown::new();
                 let signals = tokio::spawn(shutdown.clone().from_signals());
-                let (phase, _) = tokio::sync::watch::channel(Phase::Starting);
+                let (phase, phases) = tokio::sync::watch::channel(Phase::Starting);
+                let notifier = tokio::spawn(notify_systemd(phases, shutdown.clone()));
                 let rt = holdfast::proxy::Runtime::for_config(&cfg);
                 let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
                 let hup = tokio::spawn(reload_on_sighup(
@@ -134,6 +144,8 @@ fn main() -> ExitCode {
                     rt.metrics.clone(),
                 ));
                 let res = holdfast::proxy::run_with(cfg, bound, shutdown, phase, rt, reloads).await;
+                // run dropped the phase sender: the notifier has said STOPPING.
+                let _ = notifier.await;
                 signals.abort();
                 hup.abort();
                 match res {
@@ -196,6 +208,14 @@ async fn reload_on_sighup(
     };
     while hup.recv().await.is_some() {
         tracing::info!(config = %path.display(), "SIGHUP: reloading");
+        if let Err(e) = holdfast::systemd::reloading() {
+            tracing::warn!(error = %e, "cannot notify systemd of RELOADING=1");
+        }
+        let ready = || {
+            if let Err(e) = holdfast::systemd::ready() {
+                tracing::warn!(error = %e, "cannot notify systemd of READY=1");
+            }
+        };
         let config = match config::load(&path) {
             Ok(c) => c,
             Err(errors) => {
@@ -207,6 +227,7 @@ async fn reload_on_sighup(
                     errors = errors.0.len(),
                     "reload rejected: keeping the running configuration"
                 );
+                ready();
                 continue;
             }
         };
@@ -219,7 +240,48 @@ async fn reload_on_sighup(
             return;
         }
         let _ = result.await;
+        ready();
     }
+}
+
+/// Takes the sockets systemd passed (socket activation) into the table that
+/// `systemd:NAME` listeners bind from.
+fn take_systemd_sockets() -> Result<(), holdfast::systemd::ListenFdsError> {
+    let names = holdfast::systemd::init_listen_fds()?;
+    if !names.is_empty() {
+        tracing::info!(sockets = %names.join(","), "systemd passed sockets");
+    }
+    Ok(())
+}
+
+/// Tells systemd (when `NOTIFY_SOCKET` is set) READY=1 once every listener
+/// is bound and accepting (phase Running), and STOPPING=1 as soon as a
+/// shutdown starts. Ends when the proxy stops.
+async fn notify_systemd(mut phases: tokio::sync::watch::Receiver<Phase>, shutdown: Shutdown) {
+    let report = |r: std::io::Result<()>, what: &str| {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot notify systemd of {what}");
+        }
+    };
+    let mut ready = false;
+    loop {
+        let phase = *phases.borrow_and_update();
+        match phase {
+            Phase::Starting => {}
+            Phase::Running if !ready => {
+                ready = true;
+                report(holdfast::systemd::ready(), "READY=1");
+            }
+            Phase::Running => {}
+            Phase::Draining | Phase::Stopped => break,
+        }
+        tokio::select! {
+            changed = phases.changed() => if changed.is_err() { break },
+            _ = shutdown.drain.cancelled() => break,
+            _ = shutdown.stop.cancelled() => break,
+        }
+    }
+    report(holdfast::systemd::stopping(), "STOPPING=1");
 }
 
 fn runtime() -> tokio::runtime::Runtime {

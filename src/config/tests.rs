@@ -637,6 +637,7 @@ connect_timeout = "1s"
 }
 
 #[test]
+<<<<<<< HEAD
 fn access_log_targets() {
     let base = "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n[[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:1\"]\n";
     let with = |v: &str| parse(&format!("[log]\naccess = {v}\n{base}"));
@@ -652,4 +653,25 @@ fn access_log_targets() {
     assert_eq!(err.0[0].key, "log.access");
     let err = parse(&format!("[log]\nformat = \"x\"\n{base}")).unwrap_err();
     assert_eq!(err.0[0].key, "log.format");
+=======
+fn systemd_endpoints_are_for_listeners_only() {
+    let c = ok(&MINIMAL.replace("127.0.0.1:7000", "systemd:orders"));
+    assert_eq!(c.listeners[0].listen, Endpoint::Systemd("orders".into()));
+    assert_eq!(
+        error(&MINIMAL.replace("127.0.0.1:7001", "systemd:orders")),
+        r#"backend[0].servers[0] (line 9, col 12): "systemd:orders": systemd:NAME is for listeners only; a server is host:port or unix:/path"#
+    );
+    assert_eq!(
+        error(&format!("[admin]\nlisten = \"systemd:admin\"\n{MINIMAL}")),
+        r#"admin.listen (line 2, col 10): "systemd:admin": the admin endpoint cannot be a systemd socket; it is tcp only (use host:port)"#
+    );
+    // One listener per passed name.
+    let two = format!(
+        "{}[[listener]]\nname = \"b\"\nlisten = \"systemd:orders\"\nbackend = \"orders\"\n",
+        MINIMAL.replace("127.0.0.1:7000", "systemd:orders")
+    );
+    assert!(
+        error(&two).contains(r#""systemd:orders" is already the listen address of listener[0]"#)
+    );
+>>>>>>> wt-systemd
 }

@@ -10,12 +10,16 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Where to listen or connect: `host:port`, `[v6]:port` or `unix:/path`.
+/// Where to listen or connect: `host:port`, `[v6]:port`, `unix:/path`, or
+/// (listeners only) `systemd:NAME`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     /// `host:port` exactly as resolvable by the system (`[v6]:port` keeps its brackets).
     Tcp(String),
     Unix(PathBuf),
+    /// A socket passed by systemd socket activation under this name
+    /// (`FileDescriptorName=`); listeners only, `validate` enforces it.
+    Systemd(String),
 }
 
 impl fmt::Display for Endpoint {
@@ -23,14 +27,19 @@ impl fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp(a) => f.write_str(a),
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Systemd(n) => write!(f, "systemd:{n}"),
         }
     }
 }
 
 const ENDPOINT_FORMS: &str = "use host:port, [ipv6]:port or unix:/path";
+/// systemd's limit on a `FileDescriptorName=`.
+const MAX_SYSTEMD_NAME: usize = 255;
 
 impl Endpoint {
-    /// Parses `host:port`, `1.2.3.4:port`, `[v6]:port` or `unix:path`.
+    /// Parses `host:port`, `1.2.3.4:port`, `[v6]:port`, `unix:path` or
+    /// `systemd:NAME` (NAME as systemd allows in `FileDescriptorName=`:
+    /// printable ASCII without `:`, at most 255 characters).
     ///
     /// Port 0 is accepted (a listener may ask the kernel for a port); whoever
     /// needs a real port checks [`Endpoint::port`].
@@ -44,6 +53,22 @@ impl Endpoint {
                 return Err(bad("a path cannot contain a NUL byte"));
             }
             return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        if let Some(name) = s.strip_prefix("systemd:") {
+            if name.is_empty() {
+                return Err(bad("systemd: needs the socket's FileDescriptorName"));
+            }
+            if name.len() > MAX_SYSTEMD_NAME {
+                return Err(bad("a systemd socket name is at most 255 characters"));
+            }
+            // What systemd accepts in LISTEN_FDNAMES.
+            if !name
+                .bytes()
+                .all(|b| (b' '..=b'~').contains(&b) && b != b':')
+            {
+                return Err(bad("a systemd socket name is printable ASCII without ':'"));
+            }
+            return Ok(Endpoint::Systemd(name.to_owned()));
         }
         if s.contains("://") {
             return Err(bad("write host:port without a scheme"));
@@ -81,11 +106,11 @@ impl Endpoint {
         Ok(Endpoint::Tcp(s.to_owned()))
     }
 
-    /// The TCP port, `None` for a Unix socket.
+    /// The TCP port, `None` for a Unix socket or a systemd socket.
     pub fn port(&self) -> Option<u16> {
         match self {
             Endpoint::Tcp(a) => a.rsplit_once(':').and_then(|(_, p)| p.parse().ok()),
-            Endpoint::Unix(_) => None,
+            Endpoint::Unix(_) | Endpoint::Systemd(_) => None,
         }
     }
 }
@@ -288,6 +313,11 @@ mod tests {
                 "unix:run/orders.sock",
                 Endpoint::Unix("run/orders.sock".into()),
             ),
+            ("systemd:orders", Endpoint::Systemd("orders".into())),
+            (
+                "systemd:orders-v6.1",
+                Endpoint::Systemd("orders-v6.1".into()),
+            ),
         ];
         for (s, want) in ok {
             assert_eq!(s.parse::<Endpoint>(), Ok(want.clone()), "{s}");
@@ -296,6 +326,7 @@ mod tests {
         assert_eq!(tcp("[::1]:7000").port(), Some(7000));
         assert_eq!(tcp("0.0.0.0:0").port(), Some(0));
         assert_eq!(Endpoint::Unix("/x".into()).port(), None);
+        assert_eq!(Endpoint::Systemd("orders".into()).port(), None);
     }
 
     #[test]
@@ -314,6 +345,10 @@ mod tests {
             ("a b:1", "not a host name"),
             ("unix:", "needs a path"),
             ("tcp://h:1", "without a scheme"),
+            ("systemd:", "needs the socket's FileDescriptorName"),
+            ("systemd:a:b", "without ':'"),
+            ("systemd:a\tb", "printable ASCII"),
+            ("systemd:é", "printable ASCII"),
         ] {
             let err = Endpoint::parse(s).unwrap_err();
             assert!(

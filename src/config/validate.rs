@@ -205,6 +205,16 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
                 r.at(listen, "the admin endpoint is tcp only (use host:port)");
                 None
             }
+            Ok(Endpoint::Systemd(_)) => {
+                r.at(
+                    listen,
+                    format!(
+                        "{:?}: the admin endpoint cannot be a systemd socket; it is tcp only (use host:port)",
+                        listen.value
+                    ),
+                );
+                None
+            }
             Ok(ep) => Some(AdminConfig { listen: ep }),
             Err(e) => {
                 r.at(listen, e);
@@ -335,6 +345,13 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         let mut servers = Vec::new();
         for f in list.value.iter().flatten() {
             match Endpoint::parse(&f.value) {
+                Ok(Endpoint::Systemd(_)) => r.at(
+                    f,
+                    format!(
+                        "{:?}: systemd:NAME is for listeners only; a server is host:port or unix:/path",
+                        f.value
+                    ),
+                ),
                 Ok(ep) if ep.port() == Some(0) => {
                     r.at(
                         f,

@@ -72,7 +72,8 @@ pub async fn bind(config: &Config) -> Result<Bound, BindError> {
                         source,
                     })?,
             ),
-            Endpoint::Unix(_) => None,
+            // validate allows only host:port here.
+            Endpoint::Unix(_) | Endpoint::Systemd(_) => None,
         },
         None => None,
     };

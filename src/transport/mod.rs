@@ -5,13 +5,13 @@
 //! [`Listener`] accepts them. Nothing here knows about sessions or offsets.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
+use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 
@@ -184,6 +184,10 @@ pub async fn connect(
                 }))
             }
             Endpoint::Unix(path) => Ok(Conn::Unix(UnixStream::connect(path).await?)),
+            Endpoint::Systemd(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot connect to {endpoint}: systemd sockets are for listeners only"),
+            )),
         }
     };
     match tokio::time::timeout(timeout, fut).await {
@@ -199,6 +203,10 @@ pub enum Listener {
     Unix {
         listener: UnixListener,
         path: PathBuf,
+        /// Whether dropping the listener removes its socket file: true when
+        /// holdfast created it, false for a socket systemd passed (systemd
+        /// owns the file and keeps listening on it).
+        unlink: bool,
     },
 }
 
@@ -215,6 +223,10 @@ pub enum BindError {
     InUse { endpoint: String, path: PathBuf },
     #[error("cannot bind {endpoint}: {path} exists and is not a socket")]
     NotASocket { endpoint: String, path: PathBuf },
+    #[error("cannot bind systemd:{name}: systemd passed no socket named {name:?} (passed: {passed}); check FileDescriptorName= in the .socket unit")]
+    NoSystemdSocket { name: String, passed: String },
+    #[error("cannot use systemd:{name}: the socket systemd passed is {why}")]
+    BadSystemdSocket { name: String, why: String },
 }
 
 impl Listener {
@@ -255,8 +267,77 @@ impl Listener {
                 Ok(Listener::Unix {
                     listener,
                     path: path.clone(),
+                    unlink: true,
                 })
             }
+            Endpoint::Systemd(name) => {
+                let fd = crate::systemd::take_listen_fd(name).ok_or_else(|| {
+                    let names = crate::systemd::listen_fd_names();
+                    BindError::NoSystemdSocket {
+                        name: name.clone(),
+                        passed: if names.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            names.join(", ")
+                        },
+                    }
+                })?;
+                Listener::from_inherited(name, fd)
+            }
+        }
+    }
+
+    /// Wraps a listening socket passed by systemd: it must be a stream
+    /// socket in the listening state, TCP or Unix. It is made non-blocking;
+    /// a Unix socket's file is left alone on drop.
+    fn from_inherited(name: &str, fd: OwnedFd) -> Result<Listener, BindError> {
+        let bad = |why: String| BindError::BadSystemdSocket {
+            name: name.to_owned(),
+            why,
+        };
+        let io_err = |source: io::Error| BindError::Io {
+            endpoint: format!("systemd:{name}"),
+            source,
+        };
+        let sock = Socket::from(fd);
+        let ty = sock
+            .r#type()
+            .map_err(|e| bad(format!("not a socket ({e})")))?;
+        if ty != Type::STREAM {
+            return Err(bad(
+                "not a stream socket (use ListenStream= in the .socket unit)".into(),
+            ));
+        }
+        if !sock.is_listener().map_err(io_err)? {
+            return Err(bad(
+                "not listening (a socket unit needs Accept=no, the default)".into(),
+            ));
+        }
+        let local = sock.local_addr().map_err(io_err)?;
+        sock.set_nonblocking(true).map_err(io_err)?;
+        match local.domain() {
+            Domain::IPV4 | Domain::IPV6 => {
+                let std_listener = std::net::TcpListener::from(sock);
+                Ok(Listener::Tcp(
+                    TcpListener::from_std(std_listener).map_err(io_err)?,
+                ))
+            }
+            Domain::UNIX => {
+                let path = match (local.as_pathname(), local.as_abstract_namespace()) {
+                    (Some(p), _) => p.to_path_buf(),
+                    (None, Some(abs)) => {
+                        PathBuf::from(format!("@{}", String::from_utf8_lossy(abs)))
+                    }
+                    (None, None) => PathBuf::from(format!("systemd:{name}")),
+                };
+                let std_listener = std::os::unix::net::UnixListener::from(sock);
+                Ok(Listener::Unix {
+                    listener: UnixListener::from_std(std_listener).map_err(io_err)?,
+                    path,
+                    unlink: false,
+                })
+            }
+            other => Err(bad(format!("of family {other:?}, not TCP or Unix"))),
         }
     }
 
@@ -279,7 +360,7 @@ impl Listener {
                 let (s, a) = l.accept().await?;
                 Ok((Conn::Tcp(s), a.to_string()))
             }
-            Listener::Unix { listener, path } => {
+            Listener::Unix { listener, path, .. } => {
                 let (s, _) = listener.accept().await?;
                 Ok((Conn::Unix(s), format!("unix:{}", path.display())))
             }
@@ -289,7 +370,10 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix { path, .. } = self {
+        if let Listener::Unix {
+            path, unlink: true, ..
+        } = self
+        {
             let _ = std::fs::remove_file(path);
         }
     }

@@ -60,6 +60,7 @@ impl Proxy {
         match &self.endpoints[i] {
             Endpoint::Tcp(a) => a.clone(),
             Endpoint::Unix(p) => panic!("listener {i} is unix:{}", p.display()),
+            Endpoint::Systemd(n) => panic!("listener {i} is systemd:{n}"),
         }
     }
 
