@@ -7,6 +7,7 @@ pub mod demo;
 pub mod framing;
 pub mod lifecycle;
 pub mod metrics;
+pub mod proto;
 pub mod proxy;
 pub mod session;
 pub mod stream;

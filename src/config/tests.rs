@@ -637,7 +637,6 @@ connect_timeout = "1s"
 }
 
 #[test]
-<<<<<<< HEAD
 fn access_log_targets() {
     let base = "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n[[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:1\"]\n";
     let with = |v: &str| parse(&format!("[log]\naccess = {v}\n{base}"));
@@ -653,7 +652,9 @@ fn access_log_targets() {
     assert_eq!(err.0[0].key, "log.access");
     let err = parse(&format!("[log]\nformat = \"x\"\n{base}")).unwrap_err();
     assert_eq!(err.0[0].key, "log.format");
-=======
+}
+
+#[test]
 fn systemd_endpoints_are_for_listeners_only() {
     let c = ok(&MINIMAL.replace("127.0.0.1:7000", "systemd:orders"));
     assert_eq!(c.listeners[0].listen, Endpoint::Systemd("orders".into()));
@@ -673,5 +674,4 @@ fn systemd_endpoints_are_for_listeners_only() {
     assert!(
         error(&two).contains(r#""systemd:orders" is already the listen address of listener[0]"#)
     );
->>>>>>> wt-systemd
 }

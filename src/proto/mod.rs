@@ -264,10 +264,16 @@ impl Hello {
 
     fn decode(mut p: &[u8]) -> Result<Hello, ProtoError> {
         if p.len() < 4 || p[..4] != MAGIC {
-            return Err(ProtoError::new(ErrorCode::BadMagic, "the HELLO does not start with \"HFRP\""));
+            return Err(ProtoError::new(
+                ErrorCode::BadMagic,
+                "the HELLO does not start with \"HFRP\"",
+            ));
         }
         if p.len() < 53 + TOKEN_LEN {
-            return Err(malformed(format!("HELLO of {} bytes is too short", p.len())));
+            return Err(malformed(format!(
+                "HELLO of {} bytes is too short",
+                p.len()
+            )));
         }
         p.advance(4);
         let version_min = p.get_u8();
@@ -336,11 +342,16 @@ impl Hello {
             ));
         }
         if !self.verify(key) {
-            return Err(ProtoError::new(ErrorCode::BadToken, "the HELLO token does not verify"));
+            return Err(ProtoError::new(
+                ErrorCode::BadToken,
+                "the HELLO token does not verify",
+            ));
         }
         check_limits(self.max_frame, self.window)?;
         if !self.resume && (self.epoch != 0 || self.recv_offset != 0) {
-            return Err(malformed("a new session must have epoch 0 and recv_offset 0"));
+            return Err(malformed(
+                "a new session must have epoch 0 and recv_offset 0",
+            ));
         }
         Ok(VERSION)
     }
@@ -353,7 +364,9 @@ fn check_limits(max_frame: u32, window: u32) -> Result<(), ProtoError> {
         )));
     }
     if window < max_frame {
-        return Err(malformed(format!("window {window} is below max_frame {max_frame}")));
+        return Err(malformed(format!(
+            "window {window} is below max_frame {max_frame}"
+        )));
     }
     Ok(())
 }
@@ -433,7 +446,10 @@ impl Welcome {
         up_sent: u64,
     ) -> Result<(), ProtoError> {
         if !self.verify(key, &hello.token) {
-            return Err(ProtoError::new(ErrorCode::BadToken, "the WELCOME token does not verify"));
+            return Err(ProtoError::new(
+                ErrorCode::BadToken,
+                "the WELCOME token does not verify",
+            ));
         }
         if self.version < hello.version_min || self.version > hello.version_max {
             return Err(ProtoError::new(
@@ -448,7 +464,12 @@ impl Welcome {
             return Err(malformed("a new session can't be RESUMED"));
         }
         check_limits(self.max_frame, self.window)?;
-        check_offset("the acceptor's recv_offset", self.recv_offset, up_acked, up_sent)
+        check_offset(
+            "the acceptor's recv_offset",
+            self.recv_offset,
+            up_acked,
+            up_sent,
+        )
     }
 }
 
