@@ -15,6 +15,10 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
+pub mod link;
+
+pub use link::{Incoming, Link, LinkConfig};
+
 /// "HFRP".
 pub const MAGIC: [u8; 4] = *b"HFRP";
 /// The protocol version this implementation speaks.
