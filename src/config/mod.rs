@@ -87,6 +87,8 @@ pub enum ListenerProtocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendProtocol {
     Tcp,
+    /// The resume protocol (docs/protocol.md): the server acknowledges.
+    Resume,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +126,33 @@ pub enum AckMode {
     None,
     Tcp,
     Response(Framing),
+    /// `protocol = "resume"`: the server says what it consumed.
+    Resume(ResumeSettings),
+}
+
+/// `resume = { ... }` of a backend speaking the resume protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResumeSettings {
+    /// The shared key from `secret_file` (at least 32 bytes).
+    pub key: Secret,
+    /// `heartbeat_interval` (default 1 s): a PING after this long idle.
+    pub heartbeat_interval: Duration,
+    /// `dead_peer_timeout` (default 3 s): a silent server's leg is dead.
+    pub dead_peer_timeout: Duration,
+    /// `max_frame` (default 64 KiB): largest DATA frame accepted.
+    pub max_frame: u32,
+    /// `window` (default 4 MiB): unacknowledged bytes the server may send.
+    pub window: u32,
+}
+
+/// Key material: compared and cloned, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -326,7 +326,19 @@ pub(super) struct RawBackend {
     pub greeting: Option<Sp<i64>>,
     pub preamble: Option<Sp<i64>>,
     pub retry_responses: Option<Sp<Vec<Option<Sp<String>>>>>,
+    pub resume: Option<RawResume>,
     pub socket: RawSocket,
+}
+
+/// `resume = { secret_file = "...", ... }` of a backend (protocol = "resume").
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RawResume {
+    pub at: Sp<()>,
+    pub secret_file: Option<Sp<String>>,
+    pub heartbeat_interval: Option<Sp<String>>,
+    pub dead_peer_timeout: Option<Sp<String>>,
+    pub max_frame: Option<Sp<RawSize>>,
+    pub window: Option<Sp<RawSize>>,
 }
 
 /// `framing = "lines"` or `framing = { type = "length-prefixed", ... }`.
@@ -410,6 +422,18 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
             greeting: t.integer("greeting", report),
             preamble: t.integer("preamble", report),
             retry_responses: t.strings("retry_responses", report),
+            resume: t.table("resume", report).map(|mut r| {
+                let raw = RawResume {
+                    secret_file: r.string("secret_file", report),
+                    heartbeat_interval: r.duration("heartbeat_interval", report),
+                    dead_peer_timeout: r.duration("dead_peer_timeout", report),
+                    max_frame: r.size("max_frame", report),
+                    window: r.size("window", report),
+                    at: r.at(),
+                };
+                r.finish(report);
+                raw
+            }),
             socket: socket(&mut t, report),
             at: t.at(),
         });

@@ -16,7 +16,7 @@ use super::units::{fmt_duration, fmt_size, parse_duration, parse_size, Endpoint}
 use super::{
     AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, Framing, Keepalive,
     LengthPrefixed, Lifecycle, Limits, ListenerConfig, ListenerProtocol, LogConfig, OnServerClose,
-    SocketOptions,
+    ResumeSettings, Secret, SocketOptions,
 };
 
 /// One problem in a config file.
@@ -335,6 +335,111 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
     }
 }
 
+/// Smallest key accepted in `resume.secret_file`.
+const MIN_SECRET: usize = 32;
+
+/// `resume = { ... }`: required with protocol = "resume", an error otherwise.
+/// Reads the secret file (every file a config names is checked before
+/// anything is bound).
+fn resume_settings(r: &mut Report, b: &RawBackend, is_resume: bool) -> Option<ResumeSettings> {
+    let Some(raw) = &b.resume else {
+        if is_resume {
+            r.error(
+                &format!("{}.resume", b.at.key),
+                &b.at.span,
+                "protocol = \"resume\" needs resume = { secret_file = \"...\" }",
+            );
+        }
+        return None;
+    };
+    if !is_resume {
+        r.error(
+            &raw.at.key,
+            &raw.at.span,
+            "resume settings only apply with protocol = \"resume\"",
+        );
+        return None;
+    }
+    let key = match &raw.secret_file {
+        None => {
+            r.error(
+                &format!("{}.secret_file", raw.at.key),
+                &raw.at.span,
+                "missing key \"secret_file\" (a file with at least 32 random bytes)",
+            );
+            None
+        }
+        Some(f) => match std::fs::read(&f.value) {
+            Err(e) => {
+                r.at(f, format!("cannot read {:?}: {e}", f.value));
+                None
+            }
+            Ok(bytes) if bytes.len() < MIN_SECRET => {
+                r.at(
+                    f,
+                    format!(
+                        "{:?} holds {} bytes; a resume key needs at least {MIN_SECRET}",
+                        f.value,
+                        bytes.len()
+                    ),
+                );
+                None
+            }
+            Ok(bytes) => Some(Secret(bytes.into())),
+        },
+    };
+    let heartbeat_interval = positive(r, &raw.heartbeat_interval, Duration::from_secs(1));
+    let dead_peer_timeout = positive(r, &raw.dead_peer_timeout, Duration::from_secs(3));
+    if let (Some(h), Some(d), Some(f)) = (
+        heartbeat_interval,
+        dead_peer_timeout,
+        raw.dead_peer_timeout.as_ref(),
+    ) {
+        if d <= h {
+            r.at(
+                f,
+                format!(
+                    "dead_peer_timeout ({}) must be longer than heartbeat_interval ({})",
+                    fmt_duration(d),
+                    fmt_duration(h)
+                ),
+            );
+        }
+    }
+    let bounded = |r: &mut Report, f: &Option<Sp<RawSize>>, default: u64, min: u64, max: u64| {
+        let v = size(r, f, default)?;
+        if v < min || v > max {
+            if let Some(f) = f {
+                r.at(
+                    f,
+                    format!(
+                        "{} is outside {}..={}",
+                        fmt_size(v),
+                        fmt_size(min),
+                        fmt_size(max)
+                    ),
+                );
+            }
+            return None;
+        }
+        Some(v as u32)
+    };
+    let max_frame = bounded(r, &raw.max_frame, 64 << 10, 1 << 10, 16 << 20);
+    let window = bounded(r, &raw.window, 4 << 20, 1 << 10, (1 << 31) - 1);
+    if let (Some(m), Some(w), Some(f)) = (max_frame, window, raw.window.as_ref()) {
+        if w < m {
+            r.at(f, "window must be at least max_frame");
+        }
+    }
+    Some(ResumeSettings {
+        key: key?,
+        heartbeat_interval: heartbeat_interval?,
+        dead_peer_timeout: dead_peer_timeout?,
+        max_frame: max_frame?,
+        window: window?,
+    })
+}
+
 fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> BackendConfig {
     let name = required_name(r, &b.at, &b.name);
     let servers = required(r, &b.at, &b.servers, "servers").and_then(|list| {
@@ -368,7 +473,10 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         r,
         &b.protocol,
         "protocol",
-        &[("tcp", Some(BackendProtocol::Tcp)), ("resume", None)],
+        &[
+            ("tcp", Some(BackendProtocol::Tcp)),
+            ("resume", Some(BackendProtocol::Resume)),
+        ],
         BackendProtocol::Tcp,
     );
 
@@ -377,7 +485,9 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         None,
         Tcp,
         Response,
+        Resume,
     }
+    let is_resume = protocol == Some(BackendProtocol::Resume);
     let ack = choice(
         r,
         &b.ack,
@@ -386,10 +496,24 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
             ("none", Some(Ack::None)),
             ("tcp", Some(Ack::Tcp)),
             ("response", Some(Ack::Response)),
-            ("resume", None),
+            ("resume", Some(Ack::Resume)),
         ],
-        Ack::Tcp,
+        if is_resume { Ack::Resume } else { Ack::Tcp },
     );
+    match (&b.ack, ack) {
+        (Some(a), Some(k)) if is_resume && k != Ack::Resume => r.at(
+            a,
+            format!(
+                "{:?}: protocol = \"resume\" has its own acks (leave ack out, or ack = \"resume\")",
+                a.value
+            ),
+        ),
+        (Some(a), Some(Ack::Resume)) if !is_resume => {
+            r.at(a, "ack = \"resume\" needs protocol = \"resume\"")
+        }
+        _ => {}
+    }
+    let resume_settings = resume_settings(r, b, is_resume);
     let response = ack == Some(Ack::Response);
     // Keys that only mean something with ack = "response".
     let ack_name = b.ack.as_ref().map_or("tcp", |a| a.value.as_str());
@@ -426,7 +550,8 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         Some(Ack::None) => Some(AckMode::None),
         Some(Ack::Tcp) => Some(AckMode::Tcp),
         Some(Ack::Response) => framing.map(AckMode::Response),
-        None => None,
+        Some(Ack::Resume) if is_resume => resume_settings.map(AckMode::Resume),
+        _ => None,
     };
 
     let buffer_limit = size(r, &b.buffer_limit, DEFAULT_BUFFER_LIMIT);

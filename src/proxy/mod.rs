@@ -476,7 +476,10 @@ fn start_session(ctx: &AcceptCtx, conn: Conn, peer: String) {
     let first = ctx.session.backend.pick_server();
     let id = SessionId::random();
     let now = tokio::time::Instant::now().into_std();
-    let core = SessionCore::new(id, backend.clone(), first, now);
+    let mut core = SessionCore::new(id, backend.clone(), first, now);
+    if let Ok(addr) = peer.parse::<std::net::SocketAddr>() {
+        core.set_client_addr(crate::proto::ClientAddr::Ip(addr.ip(), addr.port()));
+    }
     let driver = Driver::new(
         core,
         conn,
@@ -512,6 +515,7 @@ fn start_session(ctx: &AcceptCtx, conn: Conn, peer: String) {
                 legs = s.legs,
                 replayed_bytes = s.replayed,
                 duration_ms = s.duration.as_millis() as u64,
+                error = s.error.as_deref().unwrap_or(""),
                 "session closed"
             );
             if let Some(log) = access {

@@ -18,7 +18,13 @@ use bytes::Bytes;
 
 use crate::config::{AckMode, BackendConfig, OnServerClose};
 use crate::framing::{FrameError, Scanner};
+use crate::proto::{
+    self, ClientAddr, ErrorCode, Frame, Hello, Incoming, Link, LinkConfig, ProtoError,
+};
 use crate::stream::{Dir, Offset, ReplayBuffer, Stream};
+
+/// Resume protocol: how late an ACK to the server may be.
+const ACK_DELAY: Duration = Duration::from_millis(5);
 
 /// A session's random 128-bit id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,10 +76,14 @@ pub enum CloseReason {
     PreambleMismatch,
     /// holdfast shut down (drain timeout or fast stop).
     Shutdown,
+    /// A resume-protocol server broke the protocol or refused the session.
+    ProtocolError,
+    /// A resume-protocol server ended the session (ABORT).
+    ServerAborted,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::ClientClosed,
         CloseReason::ServerClosed,
         CloseReason::ServerUnreachable,
@@ -84,6 +94,8 @@ impl CloseReason {
         CloseReason::MalformedFrame,
         CloseReason::PreambleMismatch,
         CloseReason::Shutdown,
+        CloseReason::ProtocolError,
+        CloseReason::ServerAborted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +110,8 @@ impl CloseReason {
             CloseReason::MalformedFrame => "malformed_frame",
             CloseReason::PreambleMismatch => "preamble_mismatch",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::ServerAborted => "server_aborted",
         }
     }
 }
@@ -123,6 +137,12 @@ pub enum LegFailure {
     ConnectTimeout,
     /// A connect attempt failed otherwise (unreachable, resolution, ...).
     ConnectError,
+    /// Resume protocol: nothing heard from the server for `dead_peer_timeout`.
+    DeadPeer,
+    /// Resume protocol: no WELCOME within `connect_timeout`.
+    HandshakeTimeout,
+    /// Resume protocol: the server refused for now (`limit`).
+    Refused,
 }
 
 impl LegFailure {
@@ -134,6 +154,9 @@ impl LegFailure {
             LegFailure::ConnectRefused => "connect_refused",
             LegFailure::ConnectTimeout => "connect_timeout",
             LegFailure::ConnectError => "connect_error",
+            LegFailure::DeadPeer => "dead_peer",
+            LegFailure::HandshakeTimeout => "handshake_timeout",
+            LegFailure::Refused => "refused",
         }
     }
 
@@ -211,8 +234,9 @@ struct Leg {
     server: usize,
     /// `up.sent` (= `up.acked`) when the leg started: tcp acks count from here.
     base: Offset,
-    /// Preamble requests still to write before the stream's bytes.
-    preamble_out: Bytes,
+    /// Bytes to write before the stream's: the preamble's requests
+    /// (response mode) or the HELLO (resume protocol).
+    prefix_out: Bytes,
     /// Preamble responses still expected, in order, byte for byte.
     preamble_expect: VecDeque<Bytes>,
     /// Response frames seen on this leg that were greetings.
@@ -223,6 +247,12 @@ struct Leg {
     server_eof: bool,
     /// Response mode: server bytes not yet forming a whole frame.
     resp: Option<RespLeg>,
+    /// Resume protocol: the HELLO sent, until the WELCOME arrives.
+    hello: Option<Hello>,
+    /// Resume protocol: when the HELLO was queued (handshake timeout).
+    hello_at: Instant,
+    /// Resume protocol: the established leg.
+    link: Option<Link>,
 }
 
 #[derive(Debug)]
@@ -262,6 +292,16 @@ pub struct SessionCore {
     req_ends: VecDeque<Offset>,
     /// Response mode: end of the last request frame scanned.
     req_last_end: Offset,
+    /// Resume protocol: the server has accepted this session once (later
+    /// legs resume it).
+    resume_known: bool,
+    /// Resume protocol: the most of the up stream ever sent (a WELCOME may
+    /// say the server consumed up to here).
+    up_sent_high: Offset,
+    /// Why the session failed, in words, for the log.
+    error: Option<String>,
+    /// The client's address, for the resume protocol's HELLO.
+    client_addr: ClientAddr,
     /// Scratch for moving response chunks.
     pieces_scratch: Vec<Bytes>,
     /// Scratch for scanners.
@@ -332,6 +372,10 @@ impl SessionCore {
             req_last_end: 0,
             ends_scratch: Vec::new(),
             pieces_scratch: Vec::new(),
+            resume_known: false,
+            up_sent_high: 0,
+            error: None,
+            client_addr: ClientAddr::Unknown,
             answered: 0,
             preamble: Vec::new(),
             greeting_delivered: 0,
@@ -351,6 +395,30 @@ impl SessionCore {
 
     pub fn id(&self) -> SessionId {
         self.id
+    }
+
+    /// The client's address (carried to resume-protocol servers).
+    pub fn set_client_addr(&mut self, addr: ClientAddr) {
+        self.client_addr = addr;
+    }
+
+    /// Why the session failed, in words, when a peer gave a reason.
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    /// Whether server legs carry resume-protocol frames (the shell decodes
+    /// them and calls [`SessionCore::on_server_frame`]).
+    pub fn framed_legs(&self) -> bool {
+        matches!(self.backend.ack, AckMode::Resume(_))
+    }
+
+    /// The largest DATA frame this side accepts on a resume leg.
+    pub fn max_frame_in(&self) -> u32 {
+        match &self.backend.ack {
+            AckMode::Resume(s) => s.max_frame,
+            _ => 0,
+        }
     }
 
     pub fn backend(&self) -> &Arc<BackendConfig> {
@@ -430,10 +498,14 @@ impl SessionCore {
         } else {
             self.hold_since.map(|t| t + self.backend.hold_timeout)
         };
-        match (wait, hold) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let link = match &self.leg {
+            LegState::Up(leg) if leg.hello.is_some() => {
+                Some(leg.hello_at + self.backend.connect_timeout)
+            }
+            LegState::Up(leg) => leg.link.as_ref().map(|l| l.deadline()),
+            _ => None,
+        };
+        [wait, hold, link].into_iter().flatten().min()
     }
 
     /// Whether the shell should read from the client now.
@@ -449,8 +521,10 @@ impl SessionCore {
         match &self.leg {
             LegState::Up(leg) => {
                 let pending = leg.resp.as_ref().map_or(0, |r| r.pending.len());
+                // A resume leg is read past the server's FIN: the ACK of
+                // ours is still to come.
                 self.done.is_none()
-                    && !leg.server_eof
+                    && (!leg.server_eof || leg.link.is_some())
                     && self.down.buffered() + pending < self.backend.buffer_limit
             }
             _ => false,
@@ -465,7 +539,7 @@ impl SessionCore {
         }
         match dir {
             Dir::Up => match &self.leg {
-                LegState::Up(leg) if !leg.preamble_out.is_empty() => Some(leg.preamble_out.clone()),
+                LegState::Up(leg) if !leg.prefix_out.is_empty() => Some(leg.prefix_out.clone()),
                 LegState::Up(leg) if leg.fin_sent => None,
                 LegState::Up(_) => self.up.next_unsent(),
                 _ => None,
@@ -482,15 +556,18 @@ impl SessionCore {
 
     /// Up to `max` chunks to write towards the server, for a vectored write.
     pub fn next_writes_up(&self, max: usize, out: &mut Vec<Bytes>) {
-        match &self.leg {
-            LegState::Up(leg) if self.done.is_none() && !leg.fin_sent => {
-                if !leg.preamble_out.is_empty() {
-                    out.push(leg.preamble_out.clone());
-                } else {
-                    self.up.buffer().chunks_from(self.up.sent(), max, out);
-                }
-            }
-            _ => {}
+        let LegState::Up(leg) = &self.leg else {
+            return;
+        };
+        if self.done.is_some() {
+            return;
+        }
+        if !leg.prefix_out.is_empty() {
+            out.push(leg.prefix_out.clone());
+        } else if let Some(link) = &leg.link {
+            link.wire(max, out);
+        } else if leg.hello.is_none() && !leg.fin_sent {
+            self.up.buffer().chunks_from(self.up.sent(), max, out);
         }
     }
 
@@ -579,7 +656,7 @@ impl SessionCore {
         self.had_leg = true;
         self.attempts = 0;
         let replay = self.up.unsent();
-        let (preamble_out, preamble_expect) = if resumed && !self.preamble.is_empty() {
+        let (prefix_out, preamble_expect) = if resumed && !self.preamble.is_empty() {
             let mut out = Vec::new();
             let mut expect = VecDeque::new();
             for (req, resp) in &self.preamble {
@@ -598,16 +675,45 @@ impl SessionCore {
             }),
             _ => None,
         };
+        let (prefix_out, hello) = match &self.backend.ack {
+            AckMode::Resume(settings) => {
+                let mut hello = Hello {
+                    version_min: proto::VERSION,
+                    version_max: proto::VERSION,
+                    resume: self.resume_known,
+                    session_id: self.id.0.to_be_bytes(),
+                    epoch: if self.resume_known { gen.0.max(1) } else { 0 },
+                    recv_offset: if self.resume_known {
+                        self.down.read()
+                    } else {
+                        0
+                    },
+                    max_frame: settings.max_frame,
+                    window: settings.window,
+                    heartbeat_ms: settings
+                        .heartbeat_interval
+                        .as_millis()
+                        .min(u32::MAX as u128) as u32,
+                    client: self.client_addr,
+                    token: [0; 32],
+                };
+                (hello.encode(&settings.key.0), Some(hello))
+            }
+            _ => (prefix_out, None),
+        };
         self.leg = LegState::Up(Box::new(Leg {
             gen,
             server,
             base: self.up.sent(),
-            preamble_out,
+            prefix_out,
             preamble_expect,
             greeting_seen: 0,
             fin_sent: false,
             server_eof: false,
             resp,
+            hello,
+            hello_at: now,
+            link: None,
         }));
         let held = self.hold_since.map(|t| now.saturating_duration_since(t));
         self.events.push_back(Event::LegUp {
@@ -784,6 +890,117 @@ impl SessionCore {
         }
     }
 
+    /// Resume protocol: one frame from the server of leg `gen`.
+    pub fn on_server_frame(&mut self, gen: Generation, frame: Frame, now: Instant) {
+        if self.done.is_some() {
+            return;
+        }
+        let LegState::Up(leg) = &mut self.leg else {
+            return;
+        };
+        if leg.gen != gen {
+            return;
+        }
+        let AckMode::Resume(settings) = &self.backend.ack else {
+            return;
+        };
+        if let Some(hello) = &leg.hello {
+            match frame {
+                Frame::Welcome(w) => {
+                    if let Err(e) =
+                        w.check(&settings.key.0, hello, self.up.acked(), self.up_sent_high)
+                    {
+                        self.protocol_error(&e, now);
+                        return;
+                    }
+                    // Resume the up stream where the server says it is.
+                    self.up.resume_from(w.recv_offset);
+                    let cfg = LinkConfig {
+                        max_frame: settings.max_frame,
+                        window: settings.window,
+                        heartbeat: settings.heartbeat_interval,
+                        dead_peer_timeout: settings.dead_peer_timeout,
+                        ack_delay: ACK_DELAY,
+                    };
+                    leg.link = Some(Link::new(cfg, w.max_frame, w.window, self.down.read(), now));
+                    leg.hello = None;
+                    self.resume_known = true;
+                }
+                Frame::Refuse { code, reason } => {
+                    self.error = Some(format!("server refused: {code}: {reason}"));
+                    match code {
+                        ErrorCode::Limit => self.leg_failed(LegFailure::Refused, now),
+                        ErrorCode::SessionExists if !self.resume_known => {
+                            // The server got an earlier HELLO we never saw
+                            // answered: resume it instead.
+                            self.resume_known = true;
+                            self.leg_failed(LegFailure::Refused, now);
+                        }
+                        _ => self.abort(CloseReason::ProtocolError, now),
+                    }
+                }
+                other => {
+                    let e = ProtoError::new(
+                        ErrorCode::Malformed,
+                        format!("expected WELCOME, got {other:?}"),
+                    );
+                    self.protocol_error(&e, now);
+                    return;
+                }
+            }
+            self.step(now);
+            return;
+        }
+        let Some(link) = &mut leg.link else {
+            return;
+        };
+        match link.on_frame(frame, &mut self.up, now) {
+            Ok(Incoming::Data(b)) => {
+                if !self.down.fin_read() {
+                    self.down.push(b);
+                }
+            }
+            Ok(Incoming::Fin(_)) => {
+                leg.server_eof = true;
+                self.first_closer.get_or_insert(CloseReason::ServerClosed);
+                self.down.set_fin();
+            }
+            Ok(Incoming::Abort { code, reason }) => {
+                self.error = Some(format!("server aborted: {code}: {reason}"));
+                self.close_leg();
+                self.end_gracefully(CloseReason::ServerAborted, now);
+            }
+            Ok(Incoming::Acked(_) | Incoming::Ping) => {}
+            Err(e) => {
+                self.protocol_error(&e, now);
+                return;
+            }
+        }
+        self.step(now);
+    }
+
+    /// Resume protocol: the bytes from the server of leg `gen` are not valid
+    /// frames.
+    pub fn on_server_protocol_error(&mut self, gen: Generation, e: &ProtoError, now: Instant) {
+        if self.leg_gen() == Some(gen) {
+            self.protocol_error(e, now);
+        }
+    }
+
+    /// The server broke the resume protocol: tell it why and end the session.
+    fn protocol_error(&mut self, e: &ProtoError, now: Instant) {
+        self.error = Some(format!("server broke the resume protocol: {e}"));
+        if let LegState::Up(leg) = &mut self.leg {
+            if let Some(link) = &mut leg.link {
+                link.queue(&Frame::Abort {
+                    code: e.code,
+                    reason: e.detail.clone(),
+                });
+            }
+        }
+        self.abort(CloseReason::ProtocolError, now);
+    }
+
     /// `ack = "tcp"`: the server's TCP confirmed `bytes_acked` bytes of leg
     /// `gen` (`tcpi_bytes_acked`, or bytes written minus the Unix send queue).
     pub fn on_server_acked(&mut self, gen: Generation, bytes_acked: u64, now: Instant) {
@@ -808,12 +1025,19 @@ impl SessionCore {
             return;
         }
         let mut n = n;
-        if !leg.preamble_out.is_empty() {
-            let k = n.min(leg.preamble_out.len());
-            let _ = leg.preamble_out.split_to(k);
+        if !leg.prefix_out.is_empty() {
+            let k = n.min(leg.prefix_out.len());
+            let _ = leg.prefix_out.split_to(k);
             n -= k;
         }
+        if let Some(link) = &mut leg.link {
+            // The link moved `sent` when it framed the bytes.
+            link.on_written(n, now);
+            self.step(now);
+            return;
+        }
         self.up.on_sent(n as u64);
+        self.up_sent_high = self.up_sent_high.max(self.up.sent());
         if self.backend.ack == AckMode::None {
             let sent = self.up.sent();
             self.up.ack_to(sent);
@@ -834,8 +1058,25 @@ impl SessionCore {
         if leg.gen != gen || self.done.is_some() {
             return;
         }
+        if let Some(link) = &leg.link {
+            // The transport closed: the normal end only once both FINs were
+            // acknowledged; otherwise the leg failed and the session resumes.
+            if link.complete() {
+                leg.server_eof = true;
+                self.step(now);
+            } else {
+                self.leg_failed(LegFailure::Closed, now);
+                self.step(now);
+            }
+            return;
+        }
+        if leg.hello.is_some() {
+            self.leg_failed(LegFailure::Closed, now);
+            self.step(now);
+            return;
+        }
         let all_answered = match self.backend.ack {
-            AckMode::None => true,
+            AckMode::None | AckMode::Resume(_) => true,
             AckMode::Tcp => self.up.acked() >= self.up.read(),
             AckMode::Response(_) => self.req_ends.is_empty() && self.up.acked() >= self.up.read(),
         };
@@ -1030,6 +1271,22 @@ impl SessionCore {
                 self.end_gracefully(CloseReason::HoldTimeout, now);
             }
         }
+        // Resume protocol: handshake timeout, dead peer, and what the link
+        // should send (DATA, ACKs, our FIN, PINGs).
+        if let LegState::Up(leg) = &mut self.leg {
+            if leg.hello.is_some() && now >= leg.hello_at + self.backend.connect_timeout {
+                self.leg_failed(LegFailure::HandshakeTimeout, now);
+            } else if let Some(link) = &mut leg.link {
+                if link.peer_dead(now) {
+                    self.leg_failed(LegFailure::DeadPeer, now);
+                } else {
+                    let (fin, consumed) = (self.up.fin_read(), self.down.read());
+                    link.fill(&mut self.up, fin, consumed, now);
+                    self.up_sent_high = self.up_sent_high.max(self.up.sent());
+                    leg.fin_sent = self.up.fin_read() && self.up.sent() == self.up.read();
+                }
+            }
+        }
         // Time to connect.
         if let LegState::Waiting { at, server } = self.leg {
             if self.ending.is_none() && now >= at {
@@ -1046,7 +1303,9 @@ impl SessionCore {
         if let LegState::Up(leg) = &mut self.leg {
             if self.up.fin_read()
                 && !leg.fin_sent
-                && leg.preamble_out.is_empty()
+                && leg.hello.is_none()
+                && leg.link.is_none()
+                && leg.prefix_out.is_empty()
                 && self.up.sent() == self.up.read()
             {
                 leg.fin_sent = true;
@@ -1065,7 +1324,11 @@ impl SessionCore {
                 self.close_leg();
                 self.finish(reason);
             } else if let LegState::Up(leg) = &self.leg {
-                if leg.fin_sent && leg.server_eof {
+                let both = match &leg.link {
+                    Some(link) => link.complete(),
+                    None => leg.fin_sent && leg.server_eof,
+                };
+                if both {
                     let reason = self.first_closer.unwrap_or(CloseReason::ClientClosed);
                     self.close_leg();
                     self.finish(reason);
@@ -1126,3 +1389,6 @@ fn is_resp_no_reply(frame: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod resume_tests;

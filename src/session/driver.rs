@@ -103,6 +103,8 @@ pub struct Summary {
     /// The client connection ended with a reset from holdfast's side
     /// (unread input at close).
     pub client_reset: bool,
+    /// What a peer said went wrong, when it said (resume protocol).
+    pub error: Option<String>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub legs: u64,
@@ -117,6 +119,8 @@ struct ServerConn {
     gen: Generation,
     conn: Conn,
     rbuf: BytesMut,
+    /// Resume protocol legs: frames are decoded from `rbuf`.
+    decoder: Option<crate::proto::Decoder>,
     /// Bytes written on this leg (for Unix-socket acks).
     written: u64,
 }
@@ -228,6 +232,7 @@ impl Driver {
             reason,
             replayed: self.replayed,
             client_reset,
+            error: self.core.error().map(str::to_string),
             bytes_up: self.core.stream(Dir::Up).read(),
             bytes_down: self.core.stream(Dir::Down).sent(),
             legs: self.legs,
@@ -403,6 +408,10 @@ impl Driver {
                     gen,
                     conn,
                     rbuf: BytesMut::new(),
+                    decoder: self
+                        .core
+                        .framed_legs()
+                        .then(|| crate::proto::Decoder::new(self.core.max_frame_in())),
                     written: 0,
                 });
                 self.core.on_connected(gen, Self::now());
@@ -550,8 +559,27 @@ impl Driver {
                 self.core.on_server_eof(gen, Self::now());
             }
             Poll::Ready(Ok(_)) => {
-                let chunk = server.rbuf.split().freeze();
-                self.core.on_server_data(gen, chunk, Self::now());
+                if let Some(decoder) = &server.decoder {
+                    // Resume protocol: whole frames; DATA payloads are split
+                    // off the read buffer without copying.
+                    loop {
+                        match decoder.decode(&mut server.rbuf) {
+                            Ok(Some(frame)) => self.core.on_server_frame(gen, frame, Self::now()),
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(leg.gen = gen.0, error = %e, "server broke the resume protocol");
+                                self.core.on_server_protocol_error(gen, &e, Self::now());
+                                break;
+                            }
+                        }
+                        if self.core.leg_gen() != Some(gen) {
+                            break;
+                        }
+                    }
+                } else {
+                    let chunk = server.rbuf.split().freeze();
+                    self.core.on_server_data(gen, chunk, Self::now());
+                }
             }
             Poll::Ready(Err(e)) => {
                 tracing::debug!(leg.gen = gen.0, error = %e, "server read failed");

@@ -333,6 +333,19 @@ impl Stream {
         n
     }
 
+    /// A new destination says it already consumed everything before
+    /// `offset` (at least `acked`, at most `read`): the next byte to hand it
+    /// is `offset`.
+    pub fn resume_from(&mut self, offset: Offset) {
+        let offset = offset.clamp(self.acked, self.read);
+        if offset > self.sent {
+            self.sent = offset;
+        }
+        self.ack_to(offset);
+        self.sent = offset;
+        self.check_invariants();
+    }
+
     /// A new destination starts: hand it everything from `acked` again.
     /// Returns the bytes that will be replayed (`sent - acked` before).
     pub fn rewind(&mut self) -> u64 {

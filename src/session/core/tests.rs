@@ -100,7 +100,7 @@ pub(super) fn frame(mode: &AckMode, payload: &[u8]) -> Vec<u8> {
             out.extend_from_slice(payload);
             out.extend_from_slice(b"\r\n");
         }
-        AckMode::None | AckMode::Tcp => out.extend_from_slice(payload),
+        AckMode::None | AckMode::Tcp | AckMode::Resume(_) => out.extend_from_slice(payload),
     }
     out
 }

@@ -1,0 +1,311 @@
+//! The session core with a resume-protocol backend: handshake, data and acks
+//! through a `Link`, a broken leg resumed with exact offsets both ways,
+//! refusals and protocol errors.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::tests::backend;
+use super::*;
+use crate::config::{ResumeSettings, Secret};
+use crate::proto::{Decoder, Welcome};
+
+const KEY: [u8; 32] = [7; 32];
+
+fn resume_backend() -> Arc<BackendConfig> {
+    let mut b = backend(
+        AckMode::Resume(ResumeSettings {
+            key: Secret(Arc::from(&KEY[..])),
+            heartbeat_interval: Duration::from_millis(100),
+            dead_peer_timeout: Duration::from_millis(300),
+            max_frame: 4096,
+            window: 1 << 16,
+        }),
+        1,
+    );
+    b.protocol = crate::config::BackendProtocol::Resume;
+    Arc::new(b)
+}
+
+/// Plays the shell and a resume-aware server for one session.
+struct Rig {
+    core: SessionCore,
+    now: Instant,
+    gen: Option<Generation>,
+    /// What the server received on the current leg, decoded.
+    frames: Vec<Frame>,
+    wire: BytesMut,
+    /// The server's consumed/sent offsets.
+    client_got: Vec<u8>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let now = Instant::now();
+        let core = SessionCore::new(SessionId(42), resume_backend(), 0, now);
+        let mut r = Rig {
+            core,
+            now,
+            gen: None,
+            frames: Vec::new(),
+            wire: BytesMut::new(),
+            client_got: Vec::new(),
+        };
+        r.pump();
+        r
+    }
+
+    /// Runs actions, moves bytes out of the core to the "server" and the
+    /// "client".
+    fn pump(&mut self) {
+        loop {
+            let mut progress = false;
+            while let Some(a) = self.core.poll_action() {
+                progress = true;
+                match a {
+                    Action::Connect { gen, .. } => {
+                        self.gen = Some(gen);
+                        self.frames.clear();
+                        self.wire.clear();
+                        self.core.on_connected(gen, self.now);
+                    }
+                    Action::CloseLeg { gen } => {
+                        if self.gen == Some(gen) {
+                            self.gen = None;
+                        }
+                    }
+                    Action::ShutdownServer { .. } => panic!("resume legs send FIN frames"),
+                    Action::ShutdownClient => self.core.on_client_shutdown(self.now),
+                }
+            }
+            if let Some(gen) = self.gen {
+                let mut out = Vec::new();
+                self.core.next_writes_up(64, &mut out);
+                let n: usize = out.iter().map(|b| b.len()).sum();
+                if n > 0 {
+                    progress = true;
+                    for b in &out {
+                        self.wire.extend_from_slice(b);
+                    }
+                    self.core.on_server_written(gen, n, self.now);
+                    let d = Decoder::new(1 << 20);
+                    while let Some(f) = d.decode(&mut self.wire).unwrap() {
+                        self.frames.push(f);
+                    }
+                }
+            }
+            if let Some(b) = self.core.next_write(Dir::Down) {
+                progress = true;
+                self.client_got.extend_from_slice(&b);
+                self.core.on_client_written(b.len(), self.now);
+            }
+            self.core.check_invariants();
+            if !progress {
+                break;
+            }
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        self.frames
+            .iter()
+            .find_map(|f| match f {
+                Frame::Hello(h) => Some(h.clone()),
+                _ => None,
+            })
+            .expect("a HELLO")
+    }
+
+    fn welcome(&mut self, recv_offset: u64, resumed: bool) {
+        let h = self.hello();
+        let mut w = Welcome {
+            version: 1,
+            resumed,
+            restored: false,
+            session_id: h.session_id,
+            recv_offset,
+            max_frame: 4096,
+            window: 1 << 16,
+            heartbeat_ms: 100,
+            token: [0; 32],
+        };
+        w.encode(&KEY, &h.token);
+        self.server(Frame::Welcome(w));
+    }
+
+    fn server(&mut self, f: Frame) {
+        let gen = self.gen.expect("a leg");
+        self.core.on_server_frame(gen, f, self.now);
+        self.pump();
+    }
+
+    /// DATA bytes the server received on this leg.
+    fn server_data(&self) -> Vec<u8> {
+        self.frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Data(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn acks(&self) -> Vec<u64> {
+        self.frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Ack(o) => Some(*o),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.core.on_timeout(self.now);
+        self.pump();
+    }
+}
+
+#[test]
+fn new_session_then_resume_with_exact_offsets() {
+    let mut r = Rig::new();
+    let h = r.hello();
+    assert!(!h.resume);
+    assert_eq!(h.epoch, 0);
+    assert_eq!(h.session_id, 42u128.to_be_bytes());
+    assert!(h.verify(&KEY));
+    // Nothing but the HELLO before the WELCOME.
+    r.core.on_client_data(Bytes::from_static(b"hello "), r.now);
+    r.pump();
+    assert!(r.server_data().is_empty());
+    r.welcome(0, false);
+    assert_eq!(r.server_data(), b"hello ");
+    // The server answers and acknowledges.
+    r.server(Frame::Data(Bytes::from_static(b"ok\n")));
+    r.server(Frame::Ack(6));
+    assert_eq!(r.client_got, b"ok\n");
+    assert_eq!(r.core.stream(Dir::Up).acked(), 6);
+    // More up bytes, unacknowledged; the down ACK goes out after ack_delay.
+    r.core.on_client_data(Bytes::from_static(b"world\n"), r.now);
+    r.pump();
+    r.advance(Duration::from_millis(5));
+    assert_eq!(r.acks(), vec![3]);
+    // The leg breaks; the server had consumed "wor" (9) and had sent
+    // "ok2\n" that never arrived.
+    let gen = r.gen.unwrap();
+    r.core.on_server_error(gen, r.now);
+    r.pump();
+    let h2 = r.hello();
+    assert!(h2.resume, "a resume");
+    assert!(h2.epoch > 0);
+    assert_eq!(h2.recv_offset, 3, "the initiator has ok\\n");
+    r.welcome(9, true);
+    assert_eq!(
+        r.server_data(),
+        b"ld\n",
+        "replay from the server's offset exactly"
+    );
+    r.server(Frame::Data(Bytes::from_static(b"ok2\n")));
+    assert_eq!(r.client_got, b"ok\nok2\n");
+}
+
+#[test]
+fn fins_both_ways_end_the_session() {
+    let mut r = Rig::new();
+    r.welcome(0, false);
+    r.core.on_client_data(Bytes::from_static(b"abc"), r.now);
+    r.core.on_client_eof(r.now);
+    r.pump();
+    assert!(r.frames.contains(&Frame::Fin(3)));
+    r.server(Frame::Data(Bytes::from_static(b"xyz")));
+    r.server(Frame::Fin(3));
+    r.server(Frame::Ack(4));
+    assert_eq!(r.client_got, b"xyz");
+    assert!(r.acks().contains(&4), "the server's FIN acknowledged");
+    assert_eq!(r.core.done(), Some(CloseReason::ClientClosed));
+}
+
+#[test]
+fn refusals_and_protocol_errors() {
+    // unknown_session: the session can't go on.
+    let mut r = Rig::new();
+    r.server(Frame::Refuse {
+        code: ErrorCode::UnknownSession,
+        reason: "gone".into(),
+    });
+    assert_eq!(r.core.done(), Some(CloseReason::ProtocolError));
+    assert!(r.core.error().unwrap().contains("unknown_session"));
+    // A WELCOME with a bad token.
+    let mut r = Rig::new();
+    let h = r.hello();
+    let mut w = Welcome {
+        version: 1,
+        resumed: false,
+        restored: false,
+        session_id: h.session_id,
+        recv_offset: 0,
+        max_frame: 4096,
+        window: 1 << 16,
+        heartbeat_ms: 100,
+        token: [0; 32],
+    };
+    w.encode(&[1u8; 32], &h.token);
+    r.server(Frame::Welcome(w));
+    assert_eq!(r.core.done(), Some(CloseReason::ProtocolError));
+    // An impossible offset in the WELCOME of a resume.
+    let mut r = Rig::new();
+    r.welcome(0, false);
+    r.core.on_client_data(Bytes::from_static(b"abcd"), r.now);
+    r.pump();
+    let gen = r.gen.unwrap();
+    r.core.on_server_error(gen, r.now);
+    r.pump();
+    r.welcome(5, true);
+    assert_eq!(r.core.done(), Some(CloseReason::ProtocolError));
+    assert!(
+        r.core.error().unwrap().contains("impossible_offset"),
+        "{:?}",
+        r.core.error()
+    );
+    // An ACK beyond what was sent.
+    let mut r = Rig::new();
+    r.welcome(0, false);
+    r.server(Frame::Ack(10));
+    assert_eq!(r.core.done(), Some(CloseReason::ProtocolError));
+    // limit: retried, not fatal.
+    let mut r = Rig::new();
+    r.server(Frame::Refuse {
+        code: ErrorCode::Limit,
+        reason: "busy".into(),
+    });
+    assert_eq!(r.core.done(), None);
+}
+
+#[test]
+fn a_silent_server_is_a_dead_leg_and_the_session_resumes() {
+    let mut r = Rig::new();
+    r.welcome(0, false);
+    let first = r.gen;
+    // Heartbeats go out while idle.
+    r.advance(Duration::from_millis(100));
+    assert!(r.frames.contains(&Frame::Ping));
+    // Nothing from the server for dead_peer_timeout: a new leg.
+    r.advance(Duration::from_millis(100));
+    r.advance(Duration::from_millis(100));
+    assert_ne!(r.gen, first, "a new leg after the dead peer");
+    assert!(r.hello().resume);
+    assert_eq!(r.core.done(), None);
+}
+
+#[test]
+fn handshake_timeout_retries() {
+    let mut r = Rig::new();
+    let first = r.gen;
+    r.advance(Duration::from_secs(1));
+    assert_ne!(r.gen, first);
+    assert!(!r.hello().resume, "never accepted: still a new session");
+}
