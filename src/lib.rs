@@ -1,4 +1,37 @@
 //! holdfast: a connection-preserving TCP proxy.
+//!
+//! Clients keep long-lived connections to holdfast; holdfast keeps its own
+//! connections (legs) to the servers behind it, tracks every byte of both
+//! directions with 64-bit offsets, and when a server fails it holds the
+//! client, reconnects and replays what the server had not consumed.
+//!
+//! The map, pure core first (no sockets, no clock, no tasks):
+//!
+//! - [`config`]: the TOML file → a fully typed [`config::Config`], every error
+//!   at once with its key and line.
+//! - [`stream`]: one direction's `read`/`sent`/`acked` offsets and its replay
+//!   buffer of shared chunks.
+//! - [`framing`]: frame boundaries (lines, length-prefixed, RESP) for
+//!   `ack = "response"`.
+//! - [`proto`]: the resume protocol (docs/protocol.md): frames, codec,
+//!   handshake tokens, and one established leg ([`proto::Link`]).
+//! - [`session`]: `session::core` is the session state machine (legs, hold,
+//!   replay, every ack mode); `session::driver` is the task that runs it over
+//!   real sockets.
+//!
+//! The async shell:
+//!
+//! - [`transport`]: the only place that makes sockets (TCP, Unix), and their
+//!   options.
+//! - [`proxy`]: binding, accept loops, per-backend state (round robin, the
+//!   prober), reload, the access log, draining.
+//! - [`admin`] and [`metrics`]: `/metrics`, `/healthz`, `/ready`, `/sessions`.
+//! - [`lifecycle`]: phases and shutdown triggers; [`systemd`]: readiness
+//!   notification and socket activation.
+//! - [`demo`]: `holdfast demo` and the example server.
+//!
+//! `unsafe` is denied here and allowed only in `transport::sockopt` and
+//! `systemd`, each block with a `SAFETY` note.
 #![deny(unsafe_code)]
 
 pub mod admin;
