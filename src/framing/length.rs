@@ -1,4 +1,4 @@
-//! [pure] Length-prefixed frames, with the header rules of tokio-util's
+//! \[pure\] Length-prefixed frames, with the header rules of tokio-util's
 //! `LengthDelimitedCodec`: `length_field_offset` bytes, then a big or little
 //! endian unsigned length field of `length_field_length` bytes; the payload
 //! after the header is the field's value plus `length_adjustment` bytes.

@@ -1,4 +1,4 @@
-//! [pure] Lines: a frame ends at LF, so a CRLF line ends at its LF too.
+//! \[pure\] Lines: a frame ends at LF, so a CRLF line ends at its LF too.
 //!
 //! Owns the offset where the current line starts and finds LFs with `memchr`.
 //! It keeps no line bytes at all, and does not interpret CR.

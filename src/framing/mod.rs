@@ -1,4 +1,4 @@
-//! [pure] Frame boundaries for `ack = "response"`: lines, length-prefixed and
+//! \[pure\] Frame boundaries for `ack = "response"`: lines, length-prefixed and
 //! Redis RESP2.
 //!
 //! A [`Scanner`] is fed a byte stream in chunks of any size, in order, and

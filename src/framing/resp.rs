@@ -1,4 +1,4 @@
-//! [pure] Redis RESP2 frames: a frame is one top-level value (`+` simple
+//! \[pure\] Redis RESP2 frames: a frame is one top-level value (`+` simple
 //! string, `-` error, `:` integer, `$` bulk string, `*` array of values) or, at
 //! top level only, an inline command: a line whose first byte is none of
 //! `+-:$*`, ending at LF as Redis accepts it.

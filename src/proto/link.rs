@@ -1,4 +1,4 @@
-//! [pure] One established HFRP leg, either side: what to put on the wire
+//! \[pure\] One established HFRP leg, either side: what to put on the wire
 //! (DATA within the peer's window and frame size, ACKs in batches, FIN,
 //! PING when idle) and what the peer's frames mean for our streams.
 //!

@@ -1,4 +1,4 @@
-//! [pure] The resume protocol (HFRP/1, `docs/protocol.md`): frames, their
+//! \[pure\] The resume protocol (HFRP/1, `docs/protocol.md`): frames, their
 //! codec, the handshake messages with their HMAC tokens, and the offset
 //! checks both sides make.
 //!

@@ -1,4 +1,4 @@
-//! [pure] The session state machine: legs, hold, reconnect, replay and ack
+//! \[pure\] The session state machine: legs, hold, reconnect, replay and ack
 //! tracking for every ack mode.
 //!
 //! [`SessionCore`] takes inputs (`on_*` methods, each with `now`) and hands back

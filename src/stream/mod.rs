@@ -1,4 +1,4 @@
-//! [pure] One direction of a session: its 64-bit offsets and its replay buffer.
+//! \[pure\] One direction of a session: its 64-bit offsets and its replay buffer.
 //!
 //! A [`Stream`] counts `read` (bytes taken from the source), `sent` (bytes
 //! handed to the current destination) and `acked` (bytes the destination
