@@ -363,3 +363,72 @@ async fn hold_timeout_closes_the_client_with_a_fin() {
     assert!(started.elapsed() >= Duration::from_millis(250));
     proxy.stop().await;
 }
+
+/// While the server is down, holdfast reads the client only up to
+/// `buffer_limit`, then stops (TCP backpressure: the client's writes block,
+/// no drop, no reset); once the server is back everything arrives exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffer_limit_backpressures_the_client_while_held() {
+    use holdfast::lifecycle::{Phase, Shutdown};
+    let mut server = Server::start("127.0.0.1:0", "echo").await;
+    let toml = config(&server.addr, "tcp", "buffer_limit = \"64KiB\"");
+    let cfg = holdfast::config::parse(&toml).unwrap();
+    let bound = holdfast::proxy::bind(&cfg).await.unwrap();
+    let addr = bound.local_endpoints()[0].to_string();
+    let rt = holdfast::proxy::Runtime::for_config(&cfg);
+    let (_reload, reloads) = tokio::sync::mpsc::channel(1);
+    let shutdown = Shutdown::new();
+    let (tx, mut phase) = tokio::sync::watch::channel(Phase::Starting);
+    tokio::spawn(holdfast::proxy::run_with(
+        cfg,
+        bound,
+        shutdown.clone(),
+        tx,
+        rt.clone(),
+        reloads,
+    ));
+    phase.wait_for(|p| *p == Phase::Running).await.unwrap();
+
+    let c = connect(&addr).await;
+    let (mut r, mut w) = c.into_split();
+    w.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    r.read_exact(&mut one).await.unwrap();
+    server.kill().await;
+
+    let data = pattern(4 << 20, 11);
+    let d2 = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&d2).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    // holdfast stops reading at the limit: its up stream stops growing well
+    // short of 4 MiB, while the writer is blocked.
+    let mut read = 0;
+    for _ in 0..1000 {
+        let views = rt.shared.session_views();
+        read = views[0].up.read;
+        let buffered = views[0].buffered_bytes;
+        if read > 64 * 1024 && read == rt.shared.session_views()[0].up.read {
+            assert!(buffered <= 64 * 1024 + 64 * 1024, "buffered {buffered}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(read < 1 << 20, "holdfast read {read} bytes while held");
+    assert!(
+        !writer.is_finished(),
+        "the client is backpressured, not dropped"
+    );
+    assert_eq!(rt.shared.session_views()[0].state, "held");
+
+    server.restart().await;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut got))
+        .await
+        .expect("everything echoed in time")
+        .unwrap();
+    writer.await.unwrap();
+    assert_bytes_eq(&got, &data, "echo after the hold");
+    shutdown.stop.cancel();
+}
