@@ -70,6 +70,8 @@ fn minimal_file_gets_every_default() {
             backend: 0,
             protocol: ListenerProtocol::Tcp,
             socket: DEFAULT_SOCKET,
+            tls: None,
+            sni: vec![],
         }],
         backends: vec![BackendConfig {
             name: "orders".into(),
@@ -89,6 +91,7 @@ fn minimal_file_gets_every_default() {
                 user_timeout: Some(Duration::from_secs(30)),
                 ..DEFAULT_SOCKET
             },
+            tls: None,
         }],
     };
     assert_eq!(ok(MINIMAL), want);
@@ -299,7 +302,7 @@ drain = "1s"
 name = "a"
 listen = "127.0.0.1:7000"
 backend = "b"
-tls = { cert = "c" }
+tls_cert = "c"
 [[backend]]
 name = "b"
 servers = ["h:1"]
@@ -322,7 +325,7 @@ framing = { type = "lines", big_endian = true }
             "admin.port 5",
             "limits.buffer_memroy 7",
             "lifecycle.drain 9",
-            "listener[0].tls 14",
+            "listener[0].tls_cert 14",
             "backend[0].framing.big_endian 19",
             "extra 20",
         ]
