@@ -536,6 +536,14 @@ fn start_session(ctx: &Arc<AcceptCtx>, conn: Conn, peer: String) {
                 let session = tls.route(conn.sni(), &ctx.session);
                 run_session(&ctx, session, conn, peer);
             }
+            Err(transport::tls::HandshakeError::Failed(e))
+                if e.kind() == io::ErrorKind::UnexpectedEof =>
+            {
+                // Closed before finishing a ClientHello: a port probe (or a
+                // holdfast prober parking a connection), not a refusal.
+                open.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!(listener = %ctx.listener_name, client.addr = %peer, error = %e, "client closed during the tls handshake");
+            }
             Err(e) => {
                 open.fetch_sub(1, Ordering::Relaxed);
                 let (reason, error) = match e {
