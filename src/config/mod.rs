@@ -7,7 +7,13 @@
 //! endpoints. This module owns no sockets: binding and connecting live in
 //! `transport`.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+
+pub use crate::transport::tls::{CertKey, SniName};
 
 mod raw;
 mod units;
@@ -77,6 +83,85 @@ pub struct ListenerConfig {
     pub backend: usize,
     pub protocol: ListenerProtocol,
     pub socket: SocketOptions,
+    /// `tls`: clients speak TLS to this listener; `None` for plain TCP.
+    pub tls: Option<ListenerTls>,
+    /// `sni`: backends (and certificates) chosen by the client's SNI name;
+    /// needs `tls`. A name that matches no entry goes to `backend`.
+    pub sni: Vec<SniRoute>,
+}
+
+/// A listener's `tls` table, with its files read and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTls {
+    /// `cert`, `key`: the default certificate chain and key (PEM files).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub pair: CertKey,
+    /// `client_ca`: clients must present a certificate signed by one of
+    /// these (PEM); `None` asks for no client certificate.
+    pub client_ca: Option<PathBuf>,
+    pub client_ca_certs: Vec<CertificateDer<'static>>,
+    /// `min_version`: `"1.2"` (default) or `"1.3"`.
+    pub min_version: TlsVersion,
+    /// `alpn`: protocols offered, in preference order (default none).
+    pub alpn: Vec<String>,
+    /// `handshake_timeout` (default 10 s).
+    pub handshake_timeout: Duration,
+    /// The rustls config built from the fields above.
+    pub server: Built<rustls::ServerConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+/// One `[[listener.sni]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SniRoute {
+    /// `name`: `"host.example.com"` or `"*.example.com"`.
+    pub name: SniName,
+    /// `backend`: index into [`Config::backends`]; `None` keeps the
+    /// listener's backend.
+    pub backend: Option<usize>,
+    /// `cert` + `key`: the certificate for this name; `None` uses the
+    /// listener's.
+    pub pair: Option<CertKey>,
+}
+
+/// A backend's `tls` table: holdfast speaks TLS to its servers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendTls {
+    /// `ca`: the CA certificates (PEM) that server certificates must chain to.
+    pub ca: PathBuf,
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// The name each server's certificate must carry, per server
+    /// (`server_name`, or the host of the server's address).
+    pub server_names: Vec<ServerName<'static>>,
+    /// `cert` + `key`: holdfast's client certificate, for mutual TLS.
+    pub client: Option<(PathBuf, PathBuf, CertKey)>,
+    /// `alpn`: protocols offered to servers (default none).
+    pub alpn: Vec<String>,
+    /// The rustls config built from the fields above.
+    pub client_config: Built<rustls::ClientConfig>,
+}
+
+/// Something built from the other fields of its struct (a rustls config):
+/// shared, and ignored by `==`, which compares what it was built from.
+#[derive(Clone)]
+pub struct Built<T>(pub Arc<T>);
+
+impl<T> PartialEq for Built<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<T> std::fmt::Debug for Built<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Built(..)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +203,8 @@ pub struct BackendConfig {
     /// `retry_responses`: response prefixes meaning "not processed, try again".
     pub retry_responses: Vec<Vec<u8>>,
     pub socket: SocketOptions,
+    /// `tls`: TLS to the servers; `None` for plain TCP.
+    pub tls: Option<BackendTls>,
 }
 
 /// How holdfast learns that a server consumed bytes (DESIGN.md, "Ack source").

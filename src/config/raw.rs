@@ -294,6 +294,42 @@ pub(super) struct RawListener {
     pub backend: Option<Sp<String>>,
     pub protocol: Option<Sp<String>>,
     pub socket: RawSocket,
+    pub tls: Option<RawListenerTls>,
+    /// `[[listener.sni]]`, in file order.
+    pub sni: Vec<RawSni>,
+}
+
+/// A listener's `tls = { ... }` (or `[listener.tls]`).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RawListenerTls {
+    pub at: Sp<()>,
+    pub cert: Option<Sp<String>>,
+    pub key: Option<Sp<String>>,
+    pub client_ca: Option<Sp<String>>,
+    pub min_version: Option<Sp<String>>,
+    pub alpn: Option<Sp<Vec<Option<Sp<String>>>>>,
+    pub handshake_timeout: Option<Sp<String>>,
+}
+
+/// One `[[listener.sni]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RawSni {
+    pub at: Sp<()>,
+    pub name: Option<Sp<String>>,
+    pub backend: Option<Sp<String>>,
+    pub cert: Option<Sp<String>>,
+    pub key: Option<Sp<String>>,
+}
+
+/// A backend's `tls = { ... }` (or `[backend.tls]`).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RawBackendTls {
+    pub at: Sp<()>,
+    pub ca: Option<Sp<String>>,
+    pub server_name: Option<Sp<String>>,
+    pub cert: Option<Sp<String>>,
+    pub key: Option<Sp<String>>,
+    pub alpn: Option<Sp<Vec<Option<Sp<String>>>>>,
 }
 
 /// Socket keys, written directly in a `[[listener]]` or `[[backend]]`.
@@ -328,6 +364,7 @@ pub(super) struct RawBackend {
     pub retry_responses: Option<Sp<Vec<Option<Sp<String>>>>>,
     pub resume: Option<RawResume>,
     pub socket: RawSocket,
+    pub tls: Option<RawBackendTls>,
 }
 
 /// `resume = { secret_file = "...", ... }` of a backend (protocol = "resume").
@@ -401,6 +438,22 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
             backend: t.string("backend", report),
             protocol: t.string("protocol", report),
             socket: socket(&mut t, report),
+            tls: listener_tls(&mut t, report),
+            sni: t
+                .array_of_tables("sni", report)
+                .into_iter()
+                .map(|mut s| {
+                    let raw = RawSni {
+                        name: s.string("name", report),
+                        backend: s.string("backend", report),
+                        cert: s.string("cert", report),
+                        key: s.string("key", report),
+                        at: s.at(),
+                    };
+                    s.finish(report);
+                    raw
+                })
+                .collect(),
             at: t.at(),
         });
         t.finish(report);
@@ -435,6 +488,7 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
                 raw
             }),
             socket: socket(&mut t, report),
+            tls: backend_tls(&mut t, report),
             at: t.at(),
         });
         t.finish(report);
@@ -452,6 +506,35 @@ fn socket(t: &mut Table, report: &mut Report) -> RawSocket {
         keepalive_count: t.integer("keepalive_count", report),
         user_timeout: t.duration("user_timeout", report),
     }
+}
+
+fn listener_tls(t: &mut Table, report: &mut Report) -> Option<RawListenerTls> {
+    let mut s = t.table("tls", report)?;
+    let raw = RawListenerTls {
+        cert: s.string("cert", report),
+        key: s.string("key", report),
+        client_ca: s.string("client_ca", report),
+        min_version: s.string("min_version", report),
+        alpn: s.strings("alpn", report),
+        handshake_timeout: s.duration("handshake_timeout", report),
+        at: s.at(),
+    };
+    s.finish(report);
+    Some(raw)
+}
+
+fn backend_tls(t: &mut Table, report: &mut Report) -> Option<RawBackendTls> {
+    let mut s = t.table("tls", report)?;
+    let raw = RawBackendTls {
+        ca: s.string("ca", report),
+        server_name: s.string("server_name", report),
+        cert: s.string("cert", report),
+        key: s.string("key", report),
+        alpn: s.strings("alpn", report),
+        at: s.at(),
+    };
+    s.finish(report);
+    Some(raw)
 }
 
 fn framing(t: &mut Table, report: &mut Report) -> Option<Sp<RawFraming>> {

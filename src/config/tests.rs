@@ -70,6 +70,8 @@ fn minimal_file_gets_every_default() {
             backend: 0,
             protocol: ListenerProtocol::Tcp,
             socket: DEFAULT_SOCKET,
+            tls: None,
+            sni: vec![],
         }],
         backends: vec![BackendConfig {
             name: "orders".into(),
@@ -89,6 +91,7 @@ fn minimal_file_gets_every_default() {
                 user_timeout: Some(Duration::from_secs(30)),
                 ..DEFAULT_SOCKET
             },
+            tls: None,
         }],
     };
     assert_eq!(ok(MINIMAL), want);
@@ -299,7 +302,7 @@ drain = "1s"
 name = "a"
 listen = "127.0.0.1:7000"
 backend = "b"
-tls = { cert = "c" }
+tls_cert = "c"
 [[backend]]
 name = "b"
 servers = ["h:1"]
@@ -322,7 +325,7 @@ framing = { type = "lines", big_endian = true }
             "admin.port 5",
             "limits.buffer_memroy 7",
             "lifecycle.drain 9",
-            "listener[0].tls 14",
+            "listener[0].tls_cert 14",
             "backend[0].framing.big_endian 19",
             "extra 20",
         ]
@@ -370,9 +373,9 @@ fn wrong_toml_types() {
 #[test]
 fn bad_values() {
     for (extra, key, message) in [
-        ("protocol = \"udp\"", "backend[0].protocol", "unknown protocol \"udp\" (use tcp)"),
-        ("protocol = \"resume\"", "backend[0].protocol", "protocol \"resume\" is not supported yet (use tcp)"),
-        ("ack = \"always\"", "backend[0].ack", "unknown ack mode \"always\" (use none, tcp or response)"),
+        ("protocol = \"udp\"", "backend[0].protocol", "unknown protocol \"udp\" (use tcp or resume)"),
+        ("protocol = \"resume\"", "backend[0].resume", "protocol = \"resume\" needs resume = { secret_file = \"...\" }"),
+        ("ack = \"always\"", "backend[0].ack", "unknown ack mode \"always\" (use none, tcp, response or resume)"),
         ("on_server_close = \"panic\"", "backend[0].on_server_close", "unknown on_server_close \"panic\" (use reconnect or close)"),
         ("ack = \"response\"\nframing = \"json\"", "backend[0].framing", "unknown framing \"json\" (use lines, length-prefixed or resp)"),
         ("ack = \"response\"\nframing = { length_field_length = 2 }", "backend[0].framing.type", "missing key \"type\" (lines, length-prefixed or resp)"),

@@ -11,13 +11,18 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
-use super::raw::{self, RawBackend, RawConfig, RawFraming, RawSize, RawSocket, Sp, Span};
+use super::raw::{
+    self, RawBackend, RawBackendTls, RawConfig, RawFraming, RawListenerTls, RawSize, RawSni,
+    RawSocket, Sp, Span,
+};
 use super::units::{fmt_duration, fmt_size, parse_duration, parse_size, Endpoint};
 use super::{
     AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, Framing, Keepalive,
     LengthPrefixed, Lifecycle, Limits, ListenerConfig, ListenerProtocol, LogConfig, OnServerClose,
     ResumeSettings, Secret, SocketOptions,
 };
+use super::{BackendTls, Built, CertKey, ListenerTls, SniName, SniRoute, TlsVersion};
+use crate::transport::tls;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +93,7 @@ const DEFAULT_BACKEND_USER_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_KEEPALIVE_SECS: u64 = 32_767;
 /// Redis answers this while it loads its data set.
 const RESP_RETRY_DEFAULT: &str = "-LOADING";
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parses and validates a config file's text.
 pub fn parse(src: &str) -> Result<Config, ConfigErrors> {
@@ -311,12 +317,33 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
             ListenerProtocol::Tcp,
         );
         let socket = socket(r, &l.socket, None);
+        let sni: Vec<(SniRoute, &RawSni)> = l
+            .sni
+            .iter()
+            .filter_map(|s| sni_route(r, s, &backend_names).map(|route| (route, s)))
+            .collect();
+        unique_sni(r, &l.sni);
+        let tls = match &l.tls {
+            Some(t) => listener_tls(r, t, &sni),
+            None => {
+                if let Some(first) = l.sni.first() {
+                    r.error(
+                        &format!("{}.sni", l.at.key),
+                        &first.at.span,
+                        "sni routes need tls on the listener (add tls = { cert = ..., key = ... })",
+                    );
+                }
+                None
+            }
+        };
         listeners.push(ListenerConfig {
             name: name.unwrap_or_default(),
             listen: listen.unwrap_or(Endpoint::Tcp(String::new())),
             backend: backend.unwrap_or(0),
             protocol: protocol.unwrap_or(ListenerProtocol::Tcp),
             socket,
+            tls,
+            sni: sni.into_iter().map(|(route, _)| route).collect(),
         });
     }
 
@@ -633,6 +660,11 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         None => Vec::new(),
     };
 
+    let tls = b
+        .tls
+        .as_ref()
+        .and_then(|t| backend_tls(r, t, servers.as_deref(), ack.as_ref(), b));
+
     BackendConfig {
         name: name.unwrap_or_default(),
         servers: servers.unwrap_or_default(),
@@ -648,8 +680,330 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         preamble: preamble.unwrap_or(0),
         retry_responses,
         socket: socket(r, &b.socket, Some(DEFAULT_BACKEND_USER_TIMEOUT)),
+        tls,
     }
 }
+
+/// A certificate and key given as two keys of one table: both or neither;
+/// read and checked against each other. `None` when absent or bad (reported).
+fn cert_key(
+    r: &mut Report,
+    at: &Sp<()>,
+    cert: &Option<Sp<String>>,
+    key: &Option<Sp<String>>,
+    required_pair: bool,
+) -> Option<(Sp<String>, Sp<String>, CertKey)> {
+    match (cert, key) {
+        (None, None) => {
+            if required_pair {
+                required(r, at, cert, "cert");
+                required(r, at, key, "key");
+            }
+            None
+        }
+        (Some(c), None) => {
+            r.error(
+                &format!("{}.key", at.key),
+                &c.span,
+                "cert needs a key (the PEM file with its private key)",
+            );
+            None
+        }
+        (None, Some(k)) => {
+            r.error(
+                &format!("{}.cert", at.key),
+                &k.span,
+                "key needs a cert (the PEM file with the certificate chain)",
+            );
+            None
+        }
+        (Some(c), Some(k)) => match tls::load_cert_key(Path::new(&c.value), Path::new(&k.value)) {
+            Ok(pair) => Some((c.clone(), k.clone(), pair)),
+            Err((tls::Which::Cert, e)) => {
+                r.at(c, e);
+                None
+            }
+            Err((tls::Which::Key, e)) => {
+                r.at(k, e);
+                None
+            }
+        },
+    }
+}
+
+/// `alpn = ["h2", "http/1.1"]`: non-empty names of at most 255 bytes.
+fn alpn(r: &mut Report, f: &Option<Sp<Vec<Option<Sp<String>>>>>) -> Option<Vec<String>> {
+    let Some(list) = f else {
+        return Some(Vec::new());
+    };
+    let mut ok = true;
+    for p in list.value.iter().flatten() {
+        if p.value.is_empty() || p.value.len() > 255 {
+            r.at(p, "an ALPN protocol name is 1 to 255 bytes");
+            ok = false;
+        }
+    }
+    let names: Vec<String> = list
+        .value
+        .iter()
+        .flatten()
+        .map(|p| p.value.clone())
+        .collect();
+    (ok && names.len() == list.value.len()).then_some(names)
+}
+
+fn ca_certs(
+    r: &mut Report,
+    f: &Sp<String>,
+) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    match tls::load_certs(Path::new(&f.value)) {
+        Ok(certs) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in &certs {
+                if let Err(e) = roots.add(c.clone()) {
+                    r.at(
+                        f,
+                        format!("{:?}: not usable as a CA certificate: {e}", f.value),
+                    );
+                    return None;
+                }
+            }
+            Some(certs)
+        }
+        Err(e) => {
+            r.at(f, e);
+            None
+        }
+    }
+}
+
+fn root_store(
+    certs: &[rustls::pki_types::CertificateDer<'static>],
+) -> std::sync::Arc<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    // Each was added once already while validating.
+    let _ = roots.add_parsable_certificates(certs.iter().cloned());
+    std::sync::Arc::new(roots)
+}
+
+fn listener_tls(
+    r: &mut Report,
+    t: &RawListenerTls,
+    sni: &[(SniRoute, &RawSni)],
+) -> Option<ListenerTls> {
+    let pair = cert_key(r, &t.at, &t.cert, &t.key, true);
+    let client_ca = t.client_ca.as_ref().map(|f| (f, ca_certs(r, f)));
+    let min_version = choice(
+        r,
+        &t.min_version,
+        "min_version",
+        &[
+            ("1.2", Some(TlsVersion::Tls12)),
+            ("1.3", Some(TlsVersion::Tls13)),
+        ],
+        TlsVersion::Tls12,
+    );
+    let alpn = alpn(r, &t.alpn);
+    let handshake_timeout = positive(r, &t.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+    let (cert, key, pair) = pair?;
+    let (client_ca, client_ca_certs) = match client_ca {
+        Some((f, certs)) => (Some(std::path::PathBuf::from(&f.value)), certs?),
+        None => (None, Vec::new()),
+    };
+    let (min_version, alpn, handshake_timeout) = (min_version?, alpn?, handshake_timeout?);
+    // Every SNI certificate must have loaded (else already reported).
+    if sni
+        .iter()
+        .any(|(route, raw)| route.pair.is_none() && raw.cert.is_some())
+    {
+        return None;
+    }
+    let settings = tls::ServerSettings {
+        default: &pair,
+        sni_certs: sni
+            .iter()
+            .filter_map(|(route, _)| route.pair.as_ref().map(|p| (&route.name, p)))
+            .collect(),
+        client_ca: client_ca.as_ref().map(|_| root_store(&client_ca_certs)),
+        tls12: min_version == TlsVersion::Tls12,
+        alpn: &alpn,
+    };
+    let server = match tls::server_config(&settings) {
+        Ok(s) => s,
+        Err(e) => {
+            r.error(&t.at.key, &t.at.span, e);
+            return None;
+        }
+    };
+    Some(ListenerTls {
+        cert: cert.value.into(),
+        key: key.value.into(),
+        pair,
+        client_ca,
+        client_ca_certs,
+        min_version,
+        alpn,
+        handshake_timeout,
+        server: Built(server),
+    })
+}
+
+/// One `[[listener.sni]]`; `None` when it has an error (reported). A bad
+/// certificate leaves the route without one (the listener then fails).
+fn sni_route(r: &mut Report, s: &RawSni, backend_names: &[&str]) -> Option<SniRoute> {
+    let name = required(r, &s.at, &s.name, "name")
+        .and_then(|f| SniName::parse(&f.value).map_err(|e| r.at(f, e)).ok());
+    let backend = match &s.backend {
+        None => Some(None),
+        Some(f) => match backend_names.iter().position(|n| *n == f.value) {
+            Some(i) => Some(Some(i)),
+            None => {
+                r.at(
+                    f,
+                    format!(
+                        "no backend named {:?} (backends: {})",
+                        f.value,
+                        backend_names.join(", ")
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let pair = cert_key(r, &s.at, &s.cert, &s.key, false).map(|(_, _, p)| p);
+    Some(SniRoute {
+        name: name?,
+        backend: backend?,
+        pair,
+    })
+}
+
+fn unique_sni(r: &mut Report, entries: &[RawSni]) {
+    let mut seen: HashMap<String, &Sp<String>> = HashMap::new();
+    for f in entries.iter().filter_map(|s| s.name.as_ref()) {
+        let Ok(name) = SniName::parse(&f.value) else {
+            continue;
+        };
+        let norm = name.to_string();
+        if let Some(first) = seen.get(&norm) {
+            let (line, _) = first.span.as_ref().map_or((0, 0), |s| r.position(s.start));
+            r.at(
+                f,
+                format!("duplicate sni name {:?} (also line {line})", f.value),
+            );
+        } else {
+            seen.insert(norm, f);
+        }
+    }
+}
+
+/// The host part of `host:port` / `[v6]:port`.
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn backend_tls(
+    r: &mut Report,
+    t: &RawBackendTls,
+    servers: Option<&[Endpoint]>,
+    ack: Option<&AckMode>,
+    b: &RawBackend,
+) -> Option<BackendTls> {
+    if ack == Some(&AckMode::Tcp) {
+        let how = if b.ack.is_some() {
+            "ack = \"tcp\""
+        } else {
+            "ack = \"tcp\" (the default)"
+        };
+        r.error(
+            &t.at.key,
+            &t.at.span,
+            format!(
+                "tls cannot be used with {how}: the kernel's acks count TLS record bytes, not the plaintext offsets holdfast replays from; use ack = \"response\" or \"none\""
+            ),
+        );
+    }
+    let ca = match required(r, &t.at, &t.ca, "ca") {
+        Some(f) => ca_certs(r, f).map(|c| (f, c)),
+        None => None,
+    };
+    let client = cert_key(r, &t.at, &t.cert, &t.key, false);
+    let alpn = alpn(r, &t.alpn);
+    let server_names = match &t.server_name {
+        Some(f) => match ServerNameOwned::try_from(f.value.clone()) {
+            Ok(n) => servers.map(|s| vec![n; s.len()]),
+            Err(_) => {
+                r.at(
+                    f,
+                    format!("{:?} is not a DNS name or an IP address", f.value),
+                );
+                None
+            }
+        },
+        None => {
+            let mut names = Vec::new();
+            for ep in servers.unwrap_or_default() {
+                match ep {
+                    Endpoint::Tcp(addr) => {
+                        match ServerNameOwned::try_from(host_of(addr).to_owned()) {
+                            Ok(n) => names.push(n),
+                            Err(_) => {
+                                r.error(
+                                &format!("{}.server_name", t.at.key),
+                                &t.at.span,
+                                format!("cannot use the host of {addr:?} as the TLS server name; set server_name"),
+                            );
+                                return None;
+                            }
+                        }
+                    }
+                    Endpoint::Unix(p) => {
+                        r.error(
+                            &format!("{}.server_name", t.at.key),
+                            &t.at.span,
+                            format!(
+                                "server \"unix:{}\" has no host name to verify: set server_name",
+                                p.display()
+                            ),
+                        );
+                        return None;
+                    }
+                    // Already reported: systemd sockets are for listeners.
+                    Endpoint::Systemd(_) => return None,
+                }
+            }
+            servers.map(|_| names)
+        }
+    };
+    let (ca_f, ca_certs) = ca?;
+    let alpn = alpn?;
+    let server_names = server_names?;
+    if t.cert.is_some() != client.is_some() {
+        return None;
+    }
+    let client_config = match tls::client_config(
+        root_store(&ca_certs),
+        client.as_ref().map(|(_, _, p)| p),
+        &alpn,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            r.error(&t.at.key, &t.at.span, e);
+            return None;
+        }
+    };
+    Some(BackendTls {
+        ca: ca_f.value.clone().into(),
+        ca_certs,
+        server_names,
+        client: client.map(|(c, k, p)| (c.value.into(), k.value.into(), p)),
+        alpn,
+        client_config: Built(client_config),
+    })
+}
+
+type ServerNameOwned = rustls::pki_types::ServerName<'static>;
 
 fn framing(r: &mut Report, f: &RawFraming, max_frame: &Option<Sp<RawSize>>) -> Option<Framing> {
     #[derive(Clone, Copy)]

@@ -32,6 +32,10 @@ pub const BUILD_INFO: &str = "holdfast_build_info";
 
 /// Why a client connection was refused at accept.
 pub const REJECT_MAX_SESSIONS: &str = "max_sessions";
+/// A client's TLS handshake failed (bad or no certificate, plaintext, ...).
+pub const REJECT_TLS_HANDSHAKE: &str = "tls_handshake";
+/// A client did not finish its TLS handshake in `handshake_timeout`.
+pub const REJECT_TLS_TIMEOUT: &str = "tls_timeout";
 
 /// Every metric holdfast exports.
 #[derive(Clone)]

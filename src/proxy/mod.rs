@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, Endpoint, ListenerConfig};
 use crate::lifecycle::{Phase, Shutdown};
-use crate::metrics::{Metrics, REJECT_MAX_SESSIONS};
+use crate::metrics::{Metrics, REJECT_MAX_SESSIONS, REJECT_TLS_HANDSHAKE, REJECT_TLS_TIMEOUT};
 use crate::session::driver::{Driver, SessionCtx, Shared};
 use crate::session::{SessionCore, SessionId};
 use crate::transport::{self, BindError, Conn, Listener};
@@ -305,13 +305,32 @@ impl Running {
         backends: &HashMap<String, Arc<Backend>>,
     ) -> Arc<AcceptCtx> {
         let backend_name = &config.backends[cfg.backend].name;
+        let session = SessionCtx {
+            backend: backends[backend_name].clone(),
+            listener: self.metrics.listener(&cfg.name),
+            shared: self.shared.clone(),
+        };
+        // Certificates were read and checked when the config was loaded: a
+        // reload builds a new acceptor, which new handshakes use.
+        let tls = cfg.tls.as_ref().map(|t| ListenerTlsCtx {
+            acceptor: tokio_rustls::TlsAcceptor::from(t.server.0.clone()),
+            handshake_timeout: t.handshake_timeout,
+            routes: cfg
+                .sni
+                .iter()
+                .map(|route| {
+                    let mut ctx = session.clone();
+                    if let Some(b) = route.backend {
+                        ctx.backend = backends[&config.backends[b].name].clone();
+                    }
+                    (route.name.clone(), ctx)
+                })
+                .collect(),
+        });
         Arc::new(AcceptCtx {
             listener_name: Arc::from(cfg.name.as_str()),
-            session: SessionCtx {
-                backend: backends[backend_name].clone(),
-                listener: self.metrics.listener(&cfg.name),
-                shared: self.shared.clone(),
-            },
+            session,
+            tls,
             sessions: self.sessions.clone(),
             close_sessions: self.close_sessions.clone(),
             open: self.open.clone(),
@@ -410,12 +429,31 @@ impl Running {
 struct AcceptCtx {
     listener_name: Arc<str>,
     session: SessionCtx,
+    tls: Option<ListenerTlsCtx>,
     sessions: TaskTracker,
     close_sessions: CancellationToken,
     open: Arc<AtomicUsize>,
     max_sessions: usize,
     access: Option<Arc<AccessLogger>>,
     cfg: ListenerConfig,
+}
+
+/// A TLS listener's acceptor and SNI routes.
+struct ListenerTlsCtx {
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake_timeout: Duration,
+    /// SNI pattern → the session context of its backend.
+    routes: Vec<(crate::config::SniName, SessionCtx)>,
+}
+
+impl ListenerTlsCtx {
+    /// The session context for a client that asked for `sni`.
+    fn route<'a>(&'a self, sni: Option<&str>, default: &'a SessionCtx) -> &'a SessionCtx {
+        sni.and_then(|name| {
+            crate::transport::tls::best_match(self.routes.iter().map(|(n, _)| n), name)
+        })
+        .map_or(default, |i| &self.routes[i].1)
+    }
 }
 
 async fn accept_loop(
@@ -459,21 +497,76 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-fn start_session(ctx: &AcceptCtx, conn: Conn, peer: String) {
+fn start_session(ctx: &Arc<AcceptCtx>, conn: Conn, peer: String) {
     let lm = &ctx.session.listener;
     if ctx.open.load(Ordering::Relaxed) >= ctx.max_sessions {
         lm.rejected(REJECT_MAX_SESSIONS);
         tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, limit = ctx.max_sessions, "max_sessions reached: refusing client");
         return;
     }
-    lm.accepted.inc();
     if let Conn::Tcp(s) = &conn {
         if let Err(e) = transport::apply_tcp_options(socket2::SockRef::from(s), &ctx.cfg.socket) {
             tracing::debug!(error = %e, "setting client socket options failed");
         }
     }
-    let backend = ctx.session.backend.config.clone();
-    let first = ctx.session.backend.pick_server();
+    let open = ctx.open.clone();
+    open.fetch_add(1, Ordering::Relaxed);
+    let Some(tls) = &ctx.tls else {
+        lm.accepted.inc();
+        run_session(ctx, &ctx.session, conn, peer);
+        return;
+    };
+    // The handshake runs in its own task: a slow or silent client holds up
+    // nobody (its max_sessions slot is counted meanwhile).
+    let timeout = tls.handshake_timeout;
+    let acceptor = tls.acceptor.clone();
+    let ctx = ctx.clone();
+    ctx.sessions.clone().spawn(async move {
+        let lm = &ctx.session.listener;
+        let handshake = tokio::select! {
+            r = transport::tls::accept(&acceptor, conn, timeout) => r,
+            _ = ctx.close_sessions.cancelled() => {
+                open.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        match handshake {
+            Ok(conn) => {
+                lm.accepted.inc();
+                let tls = ctx.tls.as_ref().expect("tls listener");
+                let session = tls.route(conn.sni(), &ctx.session);
+                run_session(&ctx, session, conn, peer);
+            }
+            Err(transport::tls::HandshakeError::Failed(e))
+                if e.kind() == io::ErrorKind::UnexpectedEof =>
+            {
+                // Closed before finishing a ClientHello: a port probe (or a
+                // holdfast prober parking a connection), not a refusal.
+                open.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!(listener = %ctx.listener_name, client.addr = %peer, error = %e, "client closed during the tls handshake");
+            }
+            Err(e) => {
+                open.fetch_sub(1, Ordering::Relaxed);
+                let (reason, error) = match e {
+                    transport::tls::HandshakeError::Timeout => (
+                        REJECT_TLS_TIMEOUT,
+                        format!("no handshake within {} ms", timeout.as_millis()),
+                    ),
+                    transport::tls::HandshakeError::Failed(e) => (REJECT_TLS_HANDSHAKE, e.to_string()),
+                };
+                lm.rejected(reason);
+                tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, reason, error = %error, "tls handshake failed: closing the client");
+            }
+        }
+    });
+}
+
+/// Spawns the session task of an accepted (and, on a TLS listener,
+/// handshaken) client. The caller has counted it in `open`.
+fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String) {
+    let lm = &session.listener;
+    let backend = session.backend.config.clone();
+    let first = session.backend.pick_server();
     let id = SessionId::random();
     let now = tokio::time::Instant::now().into_std();
     let mut core = SessionCore::new(id, backend.clone(), first, now);
@@ -484,7 +577,7 @@ fn start_session(ctx: &AcceptCtx, conn: Conn, peer: String) {
         core,
         conn,
         peer.clone(),
-        ctx.session.clone(),
+        session.clone(),
         ctx.close_sessions.child_token(),
     );
     let lm = lm.clone();
@@ -492,7 +585,6 @@ fn start_session(ctx: &AcceptCtx, conn: Conn, peer: String) {
     let listener_name = ctx.listener_name.clone();
     let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend.name);
     let open = ctx.open.clone();
-    open.fetch_add(1, Ordering::Relaxed);
     ctx.sessions.spawn(
         async move {
             tracing::info!(client.addr = %peer, "session opened");

@@ -18,7 +18,7 @@ use std::time::Duration;
 use std::os::fd::AsFd;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
@@ -158,6 +158,11 @@ pub struct Driver {
     closing_since: Option<Instant>,
     started: Instant,
     legs: u64,
+    /// A graceful shutdown of the server connection of this leg is under
+    /// way (`poll_shutdown`: close_notify on TLS, then FIN).
+    server_shutdown: Option<Generation>,
+    /// The same for the client connection.
+    client_shutdown: bool,
 }
 
 impl Driver {
@@ -208,6 +213,8 @@ impl Driver {
             closing_since: None,
             started: Instant::now(),
             legs: 0,
+            server_shutdown: None,
+            client_shutdown: false,
         }
     }
 
@@ -246,7 +253,13 @@ impl Driver {
     /// unread when the socket was dropped (the kernel then sends a reset).
     async fn linger(&mut self) -> bool {
         use tokio::io::AsyncReadExt;
-        let _ = self.client.shutdown_write();
+        if self.client.is_tls() {
+            // close_notify, then FIN.
+            let _ =
+                tokio::time::timeout(CLOSE_GRACE, AsyncWriteExt::shutdown(&mut self.client)).await;
+        } else {
+            let _ = self.client.shutdown_write();
+        }
         if self.client_eof {
             return false;
         }
@@ -272,6 +285,7 @@ impl Driver {
             let mut progress = false;
             progress |= self.poll_close(cx);
             progress |= self.run_actions();
+            progress |= self.poll_shutdowns(cx);
             if let Some(reason) = self.core.done() {
                 self.drain_events();
                 return Poll::Ready(reason);
@@ -316,19 +330,38 @@ impl Driver {
                     let server = self.adopt_reloaded_backend(server);
                     self.shared_backend.metrics.connect_attempts.inc();
                     self.connect_started = Some(Instant::now());
+                    let timeout = self.backend.connect_timeout;
+                    let tls = self.backend.tls.as_ref().map(|t| {
+                        (
+                            t.client_config.0.clone(),
+                            t.server_names[server].clone(),
+                            self.backend.servers[server].to_string(),
+                        )
+                    });
+                    let handshake = move |conn: Conn| async move {
+                        let Some((config, name, addr)) = tls else {
+                            return Ok(conn);
+                        };
+                        transport::tls::connect(config, name, conn, timeout)
+                            .await
+                            .inspect_err(|e| {
+                                tracing::warn!(server.addr = %addr, error = %e, "tls handshake with the server failed");
+                            })
+                    };
                     if let Some(conn) = self.shared_backend.take_ready(server) {
-                        // The prober's connection: no connect to wait for.
-                        self.connecting = Some((gen, Box::pin(std::future::ready(Ok(conn)))));
+                        // The prober's connection: no connect to wait for
+                        // (a TLS backend still shakes hands on it).
+                        self.connecting = Some((gen, Box::pin(handshake(conn))));
                         continue;
                     }
                     let endpoint = self.backend.servers[server].clone();
                     let opts = self.backend.socket;
-                    let timeout = self.backend.connect_timeout;
                     self.connecting = Some((
                         gen,
-                        Box::pin(
-                            async move { transport::connect(&endpoint, &opts, timeout).await },
-                        ),
+                        Box::pin(async move {
+                            let conn = transport::connect(&endpoint, &opts, timeout).await?;
+                            handshake(conn).await
+                        }),
                     ));
                 }
                 Action::CloseLeg { gen } => {
@@ -340,23 +373,54 @@ impl Driver {
                     }
                 }
                 Action::ShutdownServer { gen } => {
-                    if let Some(s) = self.server.as_ref().filter(|s| s.gen == gen) {
-                        match s.conn.shutdown_write() {
-                            Ok(()) => self.core.on_server_shutdown(gen, Self::now()),
-                            Err(e) => {
-                                tracing::debug!(error = %e, "server shutdown failed");
-                                self.server_failed(gen);
-                            }
-                        }
+                    if self.server.as_ref().is_some_and(|s| s.gen == gen) {
+                        self.server_shutdown = Some(gen);
                     }
                 }
-                Action::ShutdownClient => match self.client.shutdown_write() {
-                    Ok(()) => self.core.on_client_shutdown(Self::now()),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "client shutdown failed");
-                        self.core.on_client_error(Self::now());
+                Action::ShutdownClient => self.client_shutdown = true,
+            }
+        }
+        progress
+    }
+
+    /// Drives pending graceful shutdowns (`poll_shutdown`: immediate on TCP
+    /// and Unix, close_notify then FIN on TLS) and reports them when done.
+    fn poll_shutdowns(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        if let Some(gen) = self.server_shutdown {
+            match self.server.as_mut().filter(|s| s.gen == gen) {
+                // The leg is gone: nothing left to shut down.
+                None => self.server_shutdown = None,
+                Some(s) => match Pin::new(&mut s.conn).poll_shutdown(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.server_shutdown = None;
+                        self.core.on_server_shutdown(gen, Self::now());
+                        progress = true;
                     }
+                    Poll::Ready(Err(e)) => {
+                        self.server_shutdown = None;
+                        tracing::debug!(error = %e, "server shutdown failed");
+                        self.server_failed(gen);
+                        progress = true;
+                    }
+                    Poll::Pending => {}
                 },
+            }
+        }
+        if self.client_shutdown {
+            match Pin::new(&mut self.client).poll_shutdown(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.client_shutdown = false;
+                    self.core.on_client_shutdown(Self::now());
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    self.client_shutdown = false;
+                    tracing::debug!(error = %e, "client shutdown failed");
+                    self.core.on_client_error(Self::now());
+                    progress = true;
+                }
+                Poll::Pending => {}
             }
         }
         progress
@@ -474,6 +538,15 @@ impl Driver {
                 Poll::Pending => break,
             }
         }
+        if let Some(server) = self.server.as_mut().filter(|s| s.conn.is_tls()) {
+            // TLS buffers records that a write could not send yet.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut server.conn).poll_flush(cx) {
+                let gen = server.gen;
+                tracing::debug!(leg.gen = gen.0, error = %e, "server flush failed");
+                self.server_failed(gen);
+                return true;
+            }
+        }
         if progress {
             self.sample_acks();
         }
@@ -503,6 +576,14 @@ impl Driver {
                     return true;
                 }
                 Poll::Pending => break,
+            }
+        }
+        if self.client.is_tls() {
+            // TLS buffers records that a write could not send yet.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut self.client).poll_flush(cx) {
+                tracing::debug!(error = %e, "client flush failed");
+                self.core.on_client_error(Self::now());
+                return true;
             }
         }
         progress

@@ -1,8 +1,9 @@
 //! The only place that makes sockets: TCP and Unix listeners and connections,
 //! and the socket options holdfast sets on them.
 //!
-//! [`Conn`] is one byte-stream connection of either kind (TLS joins later);
-//! [`Listener`] accepts them. Nothing here knows about sessions or offsets.
+//! [`Conn`] is one byte-stream connection: TCP, Unix, or TLS over either
+//! (`tls`); [`Listener`] accepts them. Nothing here knows about sessions or
+//! offsets.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -18,6 +19,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 use crate::config::{Endpoint, SocketOptions};
 
 pub mod sockopt;
+pub mod tls;
 
 /// Listen backlog (the kernel caps it at `net.core.somaxconn`): deep enough
 /// for a burst of reconnecting clients.
@@ -28,12 +30,30 @@ const LISTEN_BACKLOG: u32 = 4096;
 pub enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A client's TLS connection to a TLS listener (over TCP or Unix).
+    TlsIn(Box<tokio_rustls::server::TlsStream<Conn>>),
+    /// holdfast's TLS connection to a TLS backend's server.
+    TlsOut(Box<tokio_rustls::client::TlsStream<Conn>>),
+}
+
+/// Forwards a call to the inner stream of every variant.
+macro_rules! each {
+    ($conn:expr, $s:ident => $e:expr) => {
+        match $conn {
+            Conn::Tcp($s) => $e,
+            Conn::Unix($s) => $e,
+            Conn::TlsIn($s) => $e,
+            Conn::TlsOut($s) => $e,
+        }
+    };
 }
 
 impl Conn {
     /// The kernel's confirmation of bytes written, for `ack = "tcp"`:
     /// `tcpi_bytes_acked` on TCP; on a Unix socket, `written` minus the bytes
     /// still queued (SIOCOUTQ counts what the peer has not read yet).
+    /// Over TLS the kernel counts record bytes, not plaintext: unsupported
+    /// (config validation refuses `ack = "tcp"` with backend TLS).
     pub fn bytes_acked(&self, written: u64) -> io::Result<u64> {
         match self {
             Conn::Tcp(s) => sockopt::tcp_bytes_acked(s.as_fd()),
@@ -41,10 +61,28 @@ impl Conn {
                 let queued = sockopt::outq(s.as_fd())?;
                 Ok(written.saturating_sub(queued))
             }
+            Conn::TlsIn(_) | Conn::TlsOut(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "tcp acks do not count plaintext over tls",
+            )),
         }
     }
 
-    /// Shuts down the write side (sends FIN), synchronously.
+    /// Whether this is a TLS connection.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Conn::TlsIn(_) | Conn::TlsOut(_))
+    }
+
+    /// The SNI name a TLS client asked for, if any.
+    pub fn sni(&self) -> Option<&str> {
+        match self {
+            Conn::TlsIn(s) => s.get_ref().1.server_name(),
+            _ => None,
+        }
+    }
+
+    /// Shuts down the write side (sends FIN), synchronously. On TLS this
+    /// skips close_notify: use `poll_shutdown` for a graceful TLS close.
     pub fn shutdown_write(&self) -> io::Result<()> {
         SockRef::from(&self.as_fd()).shutdown(std::net::Shutdown::Write)
     }
@@ -63,6 +101,8 @@ impl Conn {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into()),
             Conn::Unix(_) => "unix".into(),
+            Conn::TlsIn(s) => s.get_ref().0.peer(),
+            Conn::TlsOut(s) => s.get_ref().0.peer(),
         }
     }
 }
@@ -72,6 +112,8 @@ impl AsFd for Conn {
         match self {
             Conn::Tcp(s) => s.as_fd(),
             Conn::Unix(s) => s.as_fd(),
+            Conn::TlsIn(s) => s.get_ref().0.as_fd(),
+            Conn::TlsOut(s) => s.get_ref().0.as_fd(),
         }
     }
 }
@@ -82,10 +124,7 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -95,10 +134,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -106,10 +142,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -117,17 +150,11 @@ impl AsyncWrite for Conn {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Conn::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
 }
 

@@ -46,6 +46,7 @@ pub(super) fn backend(ack: AckMode, servers: usize) -> BackendConfig {
             keepalive: None,
             user_timeout: None,
         },
+        tls: None,
     }
 }
 
