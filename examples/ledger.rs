@@ -95,7 +95,8 @@ impl Ledger {
             }
             let text = String::from_utf8_lossy(&line);
             let mut f = text.splitn(5, ' ');
-            let (Some(id), Some(up), Some(down), Some(no)) = (f.next(), f.next(), f.next(), f.next())
+            let (Some(id), Some(up), Some(down), Some(no)) =
+                (f.next(), f.next(), f.next(), f.next())
             else {
                 break;
             };
@@ -122,7 +123,13 @@ impl Ledger {
     }
 
     /// Appends and fsyncs one record; returns its number.
-    fn append(&mut self, id: SessionId, up_end: u64, down_start: u64, line: &[u8]) -> io::Result<u64> {
+    fn append(
+        &mut self,
+        id: SessionId,
+        up_end: u64,
+        down_start: u64,
+        line: &[u8],
+    ) -> io::Result<u64> {
         let number = self.count + 1;
         let mut rec = format!("{} {up_end} {down_start} {number} ", hex(&id)).into_bytes();
         rec.extend_from_slice(line);
@@ -234,8 +241,7 @@ pub async fn serve(
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(io::stderr)
         .init();

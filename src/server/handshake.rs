@@ -159,10 +159,7 @@ mod tests {
             ErrorCode::StaleEpoch
         );
         for ok in [10, 15, 20] {
-            assert_eq!(
-                decide(&hello(true, 3, ok), KEY, live),
-                Ok(Decision::Resume)
-            );
+            assert_eq!(decide(&hello(true, 3, ok), KEY, live), Ok(Decision::Resume));
         }
         for bad in [9, 21] {
             assert_eq!(

@@ -387,9 +387,12 @@ impl ResumeListener {
     /// The next new or restored session. A session is yielded once, however
     /// many transports it goes through.
     pub async fn accept(&self) -> io::Result<ResumableSession> {
-        self.rx.lock().await.recv().await.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::BrokenPipe, "the accept loop has stopped")
-        })
+        self.rx
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "the accept loop has stopped"))
     }
 }
 
@@ -428,7 +431,11 @@ enum HelloError {
     Proto(ProtoError),
 }
 
-async fn read_hello(conn: &mut Conn, buf: &mut BytesMut, dec: &Decoder) -> Result<Hello, HelloError> {
+async fn read_hello(
+    conn: &mut Conn,
+    buf: &mut BytesMut,
+    dec: &Decoder,
+) -> Result<Hello, HelloError> {
     loop {
         match dec.decode(buf) {
             Ok(Some(Frame::Hello(h))) => return Ok(h),
@@ -492,26 +499,24 @@ async fn handshake_task(ctx: Arc<Ctx>, mut conn: Conn, peer: String) {
     let cfg = &ctx.cfg;
     let mut buf = BytesMut::with_capacity(1024);
     let dec = Decoder::new(cfg.link.max_frame);
-    let hello = match tokio::time::timeout(
-        cfg.handshake_timeout,
-        read_hello(&mut conn, &mut buf, &dec),
-    )
-    .await
-    {
-        Ok(Ok(h)) => h,
-        Ok(Err(HelloError::Closed)) => {
-            tracing::debug!(client.addr = %peer, "connection closed before a complete HELLO");
-            return;
-        }
-        Ok(Err(HelloError::Proto(e))) => return refuse(conn, &peer, e).await,
-        Err(_) => {
-            let e = ProtoError::new(
-                ErrorCode::Timeout,
-                format!("no HELLO within {:?}", cfg.handshake_timeout),
-            );
-            return refuse(conn, &peer, e).await;
-        }
-    };
+    let hello =
+        match tokio::time::timeout(cfg.handshake_timeout, read_hello(&mut conn, &mut buf, &dec))
+            .await
+        {
+            Ok(Ok(h)) => h,
+            Ok(Err(HelloError::Closed)) => {
+                tracing::debug!(client.addr = %peer, "connection closed before a complete HELLO");
+                return;
+            }
+            Ok(Err(HelloError::Proto(e))) => return refuse(conn, &peer, e).await,
+            Err(_) => {
+                let e = ProtoError::new(
+                    ErrorCode::Timeout,
+                    format!("no HELLO within {:?}", cfg.handshake_timeout),
+                );
+                return refuse(conn, &peer, e).await;
+            }
+        };
     let id = hello.session_id;
     let now = Instant::now();
     enum Act {
@@ -539,7 +544,12 @@ async fn handshake_task(ctx: Arc<Ctx>, mut conn: Conn, peer: String) {
             Err(e) => Err(e),
             Ok(Decision::New) => {
                 let w = welcome(cfg, &hello, false, false, 0);
-                let s = Shared::new(cfg, &hello, None, PendingLeg::new(take(), buf, &hello, w, 0));
+                let s = Shared::new(
+                    cfg,
+                    &hello,
+                    None,
+                    PendingLeg::new(take(), buf, &hello, w, 0),
+                );
                 table.map.insert(id, Entry::Live(s.clone()));
                 Ok(Act::Spawn(s))
             }

@@ -398,7 +398,10 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: Arc<Ctx>) {
         let c = matches!(end, ServerError::Complete)
             .then(|| (g.epoch, g.up_fin.unwrap_or(g.up_have), g.down.read()));
         g.end = Some(end.clone());
-        for w in [g.read_waker.take(), g.write_waker.take()].into_iter().flatten() {
+        for w in [g.read_waker.take(), g.write_waker.take()]
+            .into_iter()
+            .flatten()
+        {
             w.wake();
         }
         c
