@@ -573,7 +573,8 @@ async fn ledger_killed_and_restarted_in_process_is_exactly_once() {
         // response arrived: the whole runtime and its sockets go at once.
         let target = c.up.read();
         assert_eq!(c.pump(|c| c.up.acked() == target).await, Stop::Done);
-        rt.shutdown_background();
+        // Waits until every task (listener, sessions) is dropped.
+        tokio::task::block_in_place(|| rt.shutdown_timeout(LIMIT));
         c.drop_leg();
     }
     let rt = tokio::task::block_in_place(|| ledger_rt(&sock, &dir));
