@@ -352,7 +352,7 @@ async fn resume_after_transport_breaks_is_exact_both_ways() {
             for k in 0..20 {
                 c.send(&data[k * step..(k + 1) * step]);
                 // Mid-stream: some of this step is in flight both ways.
-                let target = (k * step + step / 2) as usize;
+                let target = k * step + step / 2;
                 assert_eq!(c.pump(|c| c.down.len() >= target).await, Stop::Done);
                 c.drop_leg();
                 c.connect().await.unwrap();
