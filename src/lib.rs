@@ -42,6 +42,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod proto;
 pub mod proxy;
+pub mod server;
 pub mod session;
 pub mod stream;
 pub mod systemd;

@@ -264,6 +264,18 @@ impl Stream {
         }
     }
 
+    /// A stream whose first byte has offset `start` (a session restored
+    /// from durable state resumes its streams mid-way).
+    pub fn starting_at(start: Offset) -> Self {
+        Stream {
+            read: start,
+            sent: start,
+            acked: start,
+            buf: ReplayBuffer::new(start),
+            fin_read: false,
+        }
+    }
+
     pub fn read(&self) -> Offset {
         self.read
     }
