@@ -164,9 +164,12 @@ impl<T> std::fmt::Debug for Built<T> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ListenerProtocol {
     Tcp,
+    /// The resume protocol: an edge holdfast (or any initiator of
+    /// docs/protocol.md) connects; sessions survive its transport breaking.
+    Resume(ResumeSettings),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +233,9 @@ pub struct ResumeSettings {
     pub max_frame: u32,
     /// `window` (default 4 MiB): unacknowledged bytes the server may send.
     pub window: u32,
+    /// Listeners only: `resume_timeout` (default 5 min), how long a session
+    /// whose initiator's transport broke waits for it to resume.
+    pub resume_timeout: Duration,
 }
 
 /// Key material: compared and cloned, never printed.

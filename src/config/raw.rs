@@ -293,6 +293,7 @@ pub(super) struct RawListener {
     pub listen: Option<Sp<String>>,
     pub backend: Option<Sp<String>>,
     pub protocol: Option<Sp<String>>,
+    pub resume: Option<RawResume>,
     pub socket: RawSocket,
     pub tls: Option<RawListenerTls>,
     /// `[[listener.sni]]`, in file order.
@@ -376,6 +377,7 @@ pub(super) struct RawResume {
     pub dead_peer_timeout: Option<Sp<String>>,
     pub max_frame: Option<Sp<RawSize>>,
     pub window: Option<Sp<RawSize>>,
+    pub resume_timeout: Option<Sp<String>>,
 }
 
 /// `framing = "lines"` or `framing = { type = "length-prefixed", ... }`.
@@ -437,6 +439,7 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
             listen: t.string("listen", report),
             backend: t.string("backend", report),
             protocol: t.string("protocol", report),
+            resume: raw_resume(&mut t, report),
             socket: socket(&mut t, report),
             tls: listener_tls(&mut t, report),
             sni: t
@@ -475,18 +478,7 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
             greeting: t.integer("greeting", report),
             preamble: t.integer("preamble", report),
             retry_responses: t.strings("retry_responses", report),
-            resume: t.table("resume", report).map(|mut r| {
-                let raw = RawResume {
-                    secret_file: r.string("secret_file", report),
-                    heartbeat_interval: r.duration("heartbeat_interval", report),
-                    dead_peer_timeout: r.duration("dead_peer_timeout", report),
-                    max_frame: r.size("max_frame", report),
-                    window: r.size("window", report),
-                    at: r.at(),
-                };
-                r.finish(report);
-                raw
-            }),
+            resume: raw_resume(&mut t, report),
             socket: socket(&mut t, report),
             tls: backend_tls(&mut t, report),
             at: t.at(),
@@ -495,6 +487,22 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
     }
     top.finish(report);
     raw
+}
+
+/// `resume = { ... }` of a listener or a backend.
+fn raw_resume(t: &mut Table, report: &mut Report) -> Option<RawResume> {
+    let mut r = t.table("resume", report)?;
+    let raw = RawResume {
+        secret_file: r.string("secret_file", report),
+        heartbeat_interval: r.duration("heartbeat_interval", report),
+        dead_peer_timeout: r.duration("dead_peer_timeout", report),
+        max_frame: r.size("max_frame", report),
+        window: r.size("window", report),
+        resume_timeout: r.duration("resume_timeout", report),
+        at: r.at(),
+    };
+    r.finish(report);
+    Some(raw)
 }
 
 fn socket(t: &mut Table, report: &mut Report) -> RawSocket {

@@ -309,13 +309,22 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
             // all backends whenever the file is valid.
             found
         });
+        let is_resume = l.protocol.as_ref().is_some_and(|p| p.value == "resume");
+        let resume = resume_settings(r, &l.resume, &l.at, is_resume, true);
         let protocol = choice(
             r,
             &l.protocol,
             "protocol",
-            &[("tcp", Some(ListenerProtocol::Tcp)), ("resume", None)],
-            ListenerProtocol::Tcp,
-        );
+            &[("tcp", Some(true)), ("resume", Some(false))],
+            true,
+        )
+        .and_then(|tcp| {
+            if tcp {
+                Some(ListenerProtocol::Tcp)
+            } else {
+                resume.map(ListenerProtocol::Resume)
+            }
+        });
         let socket = socket(r, &l.socket, None);
         let sni: Vec<(SniRoute, &RawSni)> = l
             .sni
@@ -323,6 +332,13 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
             .filter_map(|s| sni_route(r, s, &backend_names).map(|route| (route, s)))
             .collect();
         unique_sni(r, &l.sni);
+        if let (Some(t), true) = (&l.tls, is_resume) {
+            r.error(
+                &t.at.key,
+                &t.at.span,
+                "tls on a resume listener is not supported yet: link holdfasts with mutual TLS over protocol = \"tcp\", or run the resume link over a private network",
+            );
+        }
         let tls = match &l.tls {
             Some(t) => listener_tls(r, t, &sni),
             None => {
@@ -368,12 +384,18 @@ const MIN_SECRET: usize = 32;
 /// `resume = { ... }`: required with protocol = "resume", an error otherwise.
 /// Reads the secret file (every file a config names is checked before
 /// anything is bound).
-fn resume_settings(r: &mut Report, b: &RawBackend, is_resume: bool) -> Option<ResumeSettings> {
-    let Some(raw) = &b.resume else {
+fn resume_settings(
+    r: &mut Report,
+    raw: &Option<raw::RawResume>,
+    at: &Sp<()>,
+    is_resume: bool,
+    listener: bool,
+) -> Option<ResumeSettings> {
+    let Some(raw) = raw else {
         if is_resume {
             r.error(
-                &format!("{}.resume", b.at.key),
-                &b.at.span,
+                &format!("{}.resume", at.key),
+                &at.span,
                 "protocol = \"resume\" needs resume = { secret_file = \"...\" }",
             );
         }
@@ -451,6 +473,16 @@ fn resume_settings(r: &mut Report, b: &RawBackend, is_resume: bool) -> Option<Re
         }
         Some(v as u32)
     };
+    let resume_timeout = match (&raw.resume_timeout, listener) {
+        (Some(f), false) => {
+            r.at(
+                f,
+                "resume_timeout only applies to listeners (a backend waits hold_timeout)",
+            );
+            None
+        }
+        (f, _) => positive(r, f, Duration::from_secs(300)),
+    };
     let max_frame = bounded(r, &raw.max_frame, 64 << 10, 1 << 10, 16 << 20);
     let window = bounded(r, &raw.window, 4 << 20, 1 << 10, (1 << 31) - 1);
     if let (Some(m), Some(w), Some(f)) = (max_frame, window, raw.window.as_ref()) {
@@ -464,6 +496,7 @@ fn resume_settings(r: &mut Report, b: &RawBackend, is_resume: bool) -> Option<Re
         dead_peer_timeout: dead_peer_timeout?,
         max_frame: max_frame?,
         window: window?,
+        resume_timeout: resume_timeout?,
     })
 }
 
@@ -540,7 +573,7 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         }
         _ => {}
     }
-    let resume_settings = resume_settings(r, b, is_resume);
+    let resume_settings = resume_settings(r, &b.resume, &b.at, is_resume, false);
     let response = ack == Some(Ack::Response);
     // Keys that only mean something with ack = "response".
     let ack_name = b.ack.as_ref().map_or("tcp", |a| a.value.as_str());

@@ -56,11 +56,21 @@ impl Bound {
     }
 }
 
+/// Binds one listener, plain or resume-protocol.
+async fn bind_listener(l: &ListenerConfig) -> Result<Listener, BindError> {
+    match &l.protocol {
+        crate::config::ListenerProtocol::Tcp => Listener::bind(&l.listen).await,
+        crate::config::ListenerProtocol::Resume(settings) => {
+            Listener::bind_resume(&l.listen, settings).await
+        }
+    }
+}
+
 /// Binds every listener of `config` (all or nothing).
 pub async fn bind(config: &Config) -> Result<Bound, BindError> {
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        listeners.push(Listener::bind(&l.listen).await?);
+        listeners.push(bind_listener(l).await?);
     }
     let admin = match &config.admin {
         Some(a) => match &a.listen {
@@ -270,6 +280,9 @@ fn open_access_log(config: &Config) -> io::Result<Option<Arc<AccessLogger>>> {
 struct RunningListener {
     name: String,
     listen: Endpoint,
+    /// A listener is kept across a reload only if its socket is the same
+    /// kind: plain, or resume with the same settings.
+    protocol: crate::config::ListenerProtocol,
     /// Swapped on reload: the next accepted client uses the new settings.
     ctx: watch::Sender<Arc<AcceptCtx>>,
     stop: CancellationToken,
@@ -354,6 +367,7 @@ impl Running {
         self.listeners.push(RunningListener {
             name: cfg.name.clone(),
             listen: cfg.listen.clone(),
+            protocol: cfg.protocol.clone(),
             ctx,
             stop,
             join,
@@ -374,12 +388,11 @@ impl Running {
         let access = open_access_log(&config).map_err(|e| e.to_string())?;
         let mut fresh = Vec::new();
         for cfg in &config.listeners {
-            let kept = self
-                .listeners
-                .iter()
-                .any(|l| l.name == cfg.name && l.listen == cfg.listen);
+            let kept = self.listeners.iter().any(|l| {
+                l.name == cfg.name && l.listen == cfg.listen && l.protocol == cfg.protocol
+            });
             if !kept {
-                let listener = Listener::bind(&cfg.listen)
+                let listener = bind_listener(cfg)
                     .await
                     .map_err(|e| format!("listener {:?}: {e}", cfg.name))?;
                 fresh.push((cfg.clone(), listener));
@@ -393,7 +406,7 @@ impl Running {
             let still = config
                 .listeners
                 .iter()
-                .any(|c| c.name == l.name && c.listen == l.listen);
+                .any(|c| c.name == l.name && c.listen == l.listen && c.protocol == l.protocol);
             if still {
                 kept.push(l);
             } else {

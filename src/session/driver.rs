@@ -15,8 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::os::fd::AsFd;
-
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
@@ -253,7 +251,7 @@ impl Driver {
     /// unread when the socket was dropped (the kernel then sends a reset).
     async fn linger(&mut self) -> bool {
         use tokio::io::AsyncReadExt;
-        if self.client.is_tls() {
+        if self.client.is_buffered() {
             // close_notify, then FIN.
             let _ =
                 tokio::time::timeout(CLOSE_GRACE, AsyncWriteExt::shutdown(&mut self.client)).await;
@@ -270,7 +268,12 @@ impl Driver {
                 Ok(Ok(0)) | Ok(Err(_)) => return false,
                 Ok(Ok(_)) => continue,
                 Err(_) => {
-                    return crate::transport::sockopt::inq(self.client.as_fd()).unwrap_or(0) > 0
+                    return self
+                        .client
+                        .fd()
+                        .and_then(crate::transport::sockopt::inq)
+                        .unwrap_or(0)
+                        > 0
                 }
             }
         }
@@ -538,7 +541,7 @@ impl Driver {
                 Poll::Pending => break,
             }
         }
-        if let Some(server) = self.server.as_mut().filter(|s| s.conn.is_tls()) {
+        if let Some(server) = self.server.as_mut().filter(|s| s.conn.is_buffered()) {
             // TLS buffers records that a write could not send yet.
             if let Poll::Ready(Err(e)) = Pin::new(&mut server.conn).poll_flush(cx) {
                 let gen = server.gen;
@@ -578,7 +581,7 @@ impl Driver {
                 Poll::Pending => break,
             }
         }
-        if self.client.is_tls() {
+        if self.client.is_buffered() {
             // TLS buffers records that a write could not send yet.
             if let Poll::Ready(Err(e)) = Pin::new(&mut self.client).poll_flush(cx) {
                 tracing::debug!(error = %e, "client flush failed");

@@ -34,6 +34,9 @@ pub enum Conn {
     TlsIn(Box<tokio_rustls::server::TlsStream<Conn>>),
     /// holdfast's TLS connection to a TLS backend's server.
     TlsOut(Box<tokio_rustls::client::TlsStream<Conn>>),
+    /// A session of a resume-protocol listener: a byte stream that outlives
+    /// the transports (legs) of the edge that initiated it.
+    Resumable(Box<crate::server::ResumableSession>),
 }
 
 /// Forwards a call to the inner stream of every variant.
@@ -44,6 +47,7 @@ macro_rules! each {
             Conn::Unix($s) => $e,
             Conn::TlsIn($s) => $e,
             Conn::TlsOut($s) => $e,
+            Conn::Resumable($s) => $e,
         }
     };
 }
@@ -61,9 +65,9 @@ impl Conn {
                 let queued = sockopt::outq(s.as_fd())?;
                 Ok(written.saturating_sub(queued))
             }
-            Conn::TlsIn(_) | Conn::TlsOut(_) => Err(io::Error::new(
+            Conn::TlsIn(_) | Conn::TlsOut(_) | Conn::Resumable(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "tcp acks do not count plaintext over tls",
+                "tcp acks only count plaintext on plain tcp and unix connections",
             )),
         }
     }
@@ -71,6 +75,13 @@ impl Conn {
     /// Whether this is a TLS connection.
     pub fn is_tls(&self) -> bool {
         matches!(self, Conn::TlsIn(_) | Conn::TlsOut(_))
+    }
+
+    /// Whether writes may sit in a user-space buffer (TLS records, a
+    /// resumable session), so the connection needs flushing and an async
+    /// shutdown (close_notify, a FIN frame) rather than `shutdown_write`.
+    pub fn is_buffered(&self) -> bool {
+        !matches!(self, Conn::Tcp(_) | Conn::Unix(_))
     }
 
     /// The SNI name a TLS client asked for, if any.
@@ -84,13 +95,21 @@ impl Conn {
     /// Shuts down the write side (sends FIN), synchronously. On TLS this
     /// skips close_notify: use `poll_shutdown` for a graceful TLS close.
     pub fn shutdown_write(&self) -> io::Result<()> {
-        SockRef::from(&self.as_fd()).shutdown(std::net::Shutdown::Write)
+        SockRef::from(&self.fd()?).shutdown(std::net::Shutdown::Write)
     }
 
-    /// Sets SO_LINGER to 0 so dropping the socket resets it (used only when a
-    /// peer must learn of an abort).
-    pub fn set_abortive_close(&self) -> io::Result<()> {
-        SockRef::from(&self.as_fd()).set_linger(Some(Duration::ZERO))
+    /// The socket's descriptor; a resumable session has none of its own.
+    pub fn fd(&self) -> io::Result<BorrowedFd<'_>> {
+        match self {
+            Conn::Tcp(s) => Ok(s.as_fd()),
+            Conn::Unix(s) => Ok(s.as_fd()),
+            Conn::TlsIn(s) => s.get_ref().0.fd(),
+            Conn::TlsOut(s) => s.get_ref().0.fd(),
+            Conn::Resumable(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a resumable session has no socket of its own",
+            )),
+        }
     }
 
     /// The peer's address, for logs.
@@ -103,17 +122,12 @@ impl Conn {
             Conn::Unix(_) => "unix".into(),
             Conn::TlsIn(s) => s.get_ref().0.peer(),
             Conn::TlsOut(s) => s.get_ref().0.peer(),
-        }
-    }
-}
-
-impl AsFd for Conn {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Conn::Tcp(s) => s.as_fd(),
-            Conn::Unix(s) => s.as_fd(),
-            Conn::TlsIn(s) => s.get_ref().0.as_fd(),
-            Conn::TlsOut(s) => s.get_ref().0.as_fd(),
+            Conn::Resumable(s) => match s.client_addr() {
+                crate::proto::ClientAddr::Ip(ip, port) => {
+                    std::net::SocketAddr::new(ip, port).to_string()
+                }
+                crate::proto::ClientAddr::Unknown => "resume".into(),
+            },
         }
     }
 }
@@ -227,6 +241,12 @@ pub async fn connect(
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
+    /// A resume-protocol listener: yields sessions, not connections (an
+    /// initiator's later transports are routed to its session inside).
+    Resume {
+        listener: Box<crate::server::ResumeListener>,
+        endpoint: Endpoint,
+    },
     Unix {
         listener: UnixListener,
         path: PathBuf,
@@ -368,9 +388,51 @@ impl Listener {
         }
     }
 
+    /// Binds a resume-protocol listener (`protocol = "resume"`).
+    pub async fn bind_resume(
+        endpoint: &Endpoint,
+        settings: &crate::config::ResumeSettings,
+    ) -> Result<Listener, BindError> {
+        let io_err = |source| BindError::Io {
+            endpoint: endpoint.to_string(),
+            source,
+        };
+        let mut cfg = crate::server::ServerConfig::new(settings.key.0.to_vec());
+        cfg.link.max_frame = settings.max_frame;
+        cfg.link.window = settings.window;
+        cfg.link.heartbeat = settings.heartbeat_interval;
+        cfg.link.dead_peer_timeout = settings.dead_peer_timeout;
+        cfg.resume_timeout = settings.resume_timeout;
+        let addr = match endpoint {
+            Endpoint::Tcp(a) => a.clone(),
+            Endpoint::Unix(p) => {
+                remove_stale_socket(endpoint, p).await?;
+                format!("unix:{}", p.display())
+            }
+            Endpoint::Systemd(name) => {
+                return Err(io_err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("a resume listener cannot take systemd socket {name:?} yet"),
+                )))
+            }
+        };
+        let listener = crate::server::ResumeListener::bind(&addr, cfg)
+            .await
+            .map_err(io_err)?;
+        let endpoint = match Endpoint::parse(listener.local_addr()) {
+            Ok(e) => e,
+            Err(_) => endpoint.clone(),
+        };
+        Ok(Listener::Resume {
+            listener: Box::new(listener),
+            endpoint,
+        })
+    }
+
     /// The bound address: for TCP the real port (useful with port 0).
     pub fn local_endpoint(&self) -> Endpoint {
         match self {
+            Listener::Resume { endpoint, .. } => endpoint.clone(),
             Listener::Tcp(l) => Endpoint::Tcp(
                 l.local_addr()
                     .map(|a| a.to_string())
@@ -383,6 +445,12 @@ impl Listener {
     /// Accepts one connection; returns it with the peer's address for logs.
     pub async fn accept(&self) -> io::Result<(Conn, String)> {
         match self {
+            Listener::Resume { listener, .. } => {
+                let session = listener.accept().await?;
+                let conn = Conn::Resumable(Box::new(session));
+                let peer = conn.peer();
+                Ok((conn, peer))
+            }
             Listener::Tcp(l) => {
                 let (s, a) = l.accept().await?;
                 Ok((Conn::Tcp(s), a.to_string()))

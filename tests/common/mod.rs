@@ -2,6 +2,8 @@
 //! processes, and byte-exact checkers. Shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod relay;
+
 use std::process::Stdio;
 use std::time::Duration;
 
