@@ -224,7 +224,17 @@ async fn admin_endpoint_shows_live_sessions() {
     let mut line = String::new();
     r.read_line(&mut line).await.unwrap();
 
-    let (status, ctype, body) = get(&ops.admin, "/sessions").await;
+    // The session publishes its offsets after each turn of its loop, a
+    // moment after the client can read the response: wait for them.
+    let mut reply = get(&ops.admin, "/sessions").await;
+    for _ in 0..500 {
+        if reply.2.contains("\"sent\": 11") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        reply = get(&ops.admin, "/sessions").await;
+    }
+    let (status, ctype, body) = reply;
     assert_eq!(status, 200);
     assert_eq!(ctype, "application/json");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();

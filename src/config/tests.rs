@@ -497,10 +497,10 @@ servers = ["h:1"]
     assert_eq!(
         errors("[[listener]]\nname = \"a b\"\nlisten = \"h\"\nbackend = \"x\"\nprotocol = \"resume\"\nbogus = 1"),
         [
+            r#"listener[0].resume (line 1, col 1): protocol = "resume" needs resume = { secret_file = "..." }"#,
             r#"listener[0].name (line 2, col 8): "a b" is not a valid name (use letters, digits, '-', '_' or '.')"#,
             r#"listener[0].listen (line 3, col 10): "h" is not an endpoint (use host:port, [ipv6]:port or unix:/path)"#,
             r#"listener[0].backend (line 4, col 11): no backend named "x" (there is no [[backend]])"#,
-            r#"listener[0].protocol (line 5, col 12): protocol "resume" is not supported yet (use tcp)"#,
             r#"listener[0].bogus (line 6, col 1): unknown key "bogus""#,
         ]
     );

@@ -380,6 +380,30 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
 
 /// Smallest key accepted in `resume.secret_file`.
 const MIN_SECRET: usize = 32;
+/// Largest: a key file is a few random bytes, never a device or a log.
+const MAX_SECRET: u64 = 4096;
+
+/// Reads a regular file of at most `MAX_SECRET` bytes (never a device, a
+/// FIFO or a huge file: `holdfast check` must not hang or run out of memory).
+fn read_small_file(path: &str) -> std::io::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_SECRET {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes; a key file holds at most {MAX_SECRET}",
+                meta.len()
+            ),
+        ));
+    }
+    std::fs::read(path)
+}
 
 /// `resume = { ... }`: required with protocol = "resume", an error otherwise.
 /// Reads the secret file (every file a config names is checked before
@@ -418,7 +442,7 @@ fn resume_settings(
             );
             None
         }
-        Some(f) => match std::fs::read(&f.value) {
+        Some(f) => match read_small_file(&f.value) {
             Err(e) => {
                 r.at(f, format!("cannot read {:?}: {e}", f.value));
                 None

@@ -283,7 +283,9 @@ impl Hello {
         let version_min = p.get_u8();
         let version_max = p.get_u8();
         let flags = p.get_u8();
-        let _reserved = p.get_u8();
+        if p.get_u8() != 0 {
+            return Err(malformed("HELLO reserved byte is not 0"));
+        }
         if flags & !1 != 0 {
             return Err(malformed(format!("unknown HELLO flags {flags:#04x}")));
         }
@@ -414,7 +416,9 @@ impl Welcome {
         }
         let version = p.get_u8();
         let flags = p.get_u8();
-        let _reserved = p.get_u16();
+        if p.get_u16() != 0 {
+            return Err(malformed("WELCOME reserved bytes are not 0"));
+        }
         if flags & !3 != 0 {
             return Err(malformed(format!("unknown WELCOME flags {flags:#04x}")));
         }

@@ -349,3 +349,15 @@ proptest! {
         prop_assert!(h.verify(&KEY));
     }
 }
+
+#[test]
+fn reserved_bytes_must_be_zero() {
+    let mut h = hello();
+    let mut f = BytesMut::from(&h.encode(&KEY)[..]);
+    f[5 + 7] = 1;
+    assert_eq!(decode_all(&f).unwrap_err().code, ErrorCode::Malformed);
+    let mut w = welcome(0, false);
+    let mut f = BytesMut::from(&w.encode(&KEY, &h.token)[..]);
+    f[5 + 3] = 1;
+    assert_eq!(decode_all(&f).unwrap_err().code, ErrorCode::Malformed);
+}

@@ -74,8 +74,9 @@ impl Relay {
         self.cut.send_modify(|c| *c += 1);
     }
 
-    /// While on, bytes are read and dropped in neither direction: the
-    /// connections stay open but nothing passes.
+    /// While on, nothing passes in either direction (the relay stops
+    /// reading, so senders stall as on a dead link); the connections stay
+    /// open.
     pub fn set_blackhole(&self, on: bool) {
         self.blackhole.store(on, Ordering::Relaxed);
     }
@@ -106,9 +107,11 @@ async fn pipe(
                 return;
             }
             Ok(n) => {
-                if blackhole.load(Ordering::Relaxed) {
-                    // Lost in the black hole.
-                    continue;
+                // Bytes read as the black hole opened wait for it to close:
+                // like TCP over a dead link, nothing is lost or reordered
+                // inside a connection, it only stops.
+                while blackhole.load(Ordering::Relaxed) {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
                 if w.write_all(&buf[..n]).await.is_err() {
                     return;

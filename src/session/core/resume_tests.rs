@@ -22,6 +22,7 @@ fn resume_backend() -> Arc<BackendConfig> {
             dead_peer_timeout: Duration::from_millis(300),
             max_frame: 4096,
             window: 1 << 16,
+            resume_timeout: Duration::from_secs(300),
         }),
         1,
     );
