@@ -7,51 +7,16 @@ use std::time::Duration;
 
 use common::*;
 use holdfast::config;
-use holdfast::lifecycle::{Phase, Shutdown};
-use holdfast::proxy::{ReloadRequest, Runtime};
+use holdfast::lifecycle::Phase;
+use holdfast::proxy::ReloadRequest;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::oneshot;
 
-/// holdfast in-process with its runtime (metrics, sessions) and a reload
-/// channel.
-struct Ops {
-    addrs: Vec<String>,
-    admin: String,
-    reload: mpsc::Sender<ReloadRequest>,
-    shutdown: Shutdown,
-    phase: watch::Receiver<Phase>,
-}
+/// holdfast in-process, seen from inside.
+type Ops = Running;
 
 async fn start(toml: &str) -> Ops {
-    init_logging();
-    let cfg = config::parse(toml).unwrap_or_else(|e| panic!("{e}"));
-    let bound = holdfast::proxy::bind(&cfg).await.unwrap();
-    let addrs = bound
-        .local_endpoints()
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
-    let admin = bound.admin_addr().expect("admin configured").to_string();
-    let rt = Runtime::for_config(&cfg);
-    let (reload, reloads) = mpsc::channel(1);
-    let shutdown = Shutdown::new();
-    let (tx, mut phase) = watch::channel(Phase::Starting);
-    tokio::spawn(holdfast::proxy::run_with(
-        cfg,
-        bound,
-        shutdown.clone(),
-        tx,
-        rt.clone(),
-        reloads,
-    ));
-    phase.wait_for(|p| *p == Phase::Running).await.unwrap();
-    Ops {
-        addrs,
-        admin,
-        reload,
-        shutdown,
-        phase,
-    }
+    start_running(toml).await
 }
 
 /// A plain HTTP/1.1 GET; returns (status, content type, body).

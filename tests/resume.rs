@@ -30,28 +30,6 @@ hold_timeout = "20s"
     )
 }
 
-/// Kills and restarts `server` `kills` times while `done` is not set,
-/// waiting for `progress` to move between kills so every restart happens
-/// under load.
-async fn chaos(
-    server: &mut Server,
-    kills: usize,
-    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) {
-    use std::sync::atomic::Ordering;
-    for _ in 0..kills {
-        let before = progress.load(Ordering::Relaxed);
-        // Wait for traffic to flow through the current server generation.
-        let mut n = 0;
-        while progress.load(Ordering::Relaxed) < before + 50 && n < 2000 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            n += 1;
-        }
-        server.kill().await;
-        server.restart().await;
-    }
-}
-
 /// ack = "response", framing = "lines": 20 pipelining clients, 20 SIGKILLs:
 /// every request answered exactly once, in order, no reset, no EOF.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,7 +46,7 @@ async fn response_lines_survive_20_kills_with_20_clients() {
         let progress = progress.clone();
         let stop = stop.clone();
         clients.push(tokio::spawn(async move {
-            verified_lines_until(addr, id, progress, stop).await
+            verified_lines_until(connect(&addr).await, id, progress, stop).await
         }));
     }
     chaos(&mut server, KILLS, progress.clone()).await;
@@ -79,70 +57,6 @@ async fn response_lines_survive_20_kills_with_20_clients() {
     }
     assert!(total > (KILLS * 50) as u64, "traffic flowed: {total}");
     proxy.stop().await;
-}
-
-/// A line client that pipelines until told to stop, verifying every
-/// response, then half-closes and expects a clean EOF.
-async fn verified_lines_until(
-    addr: String,
-    id: usize,
-    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Result<u64, String> {
-    use std::sync::atomic::Ordering;
-    use tokio::io::AsyncBufReadExt;
-    let stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (r, mut w) = stream.into_split();
-    let mut r = tokio::io::BufReader::new(r);
-    let mut seq = 0u64;
-    let mut line = String::new();
-    while !stop.load(Ordering::Relaxed) {
-        let mut batch = String::new();
-        for k in 0..8 {
-            batch.push_str(&format!(
-                "c{id} r{:07} {}\n",
-                seq + k,
-                "x".repeat((k * 37 % 200) as usize)
-            ));
-        }
-        w.write_all(batch.as_bytes())
-            .await
-            .map_err(|e| format!("client {id}: write failed: {e}"))?;
-        for k in 0..8 {
-            line.clear();
-            let n = r
-                .read_line(&mut line)
-                .await
-                .map_err(|e| format!("client {id}: read failed (reset?): {e}"))?;
-            if n == 0 {
-                return Err(format!("client {id}: EOF at request {}", seq + k));
-            }
-            let want = format!(
-                "c{id} r{:07} {}\n",
-                seq + k,
-                "x".repeat((k * 37 % 200) as usize)
-            );
-            if line != want {
-                return Err(format!("client {id}: got {line:?}, want {want:?}"));
-            }
-            progress.fetch_add(1, Ordering::Relaxed);
-        }
-        seq += 8;
-    }
-    w.shutdown().await.map_err(|e| e.to_string())?;
-    let mut rest = Vec::new();
-    r.read_to_end(&mut rest)
-        .await
-        .map_err(|e| format!("client {id}: final read: {e}"))?;
-    if !rest.is_empty() {
-        return Err(format!(
-            "client {id}: {} extra bytes at the end",
-            rest.len()
-        ));
-    }
-    Ok(seq)
 }
 
 /// ack = "tcp" with an echo server, 20 clients, 20 SIGKILLs. The documented
@@ -369,25 +283,14 @@ async fn hold_timeout_closes_the_client_with_a_fin() {
 /// no drop, no reset); once the server is back everything arrives exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffer_limit_backpressures_the_client_while_held() {
-    use holdfast::lifecycle::{Phase, Shutdown};
     let mut server = Server::start("127.0.0.1:0", "echo").await;
     let toml = config(&server.addr, "tcp", "buffer_limit = \"64KiB\"");
-    let cfg = holdfast::config::parse(&toml).unwrap();
-    let bound = holdfast::proxy::bind(&cfg).await.unwrap();
-    let addr = bound.local_endpoints()[0].to_string();
-    let rt = holdfast::proxy::Runtime::for_config(&cfg);
-    let (_reload, reloads) = tokio::sync::mpsc::channel(1);
-    let shutdown = Shutdown::new();
-    let (tx, mut phase) = tokio::sync::watch::channel(Phase::Starting);
-    tokio::spawn(holdfast::proxy::run_with(
-        cfg,
-        bound,
-        shutdown.clone(),
-        tx,
-        rt.clone(),
-        reloads,
-    ));
-    phase.wait_for(|p| *p == Phase::Running).await.unwrap();
+    let running = start_running(&toml).await;
+    let (addr, rt, shutdown) = (
+        running.addrs[0].clone(),
+        running.rt.clone(),
+        running.shutdown.clone(),
+    );
 
     let c = connect(&addr).await;
     let (mut r, mut w) = c.into_split();

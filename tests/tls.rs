@@ -12,14 +12,12 @@ use std::time::Duration;
 
 use common::*;
 use holdfast::config;
-use holdfast::lifecycle::{Phase, Shutdown};
 use holdfast::proxy::Runtime;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SerialNumber};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
 use tokio_rustls::client::TlsStream;
 
 /// A test CA that signs leaf certificates into PEM files in a temp dir.
@@ -122,46 +120,6 @@ fn peer_cert(s: &TlsStream<TcpStream>) -> Vec<u8> {
     s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
-/// holdfast in-process with its runtime, for metrics.
-struct Running {
-    addrs: Vec<String>,
-    rt: Runtime,
-    shutdown: Shutdown,
-    _phase: watch::Receiver<Phase>,
-    _reload: mpsc::Sender<holdfast::proxy::ReloadRequest>,
-}
-
-async fn start(toml: &str) -> Running {
-    init_logging();
-    let cfg = config::parse(toml).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-    let bound = holdfast::proxy::bind(&cfg).await.unwrap();
-    let addrs = bound
-        .local_endpoints()
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
-    let rt = Runtime::for_config(&cfg);
-    let (reload, reloads) = mpsc::channel(1);
-    let shutdown = Shutdown::new();
-    let (tx, mut phase) = watch::channel(Phase::Starting);
-    tokio::spawn(holdfast::proxy::run_with(
-        cfg,
-        bound,
-        shutdown.clone(),
-        tx,
-        rt.clone(),
-        reloads,
-    ));
-    phase.wait_for(|p| *p == Phase::Running).await.unwrap();
-    Running {
-        addrs,
-        rt,
-        shutdown,
-        _phase: phase,
-        _reload: reload,
-    }
-}
-
 fn rejected(rt: &Runtime, listener: &str, reason: &str) -> f64 {
     let text = rt.metrics.encode();
     let series = format!(
@@ -172,80 +130,6 @@ fn rejected(rt: &Runtime, listener: &str, reason: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
-/// Kills and restarts `server` `kills` times, each under traffic (as in
-/// tests/resume.rs).
-async fn chaos(server: &mut Server, kills: usize, progress: Arc<AtomicU64>) {
-    for _ in 0..kills {
-        let before = progress.load(Ordering::Relaxed);
-        let mut n = 0;
-        while progress.load(Ordering::Relaxed) < before + 50 && n < 2000 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            n += 1;
-        }
-        server.kill().await;
-        server.restart().await;
-    }
-}
-
-/// Pipelines verified line requests over `stream` until `stop` (as in
-/// tests/resume.rs), then half-closes and expects a clean EOF.
-async fn verified_lines_until<S: AsyncRead + AsyncWrite + Send + 'static>(
-    stream: S,
-    id: usize,
-    progress: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-) -> Result<u64, String> {
-    let (r, mut w) = tokio::io::split(stream);
-    let mut r = BufReader::new(r);
-    let mut seq = 0u64;
-    let mut line = String::new();
-    while !stop.load(Ordering::Relaxed) {
-        let mut batch = String::new();
-        for k in 0..8 {
-            batch.push_str(&format!(
-                "c{id} r{:07} {}\n",
-                seq + k,
-                "x".repeat((k * 37 % 200) as usize)
-            ));
-        }
-        w.write_all(batch.as_bytes())
-            .await
-            .map_err(|e| format!("client {id}: write failed: {e}"))?;
-        for k in 0..8 {
-            line.clear();
-            let n = r
-                .read_line(&mut line)
-                .await
-                .map_err(|e| format!("client {id}: read failed (reset?): {e}"))?;
-            if n == 0 {
-                return Err(format!("client {id}: EOF at request {}", seq + k));
-            }
-            let want = format!(
-                "c{id} r{:07} {}\n",
-                seq + k,
-                "x".repeat((k * 37 % 200) as usize)
-            );
-            if line != want {
-                return Err(format!("client {id}: got {line:?}, want {want:?}"));
-            }
-            progress.fetch_add(1, Ordering::Relaxed);
-        }
-        seq += 8;
-    }
-    w.shutdown().await.map_err(|e| e.to_string())?;
-    let mut rest = Vec::new();
-    r.read_to_end(&mut rest)
-        .await
-        .map_err(|e| format!("client {id}: final read: {e}"))?;
-    if !rest.is_empty() {
-        return Err(format!(
-            "client {id}: {} extra bytes at the end",
-            rest.len()
-        ));
-    }
-    Ok(seq)
-}
-
 /// (a) TLS clients through holdfast to a plain lines server across 20
 /// SIGKILLs with ack = "response": no reset, every response exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +137,7 @@ async fn tls_clients_survive_20_server_kills() {
     let pki = Pki::new("kills");
     let (cert, key) = pki.leaf("server", "localhost", 1, &["localhost"]);
     let mut server = Server::start("127.0.0.1:0", "lines").await;
-    let proxy = start(&format!(
+    let proxy = start_running(&format!(
         r#"
 [[listener]]
 name = "secure"
@@ -317,7 +201,7 @@ async fn sni_routes_to_backends() {
     let srv_a = Server::start_with("127.0.0.1:0", "echo", Some("A\\n")).await;
     let srv_b = Server::start_with("127.0.0.1:0", "echo", Some("B\\n")).await;
     let srv_d = Server::start_with("127.0.0.1:0", "echo", Some("D\\n")).await;
-    let proxy = start(&format!(
+    let proxy = start_running(&format!(
         r#"
 [[listener]]
 name = "secure"
@@ -430,7 +314,7 @@ async fn mutual_tls_between_edge_and_core() {
     let (edge_cert, edge_key) = pki.leaf("edge", "edge", 2, &["edge.internal"]);
     let ca = pki.path("ca.pem");
     let server = Server::start("127.0.0.1:0", "echo").await;
-    let core = start(&format!(
+    let core = start_running(&format!(
         r#"
 [[listener]]
 name = "core"
@@ -446,7 +330,7 @@ ack = "none"
         server.addr
     ))
     .await;
-    let edge = start(&format!(
+    let edge = start_running(&format!(
         r#"
 [[listener]]
 name = "edge"
@@ -503,7 +387,7 @@ async fn plaintext_client_on_tls_listener_is_refused() {
     let pki = Pki::new("plain");
     let (cert, key) = pki.leaf("server", "localhost", 1, &["localhost"]);
     let server = Server::start("127.0.0.1:0", "echo").await;
-    let proxy = start(&format!(
+    let proxy = start_running(&format!(
         r#"
 [[listener]]
 name = "secure"

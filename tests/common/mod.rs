@@ -7,12 +7,16 @@ pub mod relay;
 use std::process::Stdio;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use holdfast::config::{self, Endpoint};
 use holdfast::lifecycle::{Phase, Shutdown};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use holdfast::proxy::{ReloadRequest, Runtime};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
@@ -251,6 +255,131 @@ pub async fn line_client(
     if n != 0 {
         return Err(format!(
             "client {id}: extra bytes after the last response: {line:?}"
+        ));
+    }
+    Ok(seq)
+}
+
+/// holdfast in-process with its runtime (metrics, session registry) and a
+/// reload channel, for tests that look inside.
+pub struct Running {
+    /// Listener addresses, in config order.
+    pub addrs: Vec<String>,
+    /// The admin endpoint's address ("" without `[admin]`).
+    pub admin: String,
+    pub rt: Runtime,
+    pub reload: mpsc::Sender<ReloadRequest>,
+    pub shutdown: Shutdown,
+    pub phase: watch::Receiver<Phase>,
+}
+
+/// Parses `toml`, binds, runs with a runtime the test can see, and returns
+/// once the phase is Running.
+pub async fn start_running(toml: &str) -> Running {
+    init_logging();
+    let cfg = config::parse(toml).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+    let bound = holdfast::proxy::bind(&cfg).await.expect("bind");
+    let addrs = bound
+        .local_endpoints()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let admin = bound
+        .admin_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let rt = Runtime::for_config(&cfg);
+    let (reload, reloads) = mpsc::channel(1);
+    let shutdown = Shutdown::new();
+    let (tx, mut phase) = watch::channel(Phase::Starting);
+    tokio::spawn(holdfast::proxy::run_with(
+        cfg,
+        bound,
+        shutdown.clone(),
+        tx,
+        rt.clone(),
+        reloads,
+    ));
+    phase
+        .wait_for(|p| *p == Phase::Running)
+        .await
+        .expect("proxy runs");
+    Running {
+        addrs,
+        admin,
+        rt,
+        reload,
+        shutdown,
+        phase,
+    }
+}
+
+/// Kills and restarts `server` `kills` times, each time after `progress`
+/// moved by 50 (so every restart happens under load).
+pub async fn chaos(server: &mut Server, kills: usize, progress: Arc<AtomicU64>) {
+    for _ in 0..kills {
+        let before = progress.load(Ordering::Relaxed);
+        let mut n = 0;
+        while progress.load(Ordering::Relaxed) < before + 50 && n < 2000 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            n += 1;
+        }
+        server.kill().await;
+        server.restart().await;
+    }
+}
+
+/// Pipelines verified line requests (8 at a time, of varied lengths) over
+/// `stream` until `stop`, counting each verified response in `progress`;
+/// then half-closes and expects a clean EOF. Returns the requests sent.
+pub async fn verified_lines_until<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    id: usize,
+    progress: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Result<u64, String> {
+    let (r, mut w) = tokio::io::split(stream);
+    let mut r = BufReader::new(r);
+    let mut seq = 0u64;
+    let mut line = String::new();
+    let request = |seq: u64, k: u64| {
+        format!(
+            "c{id} r{:07} {}\n",
+            seq + k,
+            "x".repeat((k * 37 % 200) as usize)
+        )
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let batch: String = (0..8).map(|k| request(seq, k)).collect();
+        w.write_all(batch.as_bytes())
+            .await
+            .map_err(|e| format!("client {id}: write failed: {e}"))?;
+        for k in 0..8 {
+            line.clear();
+            let n = r
+                .read_line(&mut line)
+                .await
+                .map_err(|e| format!("client {id}: read failed (reset?): {e}"))?;
+            if n == 0 {
+                return Err(format!("client {id}: EOF at request {}", seq + k));
+            }
+            let want = request(seq, k);
+            if line != want {
+                return Err(format!("client {id}: got {line:?}, want {want:?}"));
+            }
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+        seq += 8;
+    }
+    w.shutdown().await.map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest)
+        .await
+        .map_err(|e| format!("client {id}: final read: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!(
+            "client {id}: {} extra bytes at the end",
+            rest.len()
         ));
     }
     Ok(seq)
