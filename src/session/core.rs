@@ -1256,6 +1256,7 @@ impl SessionCore {
         if let LegState::Up(leg) = &self.leg {
             if self.hold_since.is_some()
                 && leg.preamble_expect.is_empty()
+                && leg.hello.is_none()
                 && (self.up.acked() > self.hold_acked || self.up.acked() == self.up.read())
             {
                 self.hold_since = None;

@@ -310,3 +310,21 @@ fn handshake_timeout_retries() {
     assert_ne!(r.gen, first);
     assert!(!r.hello().resume, "never accepted: still a new session");
 }
+
+#[test]
+fn a_server_that_keeps_refusing_ends_in_hold_timeout() {
+    let mut r = Rig::new();
+    for _ in 0..1000 {
+        if r.core.done().is_some() {
+            break;
+        }
+        if r.gen.is_some() && !r.frames.is_empty() {
+            r.server(Frame::Refuse {
+                code: ErrorCode::Limit,
+                reason: "busy".into(),
+            });
+        }
+        r.advance(Duration::from_millis(200));
+    }
+    assert_eq!(r.core.done(), Some(CloseReason::HoldTimeout));
+}
