@@ -19,6 +19,9 @@ use crate::stream::Stream;
 /// rest waits in the stream's replay buffer).
 const WIRE_MAX: usize = 256 * 1024;
 
+/// Acknowledge at least every this many consumed bytes (an ACK is 13 bytes).
+const ACK_EVERY: u64 = 64 * 1024;
+
 /// This side's settings for a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkConfig {
@@ -199,8 +202,10 @@ impl Link {
             consumed.min(self.received) + u64::from(self.fin_in.is_some_and(|f| consumed >= f));
         if ack_target > self.ack_sent {
             let due = *self.ack_due.get_or_insert(now + self.cfg.ack_delay);
-            let half_window = u64::from(self.cfg.window / 2);
-            if ack_target - self.ack_sent >= half_window
+            // Often enough that a sender bounded by less than our window
+            // (holdfast's buffer_limit) never waits for the ack timer.
+            let threshold = u64::from(self.cfg.window / 2).min(ACK_EVERY);
+            if ack_target - self.ack_sent >= threshold
                 || now >= due
                 || ack_target > self.fin_in.unwrap_or(u64::MAX)
             {
