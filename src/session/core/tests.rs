@@ -41,6 +41,7 @@ pub(super) fn backend(ack: AckMode, servers: usize) -> BackendConfig {
         greeting: 0,
         preamble: 0,
         retry_responses: Vec::new(),
+        max_held_sessions: None,
         socket: SocketOptions {
             nodelay: true,
             keepalive: None,
