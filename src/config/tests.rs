@@ -714,7 +714,9 @@ max_held_sessions = 50
     assert_eq!(c.backends[0].max_held_sessions, Some(50));
     // fd_reserve 0 turns the reserve off.
     assert_eq!(
-        ok(&format!("[limits]\nfd_reserve = 0\n{MINIMAL}")).limits.fd_reserve,
+        ok(&format!("[limits]\nfd_reserve = 0\n{MINIMAL}"))
+            .limits
+            .fd_reserve,
         0
     );
 }
