@@ -285,9 +285,13 @@ async fn slowloris_and_non_reading_clients_hurt_only_themselves() {
     // is whole: nothing more.
     assert!(slowloris.buffered_bytes <= 2 * 200, "{slowloris:?}");
     drop((stuck, slow));
-    wait_for("hostile sessions gone", || {
-        h.rt.shared.session_views().is_empty()
-    })
-    .await;
+    for _ in 0..1000 {
+        if h.rt.shared.session_views().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = h.rt.shared.session_views();
+    assert!(left.is_empty(), "{left:?}");
     h.shutdown.stop.cancel();
 }

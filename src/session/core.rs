@@ -1128,7 +1128,11 @@ impl SessionCore {
         let all_answered = match self.backend.ack {
             AckMode::None | AckMode::Resume(_) => true,
             AckMode::Tcp => self.up.acked() >= self.up.read(),
-            AckMode::Response(_) => self.req_ends.is_empty() && self.up.acked() >= self.up.read(),
+            // Every whole request answered: what may remain unacked after
+            // the client's FIN is a partial request (the client stopped
+            // mid-frame), which no server will ever answer, so replaying it
+            // on a new leg would loop until `hold_timeout`.
+            AckMode::Response(_) => self.req_ends.is_empty(),
         };
         let normal_end = leg.fin_sent && all_answered;
         let closes = self.backend.ack == AckMode::None
