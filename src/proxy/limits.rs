@@ -128,7 +128,7 @@ impl FdBudget {
         };
         let now = Instant::now();
         if c.at
-            .is_none_or(|at| now.duration_since(at) >= FD_COUNT_INTERVAL)
+            .map_or(true, |at| now.duration_since(at) >= FD_COUNT_INTERVAL)
         {
             // Counting needs a descriptor itself: failing to get one means
             // there is no room.

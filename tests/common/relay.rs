@@ -111,9 +111,12 @@ impl Relay {
                         }
                     };
                     if how == End::Reset {
-                        // SO_LINGER 0: closing sends RST instead of FIN.
-                        let _ = ar.as_ref().set_linger(Some(Duration::ZERO));
-                        let _ = br.as_ref().set_linger(Some(Duration::ZERO));
+                        // SO_LINGER 0: closing sends RST instead of FIN (a
+                        // zero linger never blocks the close).
+                        let _ =
+                            socket2::SockRef::from(ar.as_ref()).set_linger(Some(Duration::ZERO));
+                        let _ =
+                            socket2::SockRef::from(br.as_ref()).set_linger(Some(Duration::ZERO));
                     }
                     // Dropping the halves closes both connections.
                 });
