@@ -1,7 +1,7 @@
 //! The soak test: 30 sessions across `ack = "tcp"`, `ack = "response"`
 //! (lines) and the resume protocol run while a seeded RNG injects a fault
 //! every ~100 ms: server SIGKILL + restart, relay cuts and resets, black
-//! holes, slow periods and 1-byte segments. No client sees a reset or an
+//! holes, slow periods, 1-byte segments and one direction closed. No client sees a reset or an
 //! early EOF; streams are byte-exact (tcp: at most one discontinuity per
 //! fault that could reach it); afterwards the replay buffers and the session
 //! registry are empty.
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::relay::Relay;
+use common::relay::{Relay, Side};
 use common::*;
 use holdfast::server::{ResumeListener, ServerConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -254,7 +254,7 @@ hold_timeout = "60s"
     while tokio::time::Instant::now() < end {
         let relay = if rng.below(2) == 0 { &plain } else { &resume };
         let on_plain = std::ptr::eq(relay, &plain);
-        let fault = rng.below(7);
+        let fault = rng.below(8);
         let what = match fault {
             0 => {
                 server.kill().await;
@@ -291,9 +291,17 @@ hold_timeout = "60s"
                 relay.set_split(false);
                 "1-byte segments"
             }
+            6 => {
+                relay.close_one_way(if rng.below(2) == 0 {
+                    Side::Up
+                } else {
+                    Side::Down
+                });
+                "one direction closed"
+            }
             _ => "quiet",
         };
-        if on_plain && (1..=3).contains(&fault) {
+        if on_plain && [1, 2, 3, 6].contains(&fault) {
             plain_faults += 1;
         }
         log.push(format!(
