@@ -124,6 +124,10 @@ async fn accept_loop_survives_emfile() {
         &cfg,
         format!(
             r#"
+# The reserve off: this test is about the accept loop at EMFILE itself.
+[limits]
+fd_reserve = 0
+
 [[listener]]
 name = "l"
 listen = "127.0.0.1:0"
@@ -198,5 +202,115 @@ ack = "none"
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     child.start_kill().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `fd_reserve` (default 64) under `ulimit -n 128`: a burst of 100 idle
+/// clients is shed (`reason=fd_reserve`, one warning for the burst) before
+/// descriptors run out, so a live session still reconnects to its server
+/// across a SIGKILL + restart and keeps answering byte-exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_reserve_sheds_clients_so_reconnects_never_fail() {
+    let mut server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = tmpdir("fd-reserve");
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["{}"]
+ack = "response"
+framing = "lines"
+"#,
+            server.addr
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n 128 && exec {BIN} run --config {}", cfg.display()),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    while let Some(line) = log.next_line().await.unwrap() {
+        if let Some(i) = line.find("addr=") {
+            addr = line[i + 5..].split_whitespace().next().map(str::to_string);
+        }
+        if line.contains("holdfast running") {
+            break;
+        }
+    }
+    let addr = addr.expect("listening address");
+    let live = connect(&addr).await;
+    let (r, mut w) = live.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = String::new();
+    w.write_all(b"before\n").await.unwrap();
+    r.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "before\n");
+    // 100 clients want 200 descriptors of 128: most are shed.
+    let mut burst = Vec::new();
+    for _ in 0..100 {
+        burst.push(connect(&addr).await);
+    }
+    let (warnings, emfile) = tokio::time::timeout(Duration::from_secs(10), async {
+        let (mut warnings, mut emfile) = (0, false);
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("limit reached") && line.contains("fd_reserve") {
+                warnings += 1;
+            }
+            emfile |= line.contains("out of resources");
+            if warnings > 0 {
+                return (warnings, emfile);
+            }
+        }
+        (warnings, emfile)
+    })
+    .await
+    .expect("an fd_reserve warning in time");
+    assert_eq!(warnings, 1, "one warning for the burst");
+    assert!(!emfile, "the reserve kept the process off EMFILE");
+    let lines = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(l)) = log.next_line().await {
+            rest.push(l);
+        }
+        rest
+    });
+    // The server dies and comes back: the live session's reconnect gets a
+    // descriptor, and a request sent meanwhile is answered once.
+    server.kill().await;
+    w.write_all(b"during\n").await.unwrap();
+    server.restart().await;
+    line.clear();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+        .await
+        .expect("answered after the restart")
+        .unwrap();
+    assert_eq!(line, "during\n");
+    drop(burst);
+    w.shutdown().await.unwrap();
+    let mut tail = Vec::new();
+    r.read_to_end(&mut tail).await.unwrap();
+    assert!(tail.is_empty());
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+    let rest = lines.await.unwrap();
+    assert!(
+        !rest.iter().any(|l| l.contains("out of resources")),
+        "no EMFILE: {rest:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

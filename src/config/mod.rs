@@ -53,6 +53,10 @@ pub struct Limits {
     pub buffer_memory: u64,
     /// `max_sessions`: open sessions across all listeners (default 10,000).
     pub max_sessions: usize,
+    /// `fd_reserve`: file descriptors kept free for server connections
+    /// (default 64). Within this many of `RLIMIT_NOFILE`, new clients are
+    /// closed at once so that reconnects to servers never run out.
+    pub fd_reserve: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +92,15 @@ pub struct ListenerConfig {
     /// `sni`: backends (and certificates) chosen by the client's SNI name;
     /// needs `tls`. A name that matches no entry goes to `backend`.
     pub sni: Vec<SniRoute>,
+    /// `max_sessions`: open sessions of this listener; `None` (the default)
+    /// leaves only `[limits] max_sessions`.
+    pub max_sessions: Option<usize>,
+    /// `max_sessions_per_client`: open sessions of this listener from one
+    /// client IP address; `None` (the default) is unlimited.
+    pub max_sessions_per_client: Option<usize>,
+    /// `idle_timeout`: a session with no byte in either direction for this
+    /// long is closed gracefully; `None` (the default) never.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A listener's `tls` table, with its files read and checked.
@@ -205,6 +218,10 @@ pub struct BackendConfig {
     pub preamble: u32,
     /// `retry_responses`: response prefixes meaning "not processed, try again".
     pub retry_responses: Vec<Vec<u8>>,
+    /// `max_held_sessions`: sessions of this backend that may hold at once;
+    /// beyond it a session that would have to hold is closed instead
+    /// (`too_many_held`). `None` (the default) is unlimited.
+    pub max_held_sessions: Option<usize>,
     pub socket: SocketOptions,
     /// `tls`: TLS to the servers; `None` for plain TCP.
     pub tls: Option<BackendTls>,

@@ -270,6 +270,7 @@ pub(super) struct RawAdmin {
 pub(super) struct RawLimits {
     pub buffer_memory: Option<Sp<RawSize>>,
     pub max_sessions: Option<Sp<i64>>,
+    pub fd_reserve: Option<Sp<i64>>,
 }
 
 /// `[lifecycle]`
@@ -293,6 +294,9 @@ pub(super) struct RawListener {
     pub listen: Option<Sp<String>>,
     pub backend: Option<Sp<String>>,
     pub protocol: Option<Sp<String>>,
+    pub max_sessions: Option<Sp<i64>>,
+    pub max_sessions_per_client: Option<Sp<i64>>,
+    pub idle_timeout: Option<Sp<String>>,
     pub resume: Option<RawResume>,
     pub socket: RawSocket,
     pub tls: Option<RawListenerTls>,
@@ -363,6 +367,7 @@ pub(super) struct RawBackend {
     pub greeting: Option<Sp<i64>>,
     pub preamble: Option<Sp<i64>>,
     pub retry_responses: Option<Sp<Vec<Option<Sp<String>>>>>,
+    pub max_held_sessions: Option<Sp<i64>>,
     pub resume: Option<RawResume>,
     pub socket: RawSocket,
     pub tls: Option<RawBackendTls>,
@@ -418,6 +423,7 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
         raw.limits = RawLimits {
             buffer_memory: t.size("buffer_memory", report),
             max_sessions: t.integer("max_sessions", report),
+            fd_reserve: t.integer("fd_reserve", report),
         };
         t.finish(report);
     }
@@ -439,6 +445,9 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
             listen: t.string("listen", report),
             backend: t.string("backend", report),
             protocol: t.string("protocol", report),
+            max_sessions: t.integer("max_sessions", report),
+            max_sessions_per_client: t.integer("max_sessions_per_client", report),
+            idle_timeout: t.duration("idle_timeout", report),
             resume: raw_resume(&mut t, report),
             socket: socket(&mut t, report),
             tls: listener_tls(&mut t, report),
@@ -478,6 +487,7 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
             greeting: t.integer("greeting", report),
             preamble: t.integer("preamble", report),
             retry_responses: t.strings("retry_responses", report),
+            max_held_sessions: t.integer("max_held_sessions", report),
             resume: raw_resume(&mut t, report),
             socket: socket(&mut t, report),
             tls: backend_tls(&mut t, report),

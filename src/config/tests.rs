@@ -59,6 +59,7 @@ fn minimal_file_gets_every_default() {
         limits: Limits {
             buffer_memory: 256 << 20,
             max_sessions: 10_000,
+            fd_reserve: 64,
         },
         lifecycle: Lifecycle {
             drain_timeout: Duration::from_secs(30),
@@ -72,6 +73,9 @@ fn minimal_file_gets_every_default() {
             socket: DEFAULT_SOCKET,
             tls: None,
             sni: vec![],
+            max_sessions: None,
+            max_sessions_per_client: None,
+            idle_timeout: None,
         }],
         backends: vec![BackendConfig {
             name: "orders".into(),
@@ -87,6 +91,7 @@ fn minimal_file_gets_every_default() {
             greeting: 0,
             preamble: 0,
             retry_responses: vec![],
+            max_held_sessions: None,
             socket: SocketOptions {
                 user_timeout: Some(Duration::from_secs(30)),
                 ..DEFAULT_SOCKET
@@ -676,5 +681,73 @@ fn systemd_endpoints_are_for_listeners_only() {
     );
     assert!(
         error(&two).contains(r#""systemd:orders" is already the listen address of listener[0]"#)
+    );
+}
+
+/// The reliability limits (docs/reliability.md): per listener, per backend
+/// and `[limits] fd_reserve`.
+#[test]
+fn reliability_limits_parse_and_default() {
+    let src = r#"
+[limits]
+fd_reserve = 128
+
+[[listener]]
+name = "orders"
+listen = "127.0.0.1:7000"
+backend = "orders"
+max_sessions = 100
+max_sessions_per_client = 4
+idle_timeout = "90s"
+
+[[backend]]
+name = "orders"
+servers = ["127.0.0.1:7001"]
+max_held_sessions = 50
+"#;
+    let c = ok(src);
+    assert_eq!(c.limits.fd_reserve, 128);
+    let l = &c.listeners[0];
+    assert_eq!(l.max_sessions, Some(100));
+    assert_eq!(l.max_sessions_per_client, Some(4));
+    assert_eq!(l.idle_timeout, Some(Duration::from_secs(90)));
+    assert_eq!(c.backends[0].max_held_sessions, Some(50));
+    // fd_reserve 0 turns the reserve off.
+    assert_eq!(
+        ok(&format!("[limits]\nfd_reserve = 0\n{MINIMAL}"))
+            .limits
+            .fd_reserve,
+        0
+    );
+}
+
+#[test]
+fn reliability_limits_are_checked_all_at_once() {
+    let src = r#"
+[limits]
+fd_reserve = -1
+
+[[listener]]
+name = "orders"
+listen = "127.0.0.1:7000"
+backend = "orders"
+max_sessions = 0
+max_sessions_per_client = "4"
+idle_timeout = "0s"
+
+[[backend]]
+name = "orders"
+servers = ["127.0.0.1:7001"]
+max_held_sessions = 0
+"#;
+    assert_eq!(
+        errors(src),
+        vec![
+            "limits.fd_reserve (line 3, col 14): -1 is out of range (0 to 1000000)",
+            "listener[0].max_sessions (line 9, col 16): 0 is out of range (1 to 4294967295)",
+            "listener[0].max_sessions_per_client (line 10, col 27): expected an integer, found a string",
+            "listener[0].idle_timeout (line 11, col 16): \"0s\" is 0; it must be more",
+            "backend[0].max_held_sessions (line 16, col 21): 0 is out of range (1 to 4294967295)",
+        ]
     );
 }

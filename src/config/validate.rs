@@ -74,6 +74,7 @@ const MIB: u64 = 1 << 20;
 
 const DEFAULT_BUFFER_MEMORY: u64 = 256 * MIB;
 const DEFAULT_MAX_SESSIONS: i64 = 10_000;
+const DEFAULT_FD_RESERVE: i64 = 64;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_BUFFER_LIMIT: u64 = MIB;
 const MIN_BUFFER_LIMIT: u64 = KIB;
@@ -241,6 +242,7 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         DEFAULT_MAX_SESSIONS,
         1..=i64::from(u32::MAX),
     );
+    let fd_reserve = integer(r, &raw.limits.fd_reserve, DEFAULT_FD_RESERVE, 0..=1_000_000);
     let drain_timeout = duration(r, &raw.lifecycle.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
     let access = raw
         .log
@@ -352,7 +354,17 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
                 None
             }
         };
+        let max_sessions = optional_count(r, &l.max_sessions);
+        let max_sessions_per_client = optional_count(r, &l.max_sessions_per_client);
+        let idle_timeout = l
+            .idle_timeout
+            .is_some()
+            .then(|| positive(r, &l.idle_timeout, Duration::ZERO))
+            .flatten();
         listeners.push(ListenerConfig {
+            max_sessions,
+            max_sessions_per_client,
+            idle_timeout,
             name: name.unwrap_or_default(),
             listen: listen.unwrap_or(Endpoint::Tcp(String::new())),
             backend: backend.unwrap_or(0),
@@ -368,6 +380,7 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         limits: Limits {
             buffer_memory: buffer_memory.unwrap_or(0),
             max_sessions: max_sessions.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            fd_reserve: fd_reserve.map_or(0, |n| usize::try_from(n).unwrap_or(0)),
         },
         lifecycle: Lifecycle {
             drain_timeout: drain_timeout.unwrap_or_default(),
@@ -736,6 +749,7 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         greeting: greeting.unwrap_or(0),
         preamble: preamble.unwrap_or(0),
         retry_responses,
+        max_held_sessions: optional_count(r, &b.max_held_sessions),
         socket: socket(r, &b.socket, Some(DEFAULT_BACKEND_USER_TIMEOUT)),
         tls,
     }
@@ -1348,6 +1362,13 @@ fn positive(r: &mut Report, f: &Option<Sp<String>>, default: Duration) -> Option
         return None;
     }
     Some(d)
+}
+
+/// An optional count of sessions: absent is `None` (no limit), otherwise 1
+/// to 4294967295.
+fn optional_count(r: &mut Report, f: &Option<Sp<i64>>) -> Option<usize> {
+    f.as_ref()?;
+    integer(r, f, 0, 1..=i64::from(u32::MAX)).map(|n| usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 fn integer(

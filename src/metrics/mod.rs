@@ -36,6 +36,11 @@ pub const REJECT_MAX_SESSIONS: &str = "max_sessions";
 pub const REJECT_TLS_HANDSHAKE: &str = "tls_handshake";
 /// A client did not finish its TLS handshake in `handshake_timeout`.
 pub const REJECT_TLS_TIMEOUT: &str = "tls_timeout";
+/// The client's IP address had `max_sessions_per_client` open sessions on
+/// the listener.
+pub const REJECT_PER_CLIENT: &str = "per_client_limit";
+/// The process was within `fd_reserve` descriptors of `RLIMIT_NOFILE`.
+pub const REJECT_FD_RESERVE: &str = "fd_reserve";
 
 /// Every metric holdfast exports.
 #[derive(Clone)]

@@ -9,7 +9,7 @@
 //! session, which retries at once instead of waiting out its backoff. One
 //! cheap probe per backend replaces thousands of fast per-session retries.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,12 @@ pub struct Backend {
     next_server: AtomicUsize,
     /// Sessions of this backend with no working leg.
     held: AtomicUsize,
+    /// Sessions of this backend that lost their server (what
+    /// `max_held_sessions` bounds; a first connect in flight is not one).
+    holding: AtomicUsize,
+    /// A refusal to hold was warned about and none was admitted since (one
+    /// warning per burst).
+    refusing: AtomicBool,
     /// Woken when `held` leaves 0.
     held_changed: Notify,
     /// A connection the prober made, per server, for the next taker.
@@ -49,6 +55,8 @@ impl Backend {
             metrics,
             next_server: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
+            holding: AtomicUsize::new(0),
+            refusing: AtomicBool::new(false),
             held_changed: Notify::new(),
             ready: Mutex::new((0..n).map(|_| None).collect()),
             up: watch::channel((0, 0)).0,
@@ -97,6 +105,30 @@ impl Backend {
         } else {
             self.held.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+
+    /// A session lost its server and must hold: counts it, unless the
+    /// backend already has `max_held_sessions` holding (then `false`: the
+    /// session is to be closed instead).
+    pub fn try_start_holding(&self) -> bool {
+        let max = self.config.max_held_sessions.unwrap_or(usize::MAX);
+        let ok = self
+            .holding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if ok {
+            self.refusing.store(false, Ordering::Relaxed);
+        } else if !self.refusing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(backend = %self.config.name, limit = max, "max_held_sessions reached: sessions that lose their server are closed (too_many_held) until one resumes");
+        }
+        ok
+    }
+
+    /// A session counted by [`Backend::try_start_holding`] stopped holding.
+    pub fn stop_holding(&self) {
+        self.holding.fetch_sub(1, Ordering::AcqRel);
     }
 
     pub fn held(&self) -> usize {

@@ -20,15 +20,17 @@ use tracing::Instrument;
 
 use crate::config::{Config, Endpoint, ListenerConfig};
 use crate::lifecycle::{Phase, Shutdown};
-use crate::metrics::{Metrics, REJECT_MAX_SESSIONS, REJECT_TLS_HANDSHAKE, REJECT_TLS_TIMEOUT};
+use crate::metrics::{Metrics, REJECT_TLS_HANDSHAKE, REJECT_TLS_TIMEOUT};
 use crate::session::driver::{Driver, SessionCtx, Shared};
 use crate::session::{SessionCore, SessionId};
 use crate::transport::{self, BindError, Conn, Listener};
 
 pub mod access;
 pub mod backend;
+pub mod limits;
 
 use access::AccessLogger;
+use limits::{Admission, FdBudget, ListenerLimits, Slot};
 
 pub use backend::Backend;
 
@@ -171,6 +173,7 @@ pub async fn run_with(
         sessions: TaskTracker::new(),
         close_sessions: CancellationToken::new(),
         open: Arc::new(AtomicUsize::new(0)),
+        fds: Arc::new(FdBudget::for_process(config.limits.fd_reserve)),
         backends: HashMap::new(),
         listeners: Vec::new(),
         access: open_access_log(&config)?,
@@ -261,6 +264,8 @@ struct Running {
     sessions: TaskTracker,
     close_sessions: CancellationToken,
     open: Arc<AtomicUsize>,
+    /// `RLIMIT_NOFILE` and `[limits] fd_reserve`.
+    fds: Arc<FdBudget>,
     /// By backend name.
     backends: HashMap<String, Arc<Backend>>,
     listeners: Vec<RunningListener>,
@@ -285,6 +290,8 @@ struct RunningListener {
     protocol: crate::config::ListenerProtocol,
     /// Swapped on reload: the next accepted client uses the new settings.
     ctx: watch::Sender<Arc<AcceptCtx>>,
+    /// Its open sessions (total and per client), kept across reloads.
+    limits: Arc<ListenerLimits>,
     stop: CancellationToken,
     join: tokio::task::JoinHandle<()>,
 }
@@ -316,6 +323,7 @@ impl Running {
         cfg: &ListenerConfig,
         config: &Config,
         backends: &HashMap<String, Arc<Backend>>,
+        limits: Arc<ListenerLimits>,
     ) -> Arc<AcceptCtx> {
         let backend_name = &config.backends[cfg.backend].name;
         let session = SessionCtx {
@@ -348,6 +356,8 @@ impl Running {
             close_sessions: self.close_sessions.clone(),
             open: self.open.clone(),
             max_sessions: config.limits.max_sessions,
+            limits,
+            fds: self.fds.clone(),
             access: self.access.clone(),
             cfg: cfg.clone(),
         })
@@ -361,7 +371,8 @@ impl Running {
         backends: &HashMap<String, Arc<Backend>>,
     ) {
         tracing::info!(listener = %cfg.name, addr = %listener.local_endpoint(), "listening");
-        let (ctx, ctx_rx) = watch::channel(self.accept_ctx(cfg, config, backends));
+        let limits = Arc::new(ListenerLimits::default());
+        let (ctx, ctx_rx) = watch::channel(self.accept_ctx(cfg, config, backends, limits.clone()));
         let stop = CancellationToken::new();
         let join = tokio::spawn(accept_loop(listener, ctx_rx, stop.clone()));
         self.listeners.push(RunningListener {
@@ -369,6 +380,7 @@ impl Running {
             listen: cfg.listen.clone(),
             protocol: cfg.protocol.clone(),
             ctx,
+            limits,
             stop,
             join,
         });
@@ -421,7 +433,8 @@ impl Running {
                 .iter()
                 .find(|c| c.name == l.name)
                 .expect("kept listeners are in the new config");
-            l.ctx.send_replace(self.accept_ctx(cfg, &config, &backends));
+            l.ctx
+                .send_replace(self.accept_ctx(cfg, &config, &backends, l.limits.clone()));
         }
         for (cfg, listener) in fresh {
             self.start_listener(listener, &cfg, &config, &backends);
@@ -433,6 +446,7 @@ impl Running {
             }
         }
         self.shared.set_buffer_limit(config.limits.buffer_memory);
+        self.fds.set_reserve(config.limits.fd_reserve);
         self.backends = backends;
         self.config = config;
         Ok(())
@@ -447,6 +461,8 @@ struct AcceptCtx {
     close_sessions: CancellationToken,
     open: Arc<AtomicUsize>,
     max_sessions: usize,
+    limits: Arc<ListenerLimits>,
+    fds: Arc<FdBudget>,
     access: Option<Arc<AccessLogger>>,
     cfg: ListenerConfig,
 }
@@ -512,21 +528,37 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 
 fn start_session(ctx: &Arc<AcceptCtx>, conn: Conn, peer: String) {
     let lm = &ctx.session.listener;
-    if ctx.open.load(Ordering::Relaxed) >= ctx.max_sessions {
-        lm.rejected(REJECT_MAX_SESSIONS);
-        tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, limit = ctx.max_sessions, "max_sessions reached: refusing client");
-        return;
-    }
+    let admission = Admission {
+        global_open: &ctx.open,
+        global_max: ctx.max_sessions,
+        listener: &ctx.limits,
+        listener_max: ctx.cfg.max_sessions,
+        per_client_max: ctx.cfg.max_sessions_per_client,
+        fds: &ctx.fds,
+    };
+    let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+    let slot = match admission.admit(ip) {
+        Ok(slot) => slot,
+        Err((refusal, limit)) => {
+            // Accepted and closed at once (dropping `conn`); one warning
+            // per burst of refusals, not one per client.
+            lm.rejected(refusal.as_str());
+            if ctx.limits.first_of_burst(refusal) {
+                tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, reason = refusal.as_str(), limit, "limit reached: closing new clients until a session ends");
+            } else {
+                tracing::debug!(listener = %ctx.listener_name, client.addr = %peer, reason = refusal.as_str(), "limit reached: closing the client");
+            }
+            return;
+        }
+    };
     if let Conn::Tcp(s) = &conn {
         if let Err(e) = transport::apply_tcp_options(socket2::SockRef::from(s), &ctx.cfg.socket) {
             tracing::debug!(error = %e, "setting client socket options failed");
         }
     }
-    let open = ctx.open.clone();
-    open.fetch_add(1, Ordering::Relaxed);
     let Some(tls) = &ctx.tls else {
         lm.accepted.inc();
-        run_session(ctx, &ctx.session, conn, peer);
+        run_session(ctx, &ctx.session, conn, peer, slot);
         return;
     };
     // The handshake runs in its own task: a slow or silent client holds up
@@ -538,28 +570,25 @@ fn start_session(ctx: &Arc<AcceptCtx>, conn: Conn, peer: String) {
         let lm = &ctx.session.listener;
         let handshake = tokio::select! {
             r = transport::tls::accept(&acceptor, conn, timeout) => r,
-            _ = ctx.close_sessions.cancelled() => {
-                open.fetch_sub(1, Ordering::Relaxed);
-                return;
-            }
+            _ = ctx.close_sessions.cancelled() => return,
         };
         match handshake {
             Ok(conn) => {
                 lm.accepted.inc();
                 let tls = ctx.tls.as_ref().expect("tls listener");
                 let session = tls.route(conn.sni(), &ctx.session);
-                run_session(&ctx, session, conn, peer);
+                run_session(&ctx, session, conn, peer, slot);
             }
             Err(transport::tls::HandshakeError::Failed(e))
                 if e.kind() == io::ErrorKind::UnexpectedEof =>
             {
                 // Closed before finishing a ClientHello: a port probe (or a
                 // holdfast prober parking a connection), not a refusal.
-                open.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
                 tracing::debug!(listener = %ctx.listener_name, client.addr = %peer, error = %e, "client closed during the tls handshake");
             }
             Err(e) => {
-                open.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
                 let (reason, error) = match e {
                     transport::tls::HandshakeError::Timeout => (
                         REJECT_TLS_TIMEOUT,
@@ -575,8 +604,8 @@ fn start_session(ctx: &Arc<AcceptCtx>, conn: Conn, peer: String) {
 }
 
 /// Spawns the session task of an accepted (and, on a TLS listener,
-/// handshaken) client. The caller has counted it in `open`.
-fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String) {
+/// handshaken) client, which holds `slot` until it ends.
+fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, slot: Slot) {
     let lm = &session.listener;
     let backend = session.backend.config.clone();
     let first = session.backend.pick_server();
@@ -586,6 +615,7 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String) 
     if let Ok(addr) = peer.parse::<std::net::SocketAddr>() {
         core.set_client_addr(crate::proto::ClientAddr::Ip(addr.ip(), addr.port()));
     }
+    core.set_idle_timeout(ctx.cfg.idle_timeout, now);
     let driver = Driver::new(
         core,
         conn,
@@ -597,13 +627,12 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String) 
     let access = ctx.access.clone();
     let listener_name = ctx.listener_name.clone();
     let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend.name);
-    let open = ctx.open.clone();
     ctx.sessions.spawn(
         async move {
             tracing::info!(client.addr = %peer, "session opened");
             lm.sessions.inc();
             let s = driver.run().await;
-            open.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
             lm.sessions.dec();
             lm.closed(s.reason.as_str());
             if s.client_reset {

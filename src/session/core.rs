@@ -80,10 +80,16 @@ pub enum CloseReason {
     ProtocolError,
     /// A resume-protocol server ended the session (ABORT).
     ServerAborted,
+    /// The session would have had to hold while its backend already held
+    /// `max_held_sessions`: closed gracefully instead.
+    TooManyHeld,
+    /// No byte in either direction for the listener's `idle_timeout`:
+    /// closed gracefully.
+    IdleTimeout,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::ClientClosed,
         CloseReason::ServerClosed,
         CloseReason::ServerUnreachable,
@@ -96,6 +102,8 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::ProtocolError,
         CloseReason::ServerAborted,
+        CloseReason::TooManyHeld,
+        CloseReason::IdleTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +120,8 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::ServerAborted => "server_aborted",
+            CloseReason::TooManyHeld => "too_many_held",
+            CloseReason::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -324,6 +334,12 @@ pub struct SessionCore {
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
     rng: u64,
+    /// The listener's `idle_timeout`: `None` never ends a session for
+    /// silence.
+    idle_timeout: Option<Duration>,
+    /// When the last byte moved between the client and holdfast (read from
+    /// it or written to it); the session start before that.
+    last_activity: Instant,
 }
 
 impl fmt::Debug for SessionCore {
@@ -387,6 +403,8 @@ impl SessionCore {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             rng: (id.0 as u64) ^ ((id.0 >> 64) as u64) | 1,
+            idle_timeout: None,
+            last_activity: now,
             backend,
         };
         core.step(now);
@@ -460,6 +478,30 @@ impl SessionCore {
         ) && self.done.is_none()
     }
 
+    /// Whether the session lost its server (a leg failed, or a connect
+    /// failed) and has none yet: what `max_held_sessions` counts. Unlike
+    /// [`SessionCore::is_held`], a first connect that has not failed is not
+    /// holding.
+    pub fn is_holding(&self) -> bool {
+        self.is_held() && (self.had_leg || self.attempts > 0)
+    }
+
+    /// The listener's `idle_timeout` (call once, after `new`).
+    pub fn set_idle_timeout(&mut self, idle: Option<Duration>, now: Instant) {
+        self.idle_timeout = idle;
+        self.last_activity = now;
+    }
+
+    /// The shell could not count this session as held: its backend holds
+    /// `max_held_sessions` already. Ends it gracefully (`too_many_held`).
+    pub fn on_hold_refused(&mut self, now: Instant) {
+        if self.done.is_none() && self.ending.is_none() {
+            self.close_leg();
+            self.end_gracefully(CloseReason::TooManyHeld, now);
+            self.step(now);
+        }
+    }
+
     /// Set once the session is over; the shell then closes everything.
     pub fn done(&self) -> Option<CloseReason> {
         self.done
@@ -505,7 +547,11 @@ impl SessionCore {
             LegState::Up(leg) => leg.link.as_ref().map(|l| l.deadline()),
             _ => None,
         };
-        [wait, hold, link].into_iter().flatten().min()
+        let idle = match self.idle_timeout {
+            Some(d) if self.ending.is_none() => Some(self.last_activity + d),
+            _ => None,
+        };
+        [wait, hold, link, idle].into_iter().flatten().min()
     }
 
     /// Whether the shell should read from the client now.
@@ -578,6 +624,7 @@ impl SessionCore {
         if self.done.is_some() || self.up.fin_read() || chunk.is_empty() {
             return;
         }
+        self.last_activity = now;
         let Some(scanner) = &mut self.req_scanner else {
             self.up.push(chunk);
             self.step(now);
@@ -628,6 +675,9 @@ impl SessionCore {
     /// `n` bytes of the last [`SessionCore::next_write`]`(Dir::Down)` were
     /// written to the client.
     pub fn on_client_written(&mut self, n: usize, now: Instant) {
+        if n > 0 {
+            self.last_activity = now;
+        }
         self.down.on_sent(n as u64);
         let sent = self.down.sent();
         self.down.ack_to(sent);
@@ -1078,7 +1128,11 @@ impl SessionCore {
         let all_answered = match self.backend.ack {
             AckMode::None | AckMode::Resume(_) => true,
             AckMode::Tcp => self.up.acked() >= self.up.read(),
-            AckMode::Response(_) => self.req_ends.is_empty() && self.up.acked() >= self.up.read(),
+            // Every whole request answered: what may remain unacked after
+            // the client's FIN is a partial request (the client stopped
+            // mid-frame), which no server will ever answer, so replaying it
+            // on a new leg would loop until `hold_timeout`.
+            AckMode::Response(_) => self.req_ends.is_empty(),
         };
         let normal_end = leg.fin_sent && all_answered;
         let closes = self.backend.ack == AckMode::None
@@ -1270,6 +1324,13 @@ impl SessionCore {
             {
                 self.close_leg();
                 self.end_gracefully(CloseReason::HoldTimeout, now);
+            }
+        }
+        // Idle timeout: nothing moved to or from the client for that long.
+        if let Some(idle) = self.idle_timeout {
+            if self.ending.is_none() && now >= self.last_activity + idle {
+                self.close_leg();
+                self.end_gracefully(CloseReason::IdleTimeout, now);
             }
         }
         // Resume protocol: handshake timeout, dead peer, and what the link

@@ -130,6 +130,9 @@ pub struct Driver {
     shared_backend: Arc<Backend>,
     /// Whether this session is counted as held in `shared_backend`.
     held: bool,
+    /// Whether it is counted against `max_held_sessions` (in the backend it
+    /// was counted in: a reload may swap `shared_backend`).
+    holding: Option<Arc<Backend>>,
     /// "Server is up" announcements, listened to while held.
     up_rx: Option<UpReceiver>,
     up_fut: Option<UpFuture>,
@@ -187,6 +190,7 @@ impl Driver {
             backend,
             shared_backend: ctx.backend,
             held: false,
+            holding: None,
             up_rx,
             up_fut: None,
             shared: ctx.shared,
@@ -222,6 +226,9 @@ impl Driver {
         self.release_memory();
         if self.held {
             self.shared_backend.set_held(false);
+        }
+        if let Some(b) = self.holding.take() {
+            b.stop_holding();
         }
         self.server = None;
         self.connecting = None;
@@ -731,6 +738,24 @@ impl Driver {
     /// While held, listens for "server is up" from the backend's prober and
     /// other sessions; keeps the backend's count of held sessions.
     fn poll_server_up(&mut self, cx: &mut Context<'_>) -> bool {
+        // `max_held_sessions`: a session that lost its server holds only if
+        // the backend has room; otherwise it ends (`too_many_held`).
+        let holding = self.core.is_holding();
+        if holding && self.holding.is_none() {
+            if self.shared_backend.try_start_holding() {
+                self.holding = Some(self.shared_backend.clone());
+            } else {
+                tracing::debug!(
+                    "max_held_sessions reached: closing the session instead of holding it"
+                );
+                self.core.on_hold_refused(Self::now());
+                return true;
+            }
+        } else if !holding {
+            if let Some(b) = self.holding.take() {
+                b.stop_holding();
+            }
+        }
         let held = self.core.is_held();
         if held != self.held {
             self.shared_backend.set_held(held);

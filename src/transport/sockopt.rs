@@ -60,3 +60,18 @@ pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
     Ok(n.max(0) as u64)
 }
+
+/// The soft `RLIMIT_NOFILE` of this process (`None` if unknown or
+/// unlimited).
+pub fn nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the call's duration.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if rc != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    Some(lim.rlim_cur)
+}

@@ -41,6 +41,7 @@ pub(super) fn backend(ack: AckMode, servers: usize) -> BackendConfig {
         greeting: 0,
         preamble: 0,
         retry_responses: Vec::new(),
+        max_held_sessions: None,
         socket: SocketOptions {
             nodelay: true,
             keepalive: None,
@@ -997,4 +998,57 @@ fn client_error_ends_at_once() {
         h.server(g, &frame(&mode, b"a"));
         assert!(h.client_rx.is_empty(), "{mode:?}");
     }
+}
+
+#[test]
+fn idle_timeout_counts_client_bytes_either_way_then_fins() {
+    for mode in all_modes() {
+        let mut h = Harness::with_mode(mode.clone());
+        h.core
+            .set_idle_timeout(Some(Duration::from_secs(10)), h.now);
+        let g = h.connect_last();
+        assert_eq!(h.core.deadline(), Some(h.t0 + Duration::from_secs(10)));
+        // A byte from the client at 4 s moves the deadline to 14 s.
+        h.now += Duration::from_secs(4);
+        h.client(&frame(&mode, b"ping"));
+        assert_eq!(h.core.deadline(), Some(h.t0 + Duration::from_secs(14)));
+        // A byte to the client at 9 s moves it to 19 s.
+        h.now += Duration::from_secs(5);
+        h.acked(g, h.core.stream(Dir::Up).read());
+        h.server(g, &frame(&mode, b"ping"));
+        let idle_at = h.t0 + Duration::from_secs(19);
+        assert!(h.core.deadline().is_some_and(|d| d <= idle_at), "{mode:?}");
+        while h.core.done().is_none() {
+            h.fire_deadline();
+            assert!(h.now <= idle_at, "{mode:?}: idle past the timeout");
+        }
+        assert_eq!(h.now, idle_at, "{mode:?}");
+        assert!(h.client_fin, "{mode:?}: a graceful FIN");
+        assert!(h.legs[g.0 as usize].closed);
+        assert_eq!(h.core.done(), Some(CloseReason::IdleTimeout), "{mode:?}");
+        assert_eq!(h.core.deadline(), None);
+    }
+}
+
+#[test]
+fn idle_timeout_off_by_default_and_hold_refusal_ends_gracefully() {
+    let mut h = Harness::with_mode(lines());
+    let g = h.connect_last();
+    assert_eq!(h.core.deadline(), None, "no idle deadline by default");
+    assert!(!h.core.is_holding(), "a working leg is not holding");
+    h.client(b"req\n");
+    h.server(g, b"partial");
+    // The server dies: the session would hold.
+    h.server_error(g);
+    assert!(h.core.is_holding());
+    h.core.on_hold_refused(h.now);
+    h.pump();
+    assert_eq!(h.core.done(), Some(CloseReason::TooManyHeld));
+    assert!(h.client_fin);
+    assert_eq!(h.client_rx, b"", "no half response reaches the client");
+    // A first connect in flight is not holding; a failed one is.
+    let mut h = Harness::with_mode(AckMode::Tcp);
+    assert!(h.core.is_held() && !h.core.is_holding());
+    h.refused(h.last());
+    assert!(h.core.is_holding());
 }
