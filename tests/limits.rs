@@ -295,3 +295,62 @@ async fn slowloris_and_non_reading_clients_hurt_only_themselves() {
     assert!(left.is_empty(), "{left:?}");
     h.shutdown.stop.cancel();
 }
+
+/// `[limits] buffer_memory` bounds the replay buffers of all sessions
+/// together: with the server down, sessions stop reading their clients once
+/// the total is reached (counted once, logged once); when the server is
+/// back, every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffer_memory_bounds_all_sessions_together() {
+    let mut server = Server::start("127.0.0.1:0", "echo").await;
+    let toml = format!(
+        "[limits]\nbuffer_memory = \"256KiB\"\n{}",
+        config(&server.addr, "", "buffer_limit = \"200KiB\"")
+            .replace("ack = \"response\"\nframing = \"lines\"", "ack = \"tcp\"")
+    );
+    let running = start_running(&toml).await;
+    let addr = running.addrs[0].clone();
+    // Four sessions, each with a leg up, then the server dies.
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let mut c = connect(&addr).await;
+        c.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        c.read_exact(&mut one).await.unwrap();
+        conns.push(c);
+    }
+    server.kill().await;
+    let mut tasks = Vec::new();
+    for (i, c) in conns.into_iter().enumerate() {
+        let data = pattern(2 << 20, 40 + i as u64);
+        tasks.push(tokio::spawn(async move {
+            let got = send_and_collect(c, data.clone()).await.expect("no reset");
+            assert_bytes_eq(&got, &data, "echo after the hold");
+        }));
+    }
+    let rt = running.rt.clone();
+    wait_for("buffer_memory reached", || {
+        sample(&rt.metrics.encode(), "holdfast_buffer_memory_full_total") >= 1.0
+    })
+    .await;
+    // Held in all: the limit plus at most one read per session beyond it.
+    let used = running
+        .rt
+        .shared
+        .buffer_used
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(used <= (256 << 10) + 4 * (64 << 10), "{used} bytes held");
+    assert!(
+        tasks.iter().all(|t| !t.is_finished()),
+        "clients are backpressured"
+    );
+    assert_eq!(
+        sample(&rt.metrics.encode(), "holdfast_buffer_memory_limit_bytes"),
+        (256 << 10) as f64
+    );
+    server.restart().await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    running.shutdown.stop.cancel();
+}

@@ -29,6 +29,8 @@ pub const HOLD_DURATION: &str = "holdfast_hold_duration_seconds";
 pub const CLIENT_RESETS: &str = "holdfast_client_resets_total";
 pub const CONFIG_RELOADS: &str = "holdfast_config_reloads_total";
 pub const BUILD_INFO: &str = "holdfast_build_info";
+pub const BUFFER_MEMORY_FULL: &str = "holdfast_buffer_memory_full_total";
+pub const BUFFER_MEMORY_LIMIT: &str = "holdfast_buffer_memory_limit_bytes";
 
 /// Why a client connection was refused at accept.
 pub const REJECT_MAX_SESSIONS: &str = "max_sessions";
@@ -62,6 +64,8 @@ pub struct Metrics {
     hold_duration: HistogramVec,
     client_resets: IntCounterVec,
     reloads: IntCounterVec,
+    memory_full: IntCounter,
+    memory_limit: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -186,6 +190,21 @@ impl Metrics {
                 &["listener", "cause"],
             ),
             reloads: counter(r, CONFIG_RELOADS, "Configuration reloads.", &["result"]),
+            memory_full: {
+                let c = IntCounter::new(
+                    BUFFER_MEMORY_FULL,
+                    "Times [limits] buffer_memory was reached (sessions then stop reading their clients).",
+                )
+                .expect("metric");
+                r.register(Box::new(c.clone())).expect("register");
+                c
+            },
+            memory_limit: {
+                let g =
+                    IntGauge::new(BUFFER_MEMORY_LIMIT, "[limits] buffer_memory.").expect("metric");
+                r.register(Box::new(g.clone())).expect("register");
+                g
+            },
             registry,
         };
         let build = gauge(r, BUILD_INFO, "holdfast build information.", &["version"]);
@@ -233,6 +252,16 @@ impl Metrics {
         }
     }
 
+    /// `[limits] buffer_memory` reached: count it.
+    pub fn buffer_memory_full(&self) {
+        self.memory_full.inc();
+    }
+
+    /// Publishes `[limits] buffer_memory`.
+    pub fn set_buffer_memory_limit(&self, bytes: u64) {
+        self.memory_limit.set(bytes.min(i64::MAX as u64) as i64);
+    }
+
     /// A configuration reload finished (`result`: `ok` or `error`).
     pub fn reload(&self, result: &str) {
         self.reloads.with_label_values(&[result]).inc();
@@ -253,6 +282,11 @@ pub struct ListenerMetrics {
 impl ListenerMetrics {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The process-wide metrics these handles belong to.
+    pub fn all(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn rejected(&self, reason: &str) {

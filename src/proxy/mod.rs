@@ -153,6 +153,8 @@ pub async fn run_with(
     } else {
         Arc::new(Shared::new(config.limits.buffer_memory))
     };
+    rt.metrics
+        .set_buffer_memory_limit(config.limits.buffer_memory);
     let stop_admin = CancellationToken::new();
     if let Some(admin) = bound.admin {
         tracing::info!(addr = %admin.local_addr()?, "admin endpoint listening");
@@ -446,6 +448,8 @@ impl Running {
             }
         }
         self.shared.set_buffer_limit(config.limits.buffer_memory);
+        self.metrics
+            .set_buffer_memory_limit(config.limits.buffer_memory);
         self.fds.set_reserve(config.limits.fd_reserve);
         self.backends = backends;
         self.config = config;

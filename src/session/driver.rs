@@ -53,6 +53,8 @@ pub struct Shared {
     buffer_limit: AtomicU64,
     /// Every open session's published status.
     pub sessions: Mutex<HashMap<SessionId, Arc<SessionStatus>>>,
+    /// `buffer_used` reached `buffer_limit` and nobody has read since.
+    pub memory_full: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -61,6 +63,7 @@ impl Shared {
             buffer_used: AtomicU64::new(0),
             buffer_limit: AtomicU64::new(buffer_limit),
             sessions: Mutex::new(HashMap::new()),
+            memory_full: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -604,12 +607,25 @@ impl Driver {
             return false;
         }
         if self.shared.buffer_used.load(Ordering::Relaxed) >= self.shared.buffer_limit() {
-            // Over the global buffer memory: look again shortly.
+            // Over the global buffer memory: look again shortly. The first
+            // session to find it full says so (once per episode).
+            if !self.shared.memory_full.swap(true, Ordering::Relaxed) {
+                self.listener.all().buffer_memory_full();
+                tracing::warn!(
+                    limit = self.shared.buffer_limit(),
+                    "[limits] buffer_memory reached: sessions stop reading their clients until servers catch up"
+                );
+            }
             if !self.mem_timer_armed {
                 self.mem_timer.as_mut().reset(Instant::now() + MEMORY_RETRY);
                 self.mem_timer_armed = true;
             }
             return false;
+        }
+        if self.shared.memory_full.load(Ordering::Relaxed)
+            && self.shared.memory_full.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!("buffer_memory available again");
         }
         if self.client_rbuf.capacity() - self.client_rbuf.len() < READ_SIZE / 4 {
             self.client_rbuf.reserve(READ_SIZE);
