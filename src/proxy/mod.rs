@@ -426,6 +426,9 @@ impl Running {
             } else {
                 tracing::info!(listener = %l.name, addr = %l.listen, "listener removed");
                 l.stop.cancel();
+                // Its socket is closed once its accept loop has returned:
+                // when the reload reports success, nobody connects there.
+                let _ = l.join.await;
             }
         }
         self.listeners = kept;
