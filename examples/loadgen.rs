@@ -481,7 +481,11 @@ fn bulk(t: &Target, conns: usize, secs: f64, chunk: &Arc<Vec<u8>>) -> anyhow::Re
         }));
     }
     thread::sleep(Duration::from_millis(300));
-    let (b0, c0, t0) = (echoed.load(Ordering::Relaxed), cpu_secs(t.root()), Instant::now());
+    let (b0, c0, t0) = (
+        echoed.load(Ordering::Relaxed),
+        cpu_secs(t.root()),
+        Instant::now(),
+    );
     thread::sleep(Duration::from_secs_f64(secs));
     let (b1, c1, dt) = (
         echoed.load(Ordering::Relaxed),
@@ -510,11 +514,7 @@ fn bulk(t: &Target, conns: usize, secs: f64, chunk: &Arc<Vec<u8>>) -> anyhow::Re
 /// One connection, one 64-byte request in flight, every echo checked;
 /// the proxy, the echo server and this thread all on CPU 0. Returns the
 /// round-trip times in ns and the proxy's CPU µs per round trip.
-fn round_trips(
-    t: &Target,
-    echo_pid: u32,
-    n: usize,
-) -> anyhow::Result<(Vec<u64>, Option<f64>)> {
+fn round_trips(t: &Target, echo_pid: u32, n: usize) -> anyhow::Result<(Vec<u64>, Option<f64>)> {
     if let Some(p) = t.root() {
         pin_tree(p, &[0]);
     }
@@ -847,8 +847,10 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
             fmt(r[6], 2),
             fmt(r[7], 2)
         );
-        ratios.push(json!({"target": n, "bulk1": r[0], "bulk8": r[1], "cpu1": r[2], "cpu8": r[3],
-            "p50": r[4], "p99": r[5], "conn_per_s": r[6], "idle_vs_haproxy": r[7]}));
+        ratios.push(
+            json!({"target": n, "bulk1": r[0], "bulk8": r[1], "cpu1": r[2], "cpu8": r[3],
+            "p50": r[4], "p99": r[5], "conn_per_s": r[6], "idle_vs_haproxy": r[7]}),
+        );
     }
     let doc = json!({
         "rounds": opts.rounds, "secs": opts.secs, "rr": opts.rr, "idle": opts.idle,
