@@ -130,8 +130,7 @@ struct Target {
     name: &'static str,
     addr: SocketAddr,
     child: Option<Child>,
-    /// Processes kept apart from the tree (nginx's master re-parents
-    /// nothing, so the child's tree is enough everywhere).
+    /// Scratch directory: the config file and the child's log.
     dir: PathBuf,
 }
 
