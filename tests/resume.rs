@@ -299,14 +299,16 @@ async fn buffer_limit_backpressures_the_client_while_held() {
     r.read_exact(&mut one).await.unwrap();
     server.kill().await;
 
-    let data = pattern(4 << 20, 11);
+    // More than the kernel's socket buffers can absorb on loopback (several
+    // MiB with autotuning), so the writer must block.
+    let data = pattern(32 << 20, 11);
     let d2 = data.clone();
     let writer = tokio::spawn(async move {
         w.write_all(&d2).await.unwrap();
         w.shutdown().await.unwrap();
     });
     // holdfast stops reading at the limit: its up stream stops growing well
-    // short of 4 MiB, while the writer is blocked.
+    // short of 32 MiB, while the writer is blocked.
     let mut read = 0;
     for _ in 0..1000 {
         let views = rt.shared.session_views();

@@ -28,8 +28,13 @@ use crate::proxy::Backend;
 use crate::stream::Dir;
 use crate::transport::{self, Conn};
 
-/// Bytes asked of the kernel per read.
+/// Bytes asked of the kernel per read, at most: a direction's read size
+/// doubles from `READ_MIN` while reads fill the space they were given and
+/// halves when they return under an eighth of it.
 const READ_SIZE: usize = 64 * 1024;
+/// The smallest read size. At this size a read buffer left empty is freed,
+/// so an idle session holds no read buffer.
+const READ_MIN: usize = 4 * 1024;
 /// Chunks per vectored write.
 const MAX_IOV: usize = 64;
 /// How often `ack = "tcp"` samples the server's acks while bytes are in flight.
@@ -120,6 +125,8 @@ struct ServerConn {
     gen: Generation,
     conn: Conn,
     rbuf: BytesMut,
+    /// Bytes to ask for per read, `READ_MIN..=READ_SIZE`.
+    read_size: usize,
     /// Resume protocol legs: frames are decoded from `rbuf`.
     decoder: Option<crate::proto::Decoder>,
     /// Bytes written on this leg (for Unix-socket acks).
@@ -147,6 +154,8 @@ pub struct Driver {
     client_eof: bool,
     client: Conn,
     client_rbuf: BytesMut,
+    /// Bytes to ask for per client read, `READ_MIN..=READ_SIZE`.
+    client_read_size: usize,
     server: Option<ServerConn>,
     connecting: Option<(Generation, ConnectFuture)>,
     timer: Pin<Box<Sleep>>,
@@ -204,6 +213,7 @@ impl Driver {
             client_eof: false,
             client,
             client_rbuf: BytesMut::new(),
+            client_read_size: READ_MIN,
             server: None,
             connecting: None,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -485,6 +495,7 @@ impl Driver {
                     gen,
                     conn,
                     rbuf: BytesMut::new(),
+                    read_size: READ_MIN,
                     decoder: self
                         .core
                         .framed_legs()
@@ -536,8 +547,13 @@ impl Driver {
                 break;
             }
             let gen = server.gen;
-            let slices: Vec<IoSlice<'_>> = self.iov.iter().map(|b| IoSlice::new(b)).collect();
-            match Pin::new(&mut server.conn).poll_write_vectored(cx, &slices) {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n_iov = self.iov.len().min(MAX_IOV);
+            for (s, b) in slices.iter_mut().zip(&self.iov) {
+                *s = IoSlice::new(b);
+            }
+            let slices = &slices[..n_iov];
+            match Pin::new(&mut server.conn).poll_write_vectored(cx, slices) {
                 Poll::Ready(Ok(n)) => {
                     server.written += n as u64;
                     self.core.on_server_written(gen, n, Self::now());
@@ -576,8 +592,13 @@ impl Driver {
             }
             down.buffer()
                 .chunks_from(down.sent(), MAX_IOV, &mut self.iov);
-            let slices: Vec<IoSlice<'_>> = self.iov.iter().map(|b| IoSlice::new(b)).collect();
-            match Pin::new(&mut self.client).poll_write_vectored(cx, &slices) {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n_iov = self.iov.len().min(MAX_IOV);
+            for (s, b) in slices.iter_mut().zip(&self.iov) {
+                *s = IoSlice::new(b);
+            }
+            let slices = &slices[..n_iov];
+            match Pin::new(&mut self.client).poll_write_vectored(cx, slices) {
                 Poll::Ready(Ok(n)) => {
                     self.listener.bytes_down.inc_by(n as u64);
                     self.core.on_client_written(n, Self::now());
@@ -627,16 +648,20 @@ impl Driver {
         {
             tracing::info!("buffer_memory available again");
         }
-        if self.client_rbuf.capacity() - self.client_rbuf.len() < READ_SIZE / 4 {
-            self.client_rbuf.reserve(READ_SIZE);
-        }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_rbuf) {
+        let read = poll_read_adaptive(
+            &mut self.client,
+            cx,
+            &mut self.client_rbuf,
+            &mut self.client_read_size,
+        );
+        match read {
             Poll::Ready(Ok(0)) => {
                 self.client_eof = true;
                 self.core.on_client_eof(Self::now());
             }
             Poll::Ready(Ok(_)) => {
                 let chunk = self.client_rbuf.split().freeze();
+                release_idle(&mut self.client_rbuf, self.client_read_size);
                 self.listener.bytes_up.inc_by(chunk.len() as u64);
                 self.core.on_client_data(chunk, Self::now());
             }
@@ -656,11 +681,13 @@ impl Driver {
         let Some(server) = self.server.as_mut() else {
             return false;
         };
-        if server.rbuf.capacity() - server.rbuf.len() < READ_SIZE / 4 {
-            server.rbuf.reserve(READ_SIZE);
-        }
         let gen = server.gen;
-        match tokio_util::io::poll_read_buf(Pin::new(&mut server.conn), cx, &mut server.rbuf) {
+        match poll_read_adaptive(
+            &mut server.conn,
+            cx,
+            &mut server.rbuf,
+            &mut server.read_size,
+        ) {
             Poll::Ready(Ok(0)) => {
                 self.sample_acks();
                 self.core.on_server_eof(gen, Self::now());
@@ -686,6 +713,9 @@ impl Driver {
                 } else {
                     let chunk = server.rbuf.split().freeze();
                     self.core.on_server_data(gen, chunk, Self::now());
+                }
+                if let Some(server) = self.server.as_mut() {
+                    release_idle(&mut server.rbuf, server.read_size);
                 }
             }
             Poll::Ready(Err(e)) => {
@@ -903,5 +933,54 @@ impl Driver {
                 Event::Closed { .. } => {}
             }
         }
+    }
+}
+
+/// Reads from `conn` into `buf`, adapting `size` (see `READ_SIZE`).
+///
+/// At the smallest size, with no spare room in `buf`, the read goes to a
+/// scratch array on the stack and only the bytes read are copied into
+/// `buf`: a session waiting for input holds no read buffer, and a small
+/// message costs one allocation of its own size. Larger reads go straight
+/// into `buf`, which is reused in place once its chunks are released.
+fn poll_read_adaptive(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    size: &mut usize,
+) -> Poll<io::Result<usize>> {
+    if *size == READ_MIN && buf.capacity() == buf.len() {
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_MIN];
+        let mut rb = tokio::io::ReadBuf::uninit(&mut scratch);
+        std::task::ready!(tokio::io::AsyncRead::poll_read(Pin::new(conn), cx, &mut rb))?;
+        let n = rb.filled().len();
+        buf.extend_from_slice(rb.filled());
+        adapt_read_size(size, n, READ_MIN);
+        return Poll::Ready(Ok(n));
+    }
+    if buf.capacity() - buf.len() < *size / 4 {
+        buf.reserve(*size);
+    }
+    let spare = buf.capacity() - buf.len();
+    let n = std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(conn), cx, buf))?;
+    adapt_read_size(size, n, spare);
+    Poll::Ready(Ok(n))
+}
+
+/// Grows the read size while reads fill the space they were given (bulk),
+/// shrinks it while they return little (requests, responses, idle).
+fn adapt_read_size(size: &mut usize, n: usize, spare: usize) {
+    if n >= spare {
+        *size = (*size * 2).min(READ_SIZE);
+    } else if n < *size / 8 {
+        *size = (*size / 2).max(READ_MIN);
+    }
+}
+
+/// Drops an empty read buffer at the smallest read size, so it keeps no
+/// allocation alive (the chunks split off it keep theirs while they live).
+fn release_idle(buf: &mut BytesMut, size: usize) {
+    if size == READ_MIN && buf.is_empty() {
+        *buf = BytesMut::new();
     }
 }
