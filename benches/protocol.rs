@@ -30,19 +30,19 @@
 //! `--buffer-limit SIZE` (unset: holdfast's default, 1 MiB; set, it is
 //! the `buffer_limit` of both backends, for diagnosis).
 
+mod common;
+
+use common::*;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use holdfast::config::{self, Endpoint};
-use holdfast::lifecycle::{Phase, Shutdown};
 use holdfast::server::{AckPolicy, ResumeListener, ServerConfig};
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 struct Args {
@@ -155,23 +155,6 @@ resume = {{ secret_file = "{key}" }}
     result
 }
 
-fn print_machine() {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    println!("machine: nproc {cpus}, cpu {model}, kernel {kernel}");
-}
-
 /// 32 random bytes in `dir/resume.key`.
 fn write_key(dir: &std::path::Path) -> io::Result<PathBuf> {
     let mut key = [0u8; 32];
@@ -179,43 +162,6 @@ fn write_key(dir: &std::path::Path) -> io::Result<PathBuf> {
     let path = dir.join("resume.key");
     std::fs::write(&path, key)?;
     Ok(path)
-}
-
-/// holdfast running in this process.
-struct Proxy {
-    addrs: Vec<String>,
-    shutdown: Shutdown,
-    task: JoinHandle<io::Result<()>>,
-}
-
-impl Proxy {
-    async fn start(toml: &str) -> anyhow::Result<Proxy> {
-        let cfg = config::parse(toml).map_err(|e| anyhow::anyhow!("bench config:\n{e}"))?;
-        let bound = holdfast::proxy::bind(&cfg).await?;
-        let addrs = bound
-            .local_endpoints()
-            .into_iter()
-            .map(|e| match e {
-                Endpoint::Tcp(a) => a,
-                Endpoint::Unix(p) => panic!("unix listener {}", p.display()),
-                Endpoint::Systemd(n) => panic!("systemd listener {n}"),
-            })
-            .collect();
-        let shutdown = Shutdown::new();
-        let (tx, mut phase) = watch::channel(Phase::Starting);
-        let task = tokio::spawn(holdfast::proxy::run(cfg, bound, shutdown.clone(), tx));
-        phase.wait_for(|p| *p == Phase::Running).await?;
-        Ok(Proxy {
-            addrs,
-            shutdown,
-            task,
-        })
-    }
-
-    async fn stop(self) {
-        self.shutdown.stop.cancel();
-        let _ = self.task.await;
-    }
 }
 
 // --------------------------------------------------------------- servers
@@ -461,23 +407,6 @@ async fn request_response(args: &Args, addrs: &[String]) -> anyhow::Result<()> {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn min(v: &[f64]) -> f64 {

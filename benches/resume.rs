@@ -21,6 +21,9 @@
 //! Arguments (after `--`): `--restarts N` (100), `--seed N` (1), `--rounds N`
 //! (5), `--secs S` (2), `--only resume|throughput`.
 
+mod common;
+
+use common::*;
 use std::io;
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -28,13 +31,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use holdfast::config::{self, Endpoint};
-use holdfast::lifecycle::{Phase, Shutdown};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
@@ -87,60 +88,6 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     })
-}
-
-fn print_machine() {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    println!("machine: nproc {cpus}, cpu {model}, kernel {kernel}");
-}
-
-/// holdfast running in this process.
-struct Proxy {
-    addrs: Vec<String>,
-    shutdown: Shutdown,
-    task: tokio::task::JoinHandle<io::Result<()>>,
-}
-
-impl Proxy {
-    async fn start(toml: &str) -> anyhow::Result<Proxy> {
-        let cfg = config::parse(toml).map_err(|e| anyhow::anyhow!("bench config:\n{e}"))?;
-        let bound = holdfast::proxy::bind(&cfg).await?;
-        let addrs = bound
-            .local_endpoints()
-            .into_iter()
-            .map(|e| match e {
-                Endpoint::Tcp(a) => a,
-                Endpoint::Unix(p) => panic!("unix listener {}", p.display()),
-                Endpoint::Systemd(n) => panic!("systemd listener {n}"),
-            })
-            .collect();
-        let shutdown = Shutdown::new();
-        let (tx, mut phase) = watch::channel(Phase::Starting);
-        let task = tokio::spawn(holdfast::proxy::run(cfg, bound, shutdown.clone(), tx));
-        phase.wait_for(|p| *p == Phase::Running).await?;
-        Ok(Proxy {
-            addrs,
-            shutdown,
-            task,
-        })
-    }
-
-    async fn stop(self) {
-        self.shutdown.stop.cancel();
-        let _ = self.task.await;
-    }
 }
 
 // ---------------------------------------------------------------- resume
@@ -378,12 +325,6 @@ async fn wait_answers(
     Ok(())
 }
 
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 // ------------------------------------------------------------ throughput
 
 /// The example server as a child process.
@@ -530,15 +471,4 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }

@@ -14,6 +14,9 @@
 //! Arguments (after `--`): `--rounds N` (5), `--secs S` (2), `--conns N`
 //! (16), `--mib N` (256).
 
+mod common;
+
+use common::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,20 +67,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     print_machine();
     rt.block_on(run(args))
-}
-
-fn print_machine() {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    println!("machine: nproc {cpus}, cpu {model}");
 }
 
 /// Where a client connects: plain TCP or TLS.
