@@ -33,6 +33,9 @@ pub struct Config {
     pub lifecycle: Lifecycle,
     /// `[log]`: the access log.
     pub log: LogConfig,
+    /// `[handover]`: where a running holdfast hands its listeners to a new
+    /// process; `None` when the table is absent (no hand-over).
+    pub handover: Option<HandoverConfig>,
     /// `[[listener]]` tables, in file order.
     pub listeners: Vec<ListenerConfig>,
     /// `[[backend]]` tables, in file order.
@@ -43,6 +46,13 @@ pub struct Config {
 pub struct AdminConfig {
     /// `listen`: address of the admin HTTP endpoint (TCP only).
     pub listen: Endpoint,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandoverConfig {
+    /// `socket`: path of the Unix socket a running holdfast listens on for
+    /// `holdfast run --takeover` (mode 0600, in a directory only we can use).
+    pub socket: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]

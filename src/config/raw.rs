@@ -253,6 +253,7 @@ pub(super) struct RawConfig {
     pub limits: RawLimits,
     pub lifecycle: RawLifecycle,
     pub log: RawLog,
+    pub handover: Option<RawHandover>,
     /// `[[listener]]`, in file order.
     pub listeners: Vec<RawListener>,
     pub backends: Vec<RawBackend>,
@@ -277,6 +278,13 @@ pub(super) struct RawLimits {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub(super) struct RawLifecycle {
     pub drain_timeout: Option<Sp<String>>,
+}
+
+/// `[handover]`
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RawHandover {
+    pub at: Sp<()>,
+    pub socket: Option<Sp<String>>,
 }
 
 /// `[log]`
@@ -431,6 +439,13 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
         raw.lifecycle = RawLifecycle {
             drain_timeout: t.duration("drain_timeout", report),
         };
+        t.finish(report);
+    }
+    if let Some(mut t) = top.table("handover", report) {
+        raw.handover = Some(RawHandover {
+            socket: t.string("socket", report),
+            at: t.at(),
+        });
         t.finish(report);
     }
     if let Some(mut t) = top.table("log", report) {

@@ -65,6 +65,7 @@ fn minimal_file_gets_every_default() {
             drain_timeout: Duration::from_secs(30),
         },
         log: LogConfig { access: None },
+        handover: None,
         listeners: vec![ListenerConfig {
             name: "orders".into(),
             listen: Endpoint::Tcp("127.0.0.1:7000".into()),
@@ -750,4 +751,34 @@ max_held_sessions = 0
             "backend[0].max_held_sessions (line 16, col 21): 0 is out of range (1 to 4294967295)",
         ]
     );
+}
+
+#[test]
+fn handover_socket() {
+    let c = parse(&format!(
+        "{MINIMAL}\n[handover]\nsocket = \"/run/holdfast/handover.sock\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.handover,
+        Some(HandoverConfig {
+            socket: "/run/holdfast/handover.sock".into()
+        })
+    );
+    assert_eq!(parse(MINIMAL).unwrap().handover, None);
+}
+
+#[test]
+fn handover_errors() {
+    assert_eq!(
+        error(&format!(
+            "{MINIMAL}\n[handover]\nsocket = \"relative.sock\"\n"
+        )),
+        "handover.socket (line 12, col 10): must be an absolute path"
+    );
+    assert!(error(&format!("{MINIMAL}\n[handover]\n")).contains("missing key \"socket\""));
+    assert!(error(&format!(
+        "{MINIMAL}\n[handover]\nsocket = \"/a\"\npath = 1\n"
+    ))
+    .contains("handover.path"));
 }

@@ -17,9 +17,9 @@ use super::raw::{
 };
 use super::units::{fmt_duration, fmt_size, parse_duration, parse_size, Endpoint};
 use super::{
-    AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, Framing, Keepalive,
-    LengthPrefixed, Lifecycle, Limits, ListenerConfig, ListenerProtocol, LogConfig, OnServerClose,
-    ResumeSettings, Secret, SocketOptions,
+    AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, Framing,
+    HandoverConfig, Keepalive, LengthPrefixed, Lifecycle, Limits, ListenerConfig, ListenerProtocol,
+    LogConfig, OnServerClose, ResumeSettings, Secret, SocketOptions,
 };
 use super::{BackendTls, Built, CertKey, ListenerTls, SniName, SniRoute, TlsVersion};
 use crate::transport::tls;
@@ -229,6 +229,26 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
             }
         }
     });
+    let handover = raw.handover.as_ref().and_then(|h| {
+        let Some(socket) = &h.socket else {
+            r.error(
+                &format!("{}.socket", h.at.key),
+                &h.at.span,
+                "missing key \"socket\"",
+            );
+            return None;
+        };
+        let path = std::path::PathBuf::from(&socket.value);
+        if !path.is_absolute() {
+            r.at(socket, "must be an absolute path");
+            return None;
+        }
+        if path.file_name().is_none() || path.parent().is_none() {
+            r.at(socket, "must name a socket file inside a directory");
+            return None;
+        }
+        Some(HandoverConfig { socket: path })
+    });
     let mut buffer_memory = size(r, &raw.limits.buffer_memory, DEFAULT_BUFFER_MEMORY);
     if buffer_memory == Some(0) {
         if let Some(f) = &raw.limits.buffer_memory {
@@ -386,6 +406,7 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
             drain_timeout: drain_timeout.unwrap_or_default(),
         },
         log: LogConfig { access },
+        handover,
         listeners,
         backends,
     }
