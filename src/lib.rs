@@ -38,6 +38,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod framing;
+pub mod handover;
 pub mod lifecycle;
 pub mod metrics;
 pub mod proto;
