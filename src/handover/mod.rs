@@ -250,6 +250,123 @@ pub fn wait_ack(sock: &UnixStream) -> Result<(), HandoverError> {
     }
 }
 
+/// The old process's side: answers hand-over requests on `listener` until
+/// one succeeds. For each connection from our uid it asks the proxy for its
+/// listening sockets (`exports`), sends them, and waits for the new
+/// process's [`ACK`]. Only then does it mark Unix socket files as no longer
+/// ours and start the drain (`shutdown.drain`): until then every socket
+/// stays open and accepting here, so no connection is refused. A failure
+/// (the new process exits, times out, sends garbage) is logged and this
+/// process keeps serving.
+pub async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    exports: tokio::sync::mpsc::Sender<crate::proxy::ExportRequest>,
+    shutdown: crate::lifecycle::Shutdown,
+    ack_timeout: std::time::Duration,
+) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "hand-over socket unusable: upgrades disabled");
+            return;
+        }
+    };
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.drain.cancelled() => return,
+            _ = shutdown.stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "hand-over accept failed");
+                    continue;
+                }
+            },
+        };
+        match hand_over(stream, &exports, ack_timeout).await {
+            Ok(export) => {
+                for (_, l) in &export.listeners {
+                    l.keep_socket_file();
+                }
+                tracing::info!(
+                    listeners = export.listeners.len(),
+                    "hand-over confirmed by the new process: draining"
+                );
+                shutdown.drain.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "hand-over failed: this process keeps serving");
+            }
+        }
+    }
+}
+
+/// One hand-over attempt; returns what was handed over once confirmed.
+async fn hand_over(
+    stream: tokio::net::UnixStream,
+    exports: &tokio::sync::mpsc::Sender<crate::proxy::ExportRequest>,
+    ack_timeout: std::time::Duration,
+) -> Result<crate::proxy::Export, HandoverError> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    check_peer(&stream)?;
+    let (reply, export) = tokio::sync::oneshot::channel();
+    let stopped = || io::Error::other("the proxy is stopping");
+    exports
+        .send(crate::proxy::ExportRequest { reply })
+        .await
+        .map_err(|_| stopped())?;
+    let export = export.await.map_err(|_| stopped())?;
+    tokio::task::spawn_blocking(move || {
+        let mut entries = Vec::new();
+        let mut fds = Vec::new();
+        for (name, l) in &export.listeners {
+            match l.handover_fd() {
+                Some(fd) => {
+                    entries.push(Entry {
+                        kind: Kind::Listener,
+                        name: name.clone(),
+                        endpoint: l.local_endpoint().to_string(),
+                    });
+                    fds.push(fd);
+                }
+                None => {
+                    tracing::warn!(listener = %name, "a resume-protocol listener cannot be handed over yet")
+                }
+            }
+        }
+        if let Some(fd) = &export.admin {
+            entries.push(Entry {
+                kind: Kind::Admin,
+                name: String::new(),
+                endpoint: String::new(),
+            });
+            use std::os::fd::AsFd;
+            fds.push(fd.as_fd());
+        }
+        let manifest = Manifest {
+            version: VERSION,
+            pid: std::process::id(),
+            entries,
+        };
+        send(&stream, &manifest, &fds)?;
+        tracing::info!(
+            descriptors = fds.len(),
+            "hand-over: listeners sent; waiting for the new process"
+        );
+        stream.set_read_timeout(Some(ack_timeout))?;
+        wait_ack(&stream)?;
+        drop(fds);
+        Ok(export)
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

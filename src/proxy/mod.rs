@@ -70,11 +70,47 @@ async fn bind_listener(l: &ListenerConfig) -> Result<Listener, BindError> {
 
 /// Binds every listener of `config` (all or nothing).
 pub async fn bind(config: &Config) -> Result<Bound, BindError> {
+    bind_with(config, Inherited::default()).await
+}
+
+/// Listening sockets received from the previous process in a hand-over.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// By listener name.
+    pub listeners: HashMap<String, std::os::fd::OwnedFd>,
+    pub admin: Option<std::os::fd::OwnedFd>,
+}
+
+/// Binds every listener of `config`, taking a listener's socket from
+/// `inherited` when one of that name was handed over (a listener only the
+/// new config has is bound fresh; inherited sockets no listener names are
+/// closed here).
+pub async fn bind_with(config: &Config, mut inherited: Inherited) -> Result<Bound, BindError> {
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        listeners.push(bind_listener(l).await?);
+        let listener = match inherited.listeners.remove(&l.name) {
+            Some(fd) => {
+                tracing::info!(listener = %l.name, "listener taken over");
+                Listener::adopt(&l.name, fd)?
+            }
+            None => bind_listener(l).await?,
+        };
+        listeners.push(listener);
+    }
+    for name in inherited.listeners.keys() {
+        tracing::info!(listener = %name, "handed-over listener not in the new config: closed");
     }
     let admin = match &config.admin {
+        Some(_) if inherited.admin.is_some() => {
+            let fd = inherited.admin.take().expect("checked");
+            let std_listener = std::net::TcpListener::from(fd);
+            let io_err = |source| BindError::Io {
+                endpoint: "admin (handed over)".into(),
+                source,
+            };
+            std_listener.set_nonblocking(true).map_err(io_err)?;
+            Some(tokio::net::TcpListener::from_std(std_listener).map_err(io_err)?)
+        }
         Some(a) => match &a.listen {
             Endpoint::Tcp(addr) => Some(
                 tokio::net::TcpListener::bind(addr.as_str())
@@ -137,6 +173,21 @@ pub struct ReloadRequest {
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
+/// A hand-over asks the running proxy for its listening sockets.
+pub struct ExportRequest {
+    pub reply: oneshot::Sender<Export>,
+}
+
+/// The listening sockets of a running proxy, for a hand-over. Holding it
+/// keeps them open; nothing stops accepting.
+pub struct Export {
+    /// By name, in config order (resume-protocol listeners are left out:
+    /// they cannot be handed over yet).
+    pub listeners: Vec<(String, Arc<Listener>)>,
+    /// A duplicate of the admin endpoint's socket.
+    pub admin: Option<std::os::fd::OwnedFd>,
+}
+
 /// [`run`] with a given [`Runtime`] (metrics registry and session registry),
 /// so the admin endpoint and tests can see into it, and a channel of
 /// reloads (SIGHUP in the binary).
@@ -146,7 +197,22 @@ pub async fn run_with(
     shutdown: Shutdown,
     phase: watch::Sender<Phase>,
     rt: Runtime,
+    reloads: mpsc::Receiver<ReloadRequest>,
+) -> io::Result<()> {
+    let (_keep, exports) = mpsc::channel(1);
+    run_full(config, bound, shutdown, phase, rt, reloads, exports).await
+}
+
+/// [`run_with`] that also answers hand-over requests for its listening
+/// sockets (`exports`; the binary's `[handover]` socket).
+pub async fn run_full(
+    config: Config,
+    bound: Bound,
+    shutdown: Shutdown,
+    phase: watch::Sender<Phase>,
+    rt: Runtime,
     mut reloads: mpsc::Receiver<ReloadRequest>,
+    mut exports: mpsc::Receiver<ExportRequest>,
 ) -> io::Result<()> {
     let shared = if rt.shared.buffer_limit() == config.limits.buffer_memory {
         rt.shared.clone()
@@ -156,7 +222,10 @@ pub async fn run_with(
     rt.metrics
         .set_buffer_memory_limit(config.limits.buffer_memory);
     let stop_admin = CancellationToken::new();
+    let mut admin_fd = None;
     if let Some(admin) = bound.admin {
+        use std::os::fd::AsFd;
+        admin_fd = admin.as_fd().try_clone_to_owned().ok();
         tracing::info!(addr = %admin.local_addr()?, "admin endpoint listening");
         let rt = Runtime {
             metrics: rt.metrics.clone(),
@@ -189,6 +258,7 @@ pub async fn run_with(
     tracing::info!(
         listeners = config.listeners.len(),
         backends = config.backends.len(),
+        pid = std::process::id(),
         "holdfast running"
     );
     phase.send_replace(Phase::Running);
@@ -197,6 +267,17 @@ pub async fn run_with(
         tokio::select! {
             _ = shutdown.drain.cancelled() => break,
             _ = shutdown.stop.cancelled() => break,
+            Some(req) = exports.recv() => {
+                let export = Export {
+                    listeners: proxy
+                        .listeners
+                        .iter()
+                        .map(|l| (l.name.clone(), l.listener.clone()))
+                        .collect(),
+                    admin: admin_fd.as_ref().and_then(|fd| fd.try_clone().ok()),
+                };
+                let _ = req.reply.send(export);
+            }
             Some(req) = reloads.recv() => {
                 let res = proxy.reload(req.config).await;
                 match &res {
@@ -255,7 +336,7 @@ pub async fn run_with(
     }
     stop_admin.cancel();
     phase.send_replace(Phase::Stopped);
-    tracing::info!("holdfast stopped");
+    tracing::info!(pid = std::process::id(), "holdfast stopped");
     Ok(())
 }
 
@@ -286,6 +367,8 @@ fn open_access_log(config: &Config) -> io::Result<Option<Arc<AccessLogger>>> {
 
 struct RunningListener {
     name: String,
+    /// Shared with its accept loop (and a hand-over while one runs).
+    listener: Arc<Listener>,
     listen: Endpoint,
     /// A listener is kept across a reload only if its socket is the same
     /// kind: plain, or resume with the same settings.
@@ -376,9 +459,11 @@ impl Running {
         let limits = Arc::new(ListenerLimits::default());
         let (ctx, ctx_rx) = watch::channel(self.accept_ctx(cfg, config, backends, limits.clone()));
         let stop = CancellationToken::new();
-        let join = tokio::spawn(accept_loop(listener, ctx_rx, stop.clone()));
+        let listener = Arc::new(listener);
+        let join = tokio::spawn(accept_loop(listener.clone(), ctx_rx, stop.clone()));
         self.listeners.push(RunningListener {
             name: cfg.name.clone(),
+            listener,
             listen: cfg.listen.clone(),
             protocol: cfg.protocol.clone(),
             ctx,
@@ -493,7 +578,7 @@ impl ListenerTlsCtx {
 }
 
 async fn accept_loop(
-    listener: Listener,
+    listener: Arc<Listener>,
     ctx: watch::Receiver<Arc<AcceptCtx>>,
     stop: CancellationToken,
 ) {

@@ -252,8 +252,9 @@ pub enum Listener {
         path: PathBuf,
         /// Whether dropping the listener removes its socket file: true when
         /// holdfast created it, false for a socket systemd passed (systemd
-        /// owns the file and keeps listening on it).
-        unlink: bool,
+        /// owns the file and keeps listening on it), and cleared once the
+        /// socket has been handed over to a new process (which serves it).
+        unlink: std::sync::atomic::AtomicBool,
     },
 }
 
@@ -314,7 +315,7 @@ impl Listener {
                 Ok(Listener::Unix {
                     listener,
                     path: path.clone(),
-                    unlink: true,
+                    unlink: std::sync::atomic::AtomicBool::new(true),
                 })
             }
             Endpoint::Systemd(name) => {
@@ -331,6 +332,32 @@ impl Listener {
                 })?;
                 Listener::from_inherited(name, fd)
             }
+        }
+    }
+
+    /// Wraps a listening socket received from the previous process in a
+    /// hand-over (checked like a socket systemd passes; a Unix socket's
+    /// file is left alone on drop, as the previous process also serves it
+    /// until it exits).
+    pub fn adopt(name: &str, fd: OwnedFd) -> Result<Listener, BindError> {
+        Listener::from_inherited(name, fd)
+    }
+
+    /// The listening descriptor, for a hand-over; a resume-protocol
+    /// listener has none it can hand over yet.
+    pub fn handover_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Listener::Tcp(l) => Some(l.as_fd()),
+            Listener::Unix { listener, .. } => Some(listener.as_fd()),
+            Listener::Resume { .. } => None,
+        }
+    }
+
+    /// After a hand-over: the new process serves this socket, so dropping
+    /// it here must not remove its file.
+    pub fn keep_socket_file(&self) {
+        if let Listener::Unix { unlink, .. } = self {
+            unlink.store(false, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -381,7 +408,7 @@ impl Listener {
                 Ok(Listener::Unix {
                     listener: UnixListener::from_std(std_listener).map_err(io_err)?,
                     path,
-                    unlink: false,
+                    unlink: std::sync::atomic::AtomicBool::new(false),
                 })
             }
             other => Err(bad(format!("of family {other:?}, not TCP or Unix"))),
@@ -465,11 +492,10 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix {
-            path, unlink: true, ..
-        } = self
-        {
-            let _ = std::fs::remove_file(path);
+        if let Listener::Unix { path, unlink, .. } = self {
+            if *unlink.get_mut() {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
