@@ -40,6 +40,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Take the listening sockets over from the holdfast running on
+        /// `[handover] socket` (an upgrade); it then drains and exits.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config file; print every error with its key and line.
     Check {
@@ -84,7 +88,24 @@ fn init_logging(format: LogFormat, default: &str) {
     }
 }
 
+/// How SIGUSR2 starts the next process: the binary's path as resolved at
+/// startup (`current_exe()`; once the file is replaced, `/proc/self/exe`
+/// reads "… (deleted)", but this path names the new binary) and our
+/// arguments, plus `--takeover`.
+#[derive(Clone)]
+struct Upgrade {
+    exe: PathBuf,
+    args: Vec<std::ffi::OsString>,
+}
+
 fn main() -> ExitCode {
+    let upgrade = std::env::current_exe().ok().map(|exe| {
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        if !args.iter().any(|a| a == "--takeover") {
+            args.push("--takeover".into());
+        }
+        Upgrade { exe, args }
+    });
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match config::load(&config) {
@@ -105,7 +126,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, takeover } => {
             init_logging(cli.log_format, "info");
             let cfg = match config::load(&config) {
                 Ok(c) => c,
@@ -120,8 +141,23 @@ fn main() -> ExitCode {
                 tracing::error!(error = %e, "cannot use the sockets systemd passed");
                 return ExitCode::from(EXIT_RUNTIME);
             }
+            let (inherited, ack) = if takeover {
+                let Some(h) = &cfg.handover else {
+                    tracing::error!("--takeover needs a [handover] socket in the config");
+                    return ExitCode::from(EXIT_CONFIG);
+                };
+                match take_over(&h.socket) {
+                    Ok((inherited, sock)) => (inherited, Some(sock)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot take over");
+                        return ExitCode::from(EXIT_RUNTIME);
+                    }
+                }
+            } else {
+                (holdfast::proxy::Inherited::default(), None)
+            };
             runtime().block_on(async move {
-                let bound = match holdfast::proxy::bind(&cfg).await {
+                let bound = match holdfast::proxy::bind_with(&cfg, inherited).await {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot start");
@@ -143,11 +179,26 @@ fn main() -> ExitCode {
                     reload_tx,
                     rt.metrics.clone(),
                 ));
-                let res = holdfast::proxy::run_with(cfg, bound, shutdown, phase, rt, reloads).await;
+                let (export_tx, exports) = tokio::sync::mpsc::channel(1);
+                let handover = tokio::spawn(handover_task(
+                    cfg.handover.as_ref().map(|h| h.socket.clone()),
+                    ack,
+                    phase.subscribe(),
+                    export_tx,
+                    shutdown.clone(),
+                ));
+                // Registered before "holdfast running" is logged: SIGUSR2's
+                // default action would kill us.
+                let usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2());
+                let usr2 = tokio::spawn(upgrade_on_sigusr2(usr2, upgrade, cfg.handover.is_some()));
+                let res = holdfast::proxy::run_full(cfg, bound, shutdown, phase, rt, reloads, exports)
+                    .await;
                 // run dropped the phase sender: the notifier has said STOPPING.
                 let _ = notifier.await;
                 signals.abort();
                 hup.abort();
+                handover.abort();
+                usr2.abort();
                 match res {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -189,6 +240,120 @@ fn main() -> ExitCode {
                     eprintln!("example server: {e}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+    }
+}
+
+/// How long the old process waits for the new one to confirm a hand-over.
+const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `--takeover`: connects to the running holdfast's hand-over socket and
+/// receives its listening sockets (before the runtime starts).
+fn take_over(
+    path: &std::path::Path,
+) -> Result<
+    (holdfast::proxy::Inherited, std::os::unix::net::UnixStream),
+    holdfast::handover::HandoverError,
+> {
+    use holdfast::handover::Kind;
+    let (sock, manifest, fds) = holdfast::handover::connect(path)?;
+    tracing::info!(
+        from.pid = manifest.pid,
+        descriptors = fds.len(),
+        "hand-over: received listening sockets"
+    );
+    let mut inherited = holdfast::proxy::Inherited::default();
+    for (entry, fd) in manifest.entries.into_iter().zip(fds) {
+        match entry.kind {
+            Kind::Listener => {
+                inherited.listeners.insert(entry.name, fd);
+            }
+            Kind::Admin => inherited.admin = Some(fd),
+        }
+    }
+    Ok((inherited, sock))
+}
+
+/// The hand-over socket. After a takeover: once every listener accepts
+/// (phase Running), confirms to the old process (`ack`), then puts our own
+/// hand-over socket in place. Then serves hand-overs to the next process.
+async fn handover_task(
+    path: Option<PathBuf>,
+    ack: Option<std::os::unix::net::UnixStream>,
+    mut phases: tokio::sync::watch::Receiver<Phase>,
+    exports: tokio::sync::mpsc::Sender<holdfast::proxy::ExportRequest>,
+    shutdown: Shutdown,
+) {
+    let Some(path) = path else { return };
+    if let Some(sock) = ack {
+        if phases.wait_for(|p| *p == Phase::Running).await.is_err() {
+            return;
+        }
+        let mut w = &sock;
+        if let Err(e) = std::io::Write::write_all(&mut w, &[holdfast::handover::ACK]) {
+            tracing::error!(error = %e, "cannot confirm the hand-over; the old process keeps serving too");
+        } else {
+            tracing::info!("hand-over: confirmed; the old process drains");
+        }
+    } else if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        tracing::error!(socket = %path.display(), "another holdfast answers on the hand-over socket: upgrades disabled (use --takeover to replace it)");
+        return;
+    }
+    let listener = match holdfast::handover::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "upgrades disabled");
+            return;
+        }
+    };
+    tracing::info!(socket = %path.display(), pid = std::process::id(), "hand-over socket listening");
+    holdfast::handover::serve(listener, exports, shutdown, ACK_TIMEOUT).await;
+}
+
+/// SIGUSR2: starts the binary we were started from with our arguments plus
+/// `--takeover`; it takes our listeners over, and we drain and exit. If it
+/// fails, we keep serving and log its exit status.
+async fn upgrade_on_sigusr2(
+    usr2: std::io::Result<tokio::signal::unix::Signal>,
+    upgrade: Option<Upgrade>,
+    enabled: bool,
+) {
+    let Ok(mut usr2) = usr2 else {
+        tracing::warn!("cannot listen for SIGUSR2: upgrades by signal disabled");
+        return;
+    };
+    while usr2.recv().await.is_some() {
+        let Some(up) = &upgrade else {
+            tracing::error!("SIGUSR2: the path of our binary is unknown; cannot upgrade");
+            continue;
+        };
+        if !enabled {
+            tracing::error!("SIGUSR2: no [handover] socket configured; cannot upgrade");
+            continue;
+        }
+        tracing::info!(exe = %up.exe.display(), "SIGUSR2: starting the new process");
+        let child = tokio::process::Command::new(&up.exe)
+            .args(&up.args)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        match child {
+            Ok(mut child) => {
+                let pid = child.id().unwrap_or(0);
+                tokio::spawn(async move {
+                    match child.wait().await {
+                        Ok(s) if s.success() => {}
+                        Ok(s) => {
+                            tracing::error!(new.pid = pid, status = %s, "the new process failed; this process keeps serving")
+                        }
+                        Err(e) => {
+                            tracing::error!(new.pid = pid, error = %e, "cannot wait for the new process")
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(exe = %up.exe.display(), error = %e, "cannot start the new process; this process keeps serving")
             }
         }
     }
