@@ -26,6 +26,8 @@
 //! - [`proxy`]: binding, accept loops, per-backend state (round robin, the
 //!   prober), reload, the access log, draining.
 //! - [`admin`] and [`metrics`]: `/metrics`, `/healthz`, `/ready`, `/sessions`.
+//! - [`handover`]: listening sockets to a new process (upgrades), over
+//!   SCM_RIGHTS.
 //! - [`lifecycle`]: phases and shutdown triggers; [`systemd`]: readiness
 //!   notification and socket activation.
 //! - [`demo`]: `holdfast demo` and the example server.

@@ -61,6 +61,20 @@ fn pid_of(line: &str) -> u32 {
         .unwrap_or_else(|| panic!("no pid= in {line:?}"))
 }
 
+/// Kills the current generation if the test fails half-way (later
+/// generations are not our children: `kill_on_drop` does not reach them).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+}
+
 fn kill(sig: &str, pid: u32) {
     let ok = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -72,7 +86,9 @@ fn kill(sig: &str, pid: u32) {
 async fn echo_once(c: &mut tokio::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
     c.write_all(msg).await?;
     let mut buf = vec![0u8; msg.len()];
-    c.read_exact(&mut buf).await?;
+    tokio::time::timeout(STEP, c.read_exact(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("no echo in time"))??;
     if buf != msg {
         return Err(std::io::Error::other(format!(
             "echo mismatch: sent {:?}, got {:?}",
@@ -136,6 +152,7 @@ ack = "none"
     let listening = log.until("listening", |l| l.contains("addr=")).await;
     let addr = field(&listening, "addr").unwrap().to_string();
     let mut pid = first.id().unwrap();
+    let mut guard = KillOnDrop(pid);
     log.until("hand-over socket listening", |l| pid_of(l) == pid)
         .await;
     // The hand-over socket is private: 0600 in a 0700 directory.
@@ -177,12 +194,15 @@ ack = "none"
         kill("-USR2", old);
         let running = log.until("holdfast running", |l| pid_of(l) != old).await;
         pid = pid_of(&running);
+        guard.0 = pid;
         log.until("hand-over socket listening", |l| pid_of(l) == pid)
             .await;
         if round == 0 {
             // The first generation still serves the session it had while
             // it drains (up to drain_timeout)...
-            echo_once(&mut long, b"during\n").await.unwrap();
+            echo_once(&mut long, b"during\n")
+                .await
+                .unwrap_or_else(|e| panic!("{e}; log:\n{}", log.seen));
         }
         log.until("holdfast stopped", |l| pid_of(l) == old).await;
         if round == 0 {
