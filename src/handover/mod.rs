@@ -425,6 +425,23 @@ mod tests {
     }
 
     #[test]
+    fn truncated_descriptors_are_an_error() {
+        // More descriptors than the receiver has room for: the kernel sets
+        // MSG_CTRUNC and closes the ones that did not fit.
+        let (a, b) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fds: Vec<BorrowedFd<'_>> = (0..MAX_FDS + 8).map(|_| l.as_fd()).collect();
+        let json = serde_json::to_vec(&manifest(fds.len())).unwrap();
+        let len = (json.len() as u32).to_be_bytes();
+        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        let iov = [IoSlice::new(&len), IoSlice::new(&json)];
+        rustix::net::sendmsg(&a, &iov, &mut control, SendFlags::empty()).unwrap();
+        assert!(matches!(recv(&b), Err(HandoverError::Truncated)));
+    }
+
+    #[test]
     fn ack_or_eof() {
         let (a, b) = UnixStream::pair().unwrap();
         (&a).write_all(&[ACK]).unwrap();
