@@ -3,7 +3,8 @@
 //! loop (never refused, never reset, every echo exact), a session opened
 //! before the upgrade (this slice: it stays with the old process and is
 //! closed gracefully at `drain_timeout`), and a `--takeover` with an invalid
-//! config (exits non-zero; the running process keeps serving).
+//! config, and one that fails after receiving the sockets (both exit non-zero;
+//! the running process keeps serving and, for the second, logs why).
 mod common;
 
 use std::path::PathBuf;
@@ -99,16 +100,10 @@ async fn echo_once(c: &mut tokio::net::TcpStream, msg: &[u8]) -> std::io::Result
     Ok(())
 }
 
-#[tokio::test]
-async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
-    let server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = temp_dir("upgrades");
-    let socket = dir.join("run").join("handover.sock");
-    let cfg = dir.join("holdfast.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
+/// A config with one listener on port 0, plus `extra` tables.
+fn config(socket: &std::path::Path, server: &str, extra: &str) -> String {
+    format!(
+        r#"
 [lifecycle]
 drain_timeout = "1s"
 
@@ -122,14 +117,21 @@ backend = "b"
 
 [[backend]]
 name = "b"
-servers = ["{}"]
+servers = ["{server}"]
 ack = "none"
+{extra}
 "#,
-            socket.display(),
-            server.addr
-        ),
+        socket.display(),
     )
-    .unwrap();
+}
+
+#[tokio::test]
+async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = temp_dir("upgrades");
+    let socket = dir.join("run").join("handover.sock");
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(&cfg, config(&socket, &server.addr, "")).unwrap();
     let mut first = Command::new(BIN)
         .args(["run", "--config", cfg.to_str().unwrap()])
         .stderr(Stdio::piped())
@@ -248,6 +250,34 @@ ack = "none"
     assert_eq!(status.code(), Some(64), "{status:?}");
     let mut c = connect(&addr).await;
     echo_once(&mut c, b"still here\n").await.unwrap();
+    drop(c);
+
+    // A takeover that fails after receiving the sockets (a new listener
+    // cannot bind: the backend's port is taken) exits non-zero before
+    // confirming; the running process says why and keeps serving.
+    let failing = dir.join("failing.toml");
+    let extra = format!(
+        "[[listener]]\nname = \"taken\"\nlisten = \"{}\"\nbackend = \"b\"\n",
+        server.addr
+    );
+    std::fs::write(&failing, config(&socket, &server.addr, &extra)).unwrap();
+    let status = tokio::time::timeout(
+        STEP,
+        Command::new(BIN)
+            .args(["run", "--config", failing.to_str().unwrap(), "--takeover"])
+            .stderr(Stdio::null())
+            .status(),
+    )
+    .await
+    .expect("exits in time")
+    .unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    log.until("hand-over failed", |l| l.contains("keeps serving"))
+        .await;
+    let mut c = connect(&addr).await;
+    echo_once(&mut c, b"still here after a failed takeover\n")
+        .await
+        .unwrap();
     drop(c);
 
     kill("-TERM", pid);
