@@ -32,11 +32,22 @@ fn temp_dir(tag: &str) -> PathBuf {
 struct Log {
     lines: mpsc::UnboundedReceiver<String>,
     seen: String,
+    /// Lines read but not yet matched by any wait.
+    unmatched: Vec<String>,
 }
 
 impl Log {
     /// Reads until a line contains `needle` and satisfies `pred`; returns it.
     async fn until(&mut self, needle: &str, pred: impl Fn(&str) -> bool) -> String {
+        // Lines from concurrent tasks come in any order: a line read while
+        // waiting for another one is kept for a later wait.
+        if let Some(i) = self
+            .unmatched
+            .iter()
+            .position(|l| l.contains(needle) && pred(l))
+        {
+            return self.unmatched.remove(i);
+        }
         loop {
             let line = tokio::time::timeout(STEP, self.lines.recv())
                 .await
@@ -47,6 +58,7 @@ impl Log {
             if line.contains(needle) && pred(&line) {
                 return line;
             }
+            self.unmatched.push(line);
         }
     }
 }
@@ -150,6 +162,7 @@ async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
     let mut log = Log {
         lines,
         seen: String::new(),
+        unmatched: Vec::new(),
     };
     let listening = log.until("listening", |l| l.contains("addr=")).await;
     let addr = field(&listening, "addr").unwrap().to_string();
@@ -191,11 +204,15 @@ async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
         }
     });
 
+    let mut generations = vec![pid];
     for round in 0..5 {
         let old = pid;
         kill("-USR2", old);
-        let running = log.until("holdfast running", |l| pid_of(l) != old).await;
+        let running = log
+            .until("holdfast running", |l| !generations.contains(&pid_of(l)))
+            .await;
         pid = pid_of(&running);
+        generations.push(pid);
         guard.0 = pid;
         log.until("hand-over socket listening", |l| pid_of(l) == pid)
             .await;
