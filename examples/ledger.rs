@@ -7,8 +7,9 @@
 //! (`AckPolicy::Manual`), then answers `ok <record-number>\n`.
 //!
 //! On start it reads the file back and installs a `restore` callback that
-//! gives, for each session id it knows, the last committed up offset: a
-//! restarted ledger resumes those sessions, the initiator replays only
+//! gives, for each session id it knows, the last committed up offset (0 for
+//! a session that committed nothing yet): a restarted ledger resumes those
+//! sessions, the initiator replays only
 //! uncommitted lines, and the responses the initiator had not received are
 //! regenerated from the records (they are a function of committed state).
 //!
@@ -214,13 +215,18 @@ pub async fn serve(
     let mut cfg = ServerConfig::new(key);
     cfg.ack = AckPolicy::Manual;
     let l2 = ledger.clone();
+    // Any session an authenticated initiator resumes is restored: at its
+    // last committed offset, or at 0 if none of its requests was committed
+    // before a restart (it had opened but stored nothing yet).
     cfg.restore = Some(Arc::new(move |id| {
-        l2.lock()
-            .expect("ledger lock")
-            .sessions
-            .get(&id)
-            .and_then(|r| r.last())
-            .map(|r| r.up_end)
+        Some(
+            l2.lock()
+                .expect("ledger lock")
+                .sessions
+                .get(&id)
+                .and_then(|r| r.last())
+                .map_or(0, |r| r.up_end),
+        )
     }));
     let listener = ResumeListener::bind(listen, cfg).await?;
     ready(listener.local_addr());
