@@ -168,19 +168,32 @@ pub fn recv(sock: &UnixStream) -> Result<(Manifest, Vec<OwnedFd>), HandoverError
     if got < 4 + len {
         r.read_exact(&mut buf[got..4 + len])?;
     }
-    let manifest: Manifest = serde_json::from_slice(&buf[4..4 + len])?;
-    if manifest.version != VERSION {
-        return Err(HandoverError::Version {
-            got: manifest.version,
-        });
-    }
-    if fds.len() != manifest.entries.len() {
-        return Err(HandoverError::FdCount {
-            expected: manifest.entries.len(),
-            got: fds.len(),
-        });
-    }
+    let manifest = Manifest::decode(&buf[4..4 + len], fds.len())?;
     Ok((manifest, fds))
+}
+
+impl Manifest {
+    /// Parses a manifest's JSON and checks it against what arrived: the
+    /// version, and one descriptor per entry. Pure: the fuzz target and
+    /// its corpus test call it directly.
+    pub fn decode(json: &[u8], fds: usize) -> Result<Manifest, HandoverError> {
+        if json.len() > MAX_MANIFEST {
+            return Err(HandoverError::TooLarge(json.len()));
+        }
+        let manifest: Manifest = serde_json::from_slice(json)?;
+        if manifest.version != VERSION {
+            return Err(HandoverError::Version {
+                got: manifest.version,
+            });
+        }
+        if fds != manifest.entries.len() {
+            return Err(HandoverError::FdCount {
+                expected: manifest.entries.len(),
+                got: fds,
+            });
+        }
+        Ok(manifest)
+    }
 }
 
 /// Checks that the peer of a hand-over connection runs as our uid.

@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("proto_handshake", proto_handshake),
     ("framing", framing),
     ("config_parse", config_parse),
+    ("handover_manifest", handover_manifest),
 ];
 
 /// A deterministic stream of numbers from one seed (splitmix64), for split
@@ -409,5 +410,24 @@ pub fn config_parse(data: &[u8]) {
         Err(errors) => {
             assert!(!errors.to_string().is_empty());
         }
+    }
+}
+
+// ----------------------------------------------------------- handover_manifest
+
+/// Input: byte 0 is the number of descriptors that "arrived", the rest the
+/// manifest's JSON. Decoding never panics; a manifest it accepts has exactly
+/// one entry per descriptor and the current version, and round-trips
+/// through JSON.
+pub fn handover_manifest(data: &[u8]) {
+    let Some((&fds, json)) = data.split_first() else {
+        return;
+    };
+    if let Ok(m) = holdfast::handover::Manifest::decode(json, fds as usize) {
+        assert_eq!(m.entries.len(), fds as usize);
+        let again = serde_json::to_vec(&m).expect("a manifest serializes");
+        let back = holdfast::handover::Manifest::decode(&again, fds as usize)
+            .expect("a re-encoded manifest decodes");
+        assert_eq!(back, m);
     }
 }
