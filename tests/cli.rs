@@ -60,6 +60,39 @@ fn run_refuses_an_invalid_config_before_binding() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+type Log = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// The real binary under `ulimit -n limit`; returns it, its log, and the
+/// listener address from its "listening" line once it is running.
+async fn run_with_fd_limit(
+    limit: u32,
+    cfg: &std::path::Path,
+) -> (tokio::process::Child, Log, String) {
+    let mut child = tokio::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "ulimit -n {limit} && exec {BIN} run --config {}",
+                cfg.display()
+            ),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    while let Some(line) = log.next_line().await.unwrap() {
+        if let Some(i) = line.find("addr=") {
+            addr = line[i + 5..].split_whitespace().next().map(str::to_string);
+        }
+        if line.contains("holdfast running") {
+            break;
+        }
+    }
+    (child, log, addr.expect("listening address"))
+}
+
 fn tmpdir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("holdfast-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -142,26 +175,7 @@ ack = "none"
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new("sh")
-        .args([
-            "-c",
-            &format!("ulimit -n 64 && exec {BIN} run --config {}", cfg.display()),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut addr = None;
-    while let Some(line) = log.next_line().await.unwrap() {
-        if let Some(i) = line.find("addr=") {
-            addr = line[i + 5..].split_whitespace().next().map(str::to_string);
-        }
-        if line.contains("holdfast running") {
-            break;
-        }
-    }
-    let addr = addr.expect("listening address");
+    let (mut child, mut log, addr) = run_with_fd_limit(64, &cfg).await;
     // 100 clients: each session needs two descriptors, so this exhausts 64.
     let mut burst = Vec::new();
     for _ in 0..100 {
@@ -233,26 +247,7 @@ framing = "lines"
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new("sh")
-        .args([
-            "-c",
-            &format!("ulimit -n 128 && exec {BIN} run --config {}", cfg.display()),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut addr = None;
-    while let Some(line) = log.next_line().await.unwrap() {
-        if let Some(i) = line.find("addr=") {
-            addr = line[i + 5..].split_whitespace().next().map(str::to_string);
-        }
-        if line.contains("holdfast running") {
-            break;
-        }
-    }
-    let addr = addr.expect("listening address");
+    let (mut child, mut log, addr) = run_with_fd_limit(128, &cfg).await;
     let live = connect(&addr).await;
     let (r, mut w) = live.into_split();
     let mut r = tokio::io::BufReader::new(r);
