@@ -47,6 +47,7 @@ pub mod proto;
 pub mod proxy;
 pub mod server;
 pub mod session;
+mod snapshot_codec;
 pub mod stream;
 pub mod systemd;
 pub mod transport;

@@ -163,3 +163,6 @@ impl LengthScanner {
         }
     }
 }
+
+#[path = "snapshot/length.rs"]
+mod snapshot;

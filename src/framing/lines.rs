@@ -73,3 +73,6 @@ impl LinesScanner {
         debug_assert!(self.pos - self.start <= self.max_frame as u64);
     }
 }
+
+#[path = "snapshot/lines.rs"]
+mod snapshot;

@@ -11,6 +11,7 @@ use crate::config::Framing;
 mod length;
 mod lines;
 mod resp;
+mod snapshot;
 
 pub use length::LengthScanner;
 pub use lines::LinesScanner;

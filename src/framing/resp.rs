@@ -290,3 +290,6 @@ impl RespScanner {
 fn malformed(offset: u64, what: &'static str) -> FrameError {
     FrameError::Malformed { offset, what }
 }
+
+#[path = "snapshot/resp.rs"]
+mod snapshot;

@@ -458,3 +458,6 @@ mod tests {
         assert!(!l.peer_dead(now + Duration::from_millis(400)));
     }
 }
+
+#[path = "snapshot.rs"]
+mod snapshot;

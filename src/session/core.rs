@@ -23,6 +23,10 @@ use crate::proto::{
 };
 use crate::stream::{Dir, Offset, ReplayBuffer, Stream};
 
+pub mod snapshot;
+
+pub use snapshot::{SnapshotError, SNAPSHOT_VERSION};
+
 /// Resume protocol: how late an ACK to the server may be.
 const ACK_DELAY: Duration = Duration::from_millis(5);
 

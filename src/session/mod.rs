@@ -5,4 +5,7 @@ pub mod core;
 pub mod driver;
 pub mod status;
 
-pub use self::core::{Action, CloseReason, Event, Generation, LegFailure, SessionCore, SessionId};
+pub use self::core::{
+    Action, CloseReason, Event, Generation, LegFailure, SessionCore, SessionId, SnapshotError,
+    SNAPSHOT_VERSION,
+};

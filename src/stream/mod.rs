@@ -392,5 +392,7 @@ impl Stream {
     }
 }
 
+mod snapshot;
+
 #[cfg(test)]
 mod tests;

@@ -51,11 +51,11 @@ pub(super) fn backend(ack: AckMode, servers: usize) -> BackendConfig {
     }
 }
 
-fn lines() -> AckMode {
+pub(super) fn lines() -> AckMode {
     AckMode::Response(Framing::Lines { max_frame: 1024 })
 }
 
-fn length_prefixed() -> AckMode {
+pub(super) fn length_prefixed() -> AckMode {
     AckMode::Response(Framing::LengthPrefixed(LengthPrefixed {
         length_field_offset: 0,
         length_field_length: 4,
@@ -65,12 +65,12 @@ fn length_prefixed() -> AckMode {
     }))
 }
 
-fn resp() -> AckMode {
+pub(super) fn resp() -> AckMode {
     AckMode::Response(Framing::Resp { max_frame: 1024 })
 }
 
 /// Every ack mode, with the response framings.
-fn all_modes() -> Vec<AckMode> {
+pub(super) fn all_modes() -> Vec<AckMode> {
     vec![
         AckMode::None,
         AckMode::Tcp,
@@ -80,7 +80,7 @@ fn all_modes() -> Vec<AckMode> {
     ]
 }
 
-fn response_modes() -> Vec<AckMode> {
+pub(super) fn response_modes() -> Vec<AckMode> {
     vec![lines(), length_prefixed(), resp()]
 }
 
@@ -147,6 +147,14 @@ pub(super) struct Harness {
     /// While set, the shell doesn't write in that direction (a slow socket).
     pub stall_up: bool,
     pub stall_down: bool,
+    /// Export and re-import the core at the end of every pump (a quiescent
+    /// point): the session must go on exactly as without.
+    pub snapshots: bool,
+}
+
+thread_local! {
+    /// What `Harness::new` sets `snapshots` to.
+    pub(super) static SNAPSHOTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl Harness {
@@ -166,9 +174,32 @@ impl Harness {
             down_max: usize::MAX,
             stall_up: false,
             stall_down: false,
+            snapshots: SNAPSHOTS.with(|s| s.get()),
         };
         h.pump();
         h
+    }
+
+    /// Replaces the core by one rebuilt from its snapshot, as a new process
+    /// would, and returns the snapshot. The rebuilt core encodes to the same
+    /// bytes; actions it issues again are carried out by the next pump.
+    pub fn reimport(&mut self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        self.core.export(self.now, &mut bytes);
+        let backend = self.core.backend().clone();
+        let mut core = SessionCore::import(
+            &bytes,
+            |name| (name == backend.name).then(|| backend.clone()),
+            self.now,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        core.check_invariants();
+        assert!(
+            export_again(&mut core, self.now) == bytes,
+            "a rebuilt core encodes to the same bytes"
+        );
+        self.core = core;
+        bytes
     }
 
     pub fn with_mode(mode: AckMode) -> Harness {
@@ -194,6 +225,14 @@ impl Harness {
                 break;
             };
             match action {
+                Action::Connect { gen, server } if (gen.0 as usize) < self.legs.len() => {
+                    // Issued again by an imported core: the same attempt.
+                    let leg = self.leg(gen);
+                    assert!(
+                        !leg.resolved && !leg.closed && leg.server == server,
+                        "connect of leg {gen} issued again after it was answered"
+                    );
+                }
                 Action::Connect { gen, server } => {
                     assert_eq!(gen.0, self.legs.len() as u64, "generations count up");
                     assert!(server < self.core.backend().servers.len());
@@ -269,10 +308,25 @@ impl Harness {
             self.core.check_invariants();
             if !progress {
                 self.drain();
+                if self.snapshots {
+                    self.reimport();
+                    // Actions issued again (a connect in flight).
+                    self.drain();
+                }
                 return;
             }
         }
     }
+}
+
+/// Exports a core that was just imported, with the actions import issued
+/// again still pending (export wants them carried out first).
+pub(super) fn export_again(core: &mut SessionCore, now: Instant) -> Vec<u8> {
+    let pending = std::mem::take(&mut core.actions);
+    let mut out = Vec::new();
+    core.export(now, &mut out);
+    core.actions = pending;
+    out
 }
 
 /// Inputs, each followed by a pump.
@@ -1051,4 +1105,37 @@ fn idle_timeout_off_by_default_and_hold_refusal_ends_gracefully() {
     assert!(h.core.is_held() && !h.core.is_holding());
     h.refused(h.last());
     assert!(h.core.is_holding());
+}
+
+/// Every example above again, with the core exported and rebuilt after
+/// every input (at the end of each pump, a quiescent point): a rebuilt
+/// session goes on exactly as the original, to the byte.
+#[test]
+fn examples_with_a_snapshot_after_every_input() {
+    assert_eq!(
+        include_str!("tests.rs").matches("#[test]\n").count(),
+        20 + 1,
+        "a new example is listed here too"
+    );
+    super::tests::SNAPSHOTS.with(|s| s.set(true));
+    data_both_ways_client_closes_first();
+    data_both_ways_server_closes_first();
+    none_mode_server_close_ends_the_session_without_the_close_option();
+    none_mode_refused_everywhere_is_server_unreachable();
+    none_mode_server_reset_is_server_error_after_the_bytes();
+    tcp_mode_replays_exactly_from_acked();
+    tcp_mode_server_close_before_everything_acked_is_a_failure();
+    response_mode_resends_exactly_the_unanswered_requests();
+    response_mode_server_close_with_requests_unanswered_is_a_failure();
+    response_mode_greeting_is_delivered_once();
+    response_mode_preamble_is_resent_and_its_answer_swallowed();
+    response_mode_retry_response_restarts_the_leg_after_a_backoff();
+    response_mode_frame_too_large();
+    hold_retries_same_server_then_others_then_backs_off();
+    hold_from_the_start_then_hold_timeout_delivers_then_fins();
+    hold_applies_backpressure_at_buffer_limit();
+    shutdown_delivers_then_fins();
+    client_error_ends_at_once();
+    idle_timeout_counts_client_bytes_either_way_then_fins();
+    idle_timeout_off_by_default_and_hold_refusal_ends_gracefully();
 }
