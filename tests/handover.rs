@@ -431,16 +431,19 @@ framing = "lines"
 
     /// Stops the clients; each must have ended cleanly with every response
     /// verified (no reset, no EOF, nothing lost, duplicated or reordered).
-    async fn finish(self, log: &str) -> u64 {
+    /// Then drains the edge process `pid` with SIGTERM.
+    async fn finish(mut self, pid: u32) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         let mut total = 0;
-        for c in self.clients {
+        for c in std::mem::take(&mut self.clients) {
             let r = tokio::time::timeout(STEP, c)
                 .await
-                .unwrap_or_else(|_| panic!("a client did not finish; log:\n{log}"))
+                .unwrap_or_else(|_| panic!("a client did not finish; log:\n{}", self.log.seen))
                 .unwrap();
-            total += r.unwrap_or_else(|e| panic!("{e}; log:\n{log}"));
+            total += r.unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log.seen));
         }
+        kill("-TERM", pid);
+        self.log.until("holdfast stopped", |l| pid_of(l) == pid).await;
         let _ = std::fs::remove_dir_all(&self.dir);
         total
     }
@@ -504,10 +507,7 @@ async fn a_hundred_live_sessions_survive_ten_upgrades() {
         let n: usize = field(line, "sessions").unwrap().parse().unwrap();
         assert!(n >= 100, "only {n} sessions handed over: {line}");
     }
-    kill("-TERM", pid);
-    rig.log.until("holdfast stopped", |l| pid_of(l) == pid).await;
-    let seen = rig.log.seen.clone();
-    let total = rig.finish(&seen).await;
+    let total = rig.finish(pid).await;
     assert!(total > 0);
 }
 
@@ -551,8 +551,5 @@ async fn a_new_process_dying_mid_hand_over_leaves_every_session_alive() {
     let _guard2 = KillOnDrop(new);
     rig.log.until("holdfast stopped", |l| pid_of(l) == pid).await;
     rig.flowing(200, "after the real upgrade").await;
-    kill("-TERM", new);
-    rig.log.until("holdfast stopped", |l| pid_of(l) == new).await;
-    let seen = rig.log.seen.clone();
-    rig.finish(&seen).await;
+    rig.finish(new).await;
 }

@@ -349,7 +349,9 @@ pub async fn run_full(
     let open = proxy.open.clone();
     for l in proxy.listeners.drain(..) {
         l.stop.cancel();
-        let _ = l.join.await;
+        if let Some(join) = l.join {
+            let _ = join.await;
+        }
     }
     let sessions = proxy.sessions.clone();
     sessions.close();
@@ -426,7 +428,8 @@ struct RunningListener {
     /// Its open sessions (total and per client), kept across reloads.
     limits: Arc<ListenerLimits>,
     stop: CancellationToken,
-    join: tokio::task::JoinHandle<()>,
+    /// The accept loop (None while a hand-over stopped it).
+    join: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -517,7 +520,7 @@ impl Running {
             ctx,
             limits,
             stop,
-            join,
+            join: Some(join),
         });
     }
 
@@ -525,7 +528,9 @@ impl Running {
     async fn stop_accepting(&mut self) {
         for l in &mut self.listeners {
             l.stop.cancel();
-            let _ = (&mut l.join).await;
+            if let Some(join) = l.join.take() {
+                let _ = join.await;
+            }
         }
     }
 
@@ -534,11 +539,11 @@ impl Running {
         for l in &mut self.listeners {
             if l.stop.is_cancelled() {
                 l.stop = CancellationToken::new();
-                l.join = tokio::spawn(accept_loop(
+                l.join = Some(tokio::spawn(accept_loop(
                     l.listener.clone(),
                     l.ctx.subscribe(),
                     l.stop.clone(),
-                ));
+                )));
                 tracing::info!(listener = %l.name, "accepting again");
             }
         }
@@ -674,7 +679,9 @@ impl Running {
                 l.stop.cancel();
                 // Its socket is closed once its accept loop has returned:
                 // when the reload reports success, nobody connects there.
-                let _ = l.join.await;
+                if let Some(join) = l.join {
+            let _ = join.await;
+        }
             }
         }
         self.listeners = kept;
