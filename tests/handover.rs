@@ -304,7 +304,12 @@ async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
 
 /// An edge config for the load test: one listener per ack mode and one
 /// speaking the resume protocol to `core`, all in front of `server`.
-fn edge_config(socket: &std::path::Path, server: &str, core: &str, key: &std::path::Path) -> String {
+fn edge_config(
+    socket: &std::path::Path,
+    server: &str,
+    core: &str,
+    key: &std::path::Path,
+) -> String {
     let mut out = format!(
         "[lifecycle]\ndrain_timeout = \"5s\"\n\n[handover]\nsocket = \"{}\"\n",
         socket.display()
@@ -386,7 +391,11 @@ framing = "lines"
         .await;
         let socket = dir.join("run").join("handover.sock");
         let cfg = dir.join("edge.toml");
-        std::fs::write(&cfg, edge_config(&socket, &server.addr, &core.addrs[0], &key)).unwrap();
+        std::fs::write(
+            &cfg,
+            edge_config(&socket, &server.addr, &core.addrs[0], &key),
+        )
+        .unwrap();
         let (edge, mut log) = spawn_logged(&cfg);
         let mut addrs = Vec::new();
         for name in ["none", "tcp", "response", "resume"] {
@@ -443,7 +452,9 @@ framing = "lines"
             total += r.unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log.seen));
         }
         kill("-TERM", pid);
-        self.log.until("holdfast stopped", |l| pid_of(l) == pid).await;
+        self.log
+            .until("holdfast stopped", |l| pid_of(l) == pid)
+            .await;
         let _ = std::fs::remove_dir_all(&self.dir);
         total
     }
@@ -492,7 +503,9 @@ async fn a_hundred_live_sessions_survive_ten_upgrades() {
         guard.0 = pid;
         let line = rig.log.until("sessions handed over", |_| true).await;
         handed.push(line);
-        rig.log.until("holdfast stopped", |l| pid_of(l) == old).await;
+        rig.log
+            .until("holdfast stopped", |l| pid_of(l) == old)
+            .await;
         rig.log
             .until("hand-over socket listening", |l| pid_of(l) == pid)
             .await;
@@ -500,7 +513,11 @@ async fn a_hundred_live_sessions_survive_ten_upgrades() {
     }
     looping.store(false, Ordering::Relaxed);
     let (ok, errors) = looper.await.unwrap();
-    assert!(errors.is_empty(), "{} failed connections: {errors:?}", errors.len());
+    assert!(
+        errors.is_empty(),
+        "{} failed connections: {errors:?}",
+        errors.len()
+    );
     assert!(ok > 0, "the looping client made no round trip");
     for line in &handed {
         eprintln!("{line}");
@@ -539,7 +556,9 @@ async fn a_new_process_dying_mid_hand_over_leaves_every_session_alive() {
     // Every session carries on in the old process, which accepts again.
     rig.flowing(200, "after the failed hand-over").await;
     let mut c = connect(&rig.addrs[0]).await;
-    echo_once(&mut c, b"new client after the failure\n").await.unwrap();
+    echo_once(&mut c, b"new client after the failure\n")
+        .await
+        .unwrap();
     drop(c);
     // And a real upgrade still works afterwards.
     kill("-USR2", pid);
@@ -549,7 +568,9 @@ async fn a_new_process_dying_mid_hand_over_leaves_every_session_alive() {
         .await;
     let new = pid_of(&running);
     let _guard2 = KillOnDrop(new);
-    rig.log.until("holdfast stopped", |l| pid_of(l) == pid).await;
+    rig.log
+        .until("holdfast stopped", |l| pid_of(l) == pid)
+        .await;
     rig.flowing(200, "after the real upgrade").await;
     rig.finish(new).await;
 }

@@ -611,3 +611,102 @@ tls = {{ ca = "{ca}" }}
     assert!(!ok);
     assert!(out.contains("listener[1].tls.key (line 11"), "{out}");
 }
+
+/// A hand-over (`kill -USR2`) leaves TLS sessions with the old process
+/// (rustls state is not carried): a TLS session opened before the upgrade
+/// keeps working there while a plain session moves to the new process;
+/// at `drain_timeout` the old process ends the TLS session cleanly
+/// (close_notify, then EOF), and new TLS clients reach the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_stay_with_the_old_process_in_a_hand_over() {
+    let pki = Pki::new("handover");
+    let (cert, key) = pki.leaf("server", "srv", 1, &["localhost"]);
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let (tls_addr, plain_addr) = (free(), free());
+    let path = pki.dir.join("holdfast.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[lifecycle]\ndrain_timeout = \"2s\"\n\
+             [handover]\nsocket = \"{}\"\n\
+             [[listener]]\nname = \"secure\"\nlisten = \"{tls_addr}\"\nbackend = \"b\"\n\
+             tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\
+             [[listener]]\nname = \"plain\"\nlisten = \"{plain_addr}\"\nbackend = \"b\"\n\
+             [[backend]]\nname = \"b\"\nservers = [\"{}\"]\nack = \"tcp\"\n",
+            pki.dir.join("run/handover.sock").display(),
+            server.addr
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let old_pid = child.id().unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    until(&mut log, "hand-over socket listening").await;
+    let config = pki.client_config(None);
+    let mut secure = tls_connect(config.clone(), &tls_addr, "localhost")
+        .await
+        .unwrap();
+    let mut plain = connect(&plain_addr).await;
+    async fn echo<S: AsyncReadExt + AsyncWriteExt + Unpin>(s: &mut S, msg: &[u8]) {
+        s.write_all(msg).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(buf, msg);
+    }
+    echo(&mut secure, b"tls before").await;
+    echo(&mut plain, b"plain before").await;
+
+    std::process::Command::new("kill")
+        .args(["-USR2", &old_pid.to_string()])
+        .status()
+        .unwrap();
+    let running = until(&mut log, "holdfast running").await;
+    let new_pid = running
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pid="))
+        .unwrap()
+        .to_string();
+    assert_ne!(new_pid, old_pid.to_string());
+    let done = until(&mut log, "sessions handed over").await;
+    assert!(done.contains("sessions=1 stayed=1"), "{done}");
+    // The plain session moved; the TLS one is still served by the old process.
+    echo(&mut plain, b"plain after").await;
+    echo(&mut secure, b"tls after").await;
+    // New TLS clients are served by the new process.
+    let mut fresh = tls_connect(config.clone(), &tls_addr, "localhost")
+        .await
+        .unwrap();
+    echo(&mut fresh, b"fresh").await;
+    // At drain_timeout the old process ends the TLS session cleanly.
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), secure.read(&mut buf))
+        .await
+        .expect("closed at drain_timeout")
+        .expect("a clean close, not a reset");
+    assert_eq!(n, 0);
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the old process exits")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    echo(&mut plain, b"plain at the end").await;
+    std::process::Command::new("kill")
+        .args(["-INT", &new_pid])
+        .status()
+        .unwrap();
+}

@@ -773,8 +773,13 @@ pub fn send_batch(
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(HandoverError::TooLarge(fds.len()));
     }
-    let sent = rustix::net::sendmsg(sock, &[IoSlice::new(&head)], &mut control, SendFlags::NOSIGNAL)
-        .map_err(io::Error::from)?;
+    let sent = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(&head)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .map_err(io::Error::from)?;
     let mut w = sock;
     w.write_all(&head[sent..])?;
     for part in blob {

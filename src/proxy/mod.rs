@@ -590,7 +590,9 @@ impl Running {
         let server = match (&entry.server, server) {
             (Some(leg), Some(fd)) => Some((
                 crate::session::core::Generation(leg.gen),
-                leg.kind.wrap(fd).map_err(|e| format!("server socket: {e}"))?,
+                leg.kind
+                    .wrap(fd)
+                    .map_err(|e| format!("server socket: {e}"))?,
                 bytes::BytesMut::from(&rbuf[..]),
                 leg.written,
             )),
@@ -635,7 +637,16 @@ impl Running {
             // Only once the old process knows we took it.
             go.wait_for(Option::is_some).await.ok().and_then(|g| *g) == Some(true)
         };
-        spawn_session(&ctx, &session, driver, id, backend_name, entry.peer, slot, Some(Box::pin(start)));
+        spawn_session(
+            &ctx,
+            &session,
+            driver,
+            id,
+            backend_name,
+            entry.peer,
+            slot,
+            Some(Box::pin(start)),
+        );
         Ok(())
     }
 
@@ -680,8 +691,8 @@ impl Running {
                 // Its socket is closed once its accept loop has returned:
                 // when the reload reports success, nobody connects there.
                 if let Some(join) = l.join {
-            let _ = join.await;
-        }
+                    let _ = join.await;
+                }
             }
         }
         self.listeners = kept;
@@ -884,7 +895,16 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
         ctx.close_sessions.child_token(),
     );
     let _ = lm;
-    spawn_session(ctx, session, driver, id, backend.name.clone(), peer, slot, None);
+    spawn_session(
+        ctx,
+        session,
+        driver,
+        id,
+        backend.name.clone(),
+        peer,
+        slot,
+        None,
+    );
 }
 
 type StartGate = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;

@@ -67,8 +67,7 @@ pub struct SessionStatus {
 
 /// Where a session task answers a hand-over's request to export it: the
 /// exported session, or why it stays in this process.
-pub type ExportReply =
-    tokio::sync::oneshot::Sender<Result<super::driver::Exported, &'static str>>;
+pub type ExportReply = tokio::sync::oneshot::Sender<Result<super::driver::Exported, &'static str>>;
 
 #[derive(Debug)]
 struct Handover {
