@@ -142,14 +142,26 @@ ack = "tcp"
     )?;
     let mut proxy: Child = Command::new(&o.holdfast)
         .args(["run", "--config", cfg.to_str().context("path")?])
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stderr(Stdio::piped())
         .spawn()
         .context("start holdfast")?;
     let (tx, rx) = mpsc::channel();
     let stderr = proxy.stderr.take().context("stderr")?;
+    // HANDOVER_BENCH_LOG=FILE keeps holdfast's log (RUST_LOG=debug shows
+    // each batch's timings).
+    let mut keep = match std::env::var("HANDOVER_BENCH_LOG") {
+        Ok(path) => Some(std::fs::File::create(path)?),
+        Err(_) => None,
+    };
     thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(f) = keep.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
             if tx.send(line).is_err() {
                 break;
             }

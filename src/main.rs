@@ -358,6 +358,7 @@ async fn take_sessions(
             let _ = tokio::task::spawn_blocking(move || handover::send_verdicts(&s, &[])).await;
             break;
         }
+        let received = std::time::Instant::now();
         let sessions = batch.split(blob, fds);
         let n = sessions.len();
         let (go_tx, go) = tokio::sync::watch::channel(None);
@@ -385,6 +386,12 @@ async fn take_sessions(
             tracing::error!("hand-over: cannot answer the old process; it keeps this batch");
             return;
         }
+        tracing::debug!(
+            target: "holdfast::handover",
+            sessions = n,
+            import_us = received.elapsed().as_micros() as u64,
+            "hand-over: batch answered"
+        );
         let t = verdicts.iter().filter(|&&t| t).count();
         taken += t;
         refused += n - t;

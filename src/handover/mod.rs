@@ -338,7 +338,7 @@ pub async fn serve(
 struct ExportStats {
     taken: usize,
     stayed: usize,
-    /// Per taken session: from the export request to the verdict.
+    /// Per taken session: from its pause (the export) to the verdict.
     pauses: Vec<std::time::Duration>,
 }
 
@@ -529,6 +529,7 @@ async fn export_batch(
         return Ok(());
     }
     let n = exported.len();
+    let replied = asked.elapsed();
     let (verdicts, exported) = {
         let sock = sock.clone();
         tokio::task::spawn_blocking(move || {
@@ -549,13 +550,18 @@ async fn export_batch(
     for (e, taken) in exported.into_iter().zip(verdicts) {
         if taken {
             stats.taken += 1;
-            stats.pauses.push(asked.elapsed());
+            stats.pauses.push(e.paused_at.elapsed());
         } else {
             stats.stayed += 1;
         }
         let _ = e.verdict.send(taken);
     }
-    tracing::debug!(sessions = n, "hand-over: batch sent");
+    tracing::debug!(
+        sessions = n,
+        replies_us = replied.as_micros() as u64,
+        answered_us = asked.elapsed().as_micros() as u64,
+        "hand-over: batch sent"
+    );
     Ok(())
 }
 
@@ -605,9 +611,10 @@ fn send_exported(
     recv_verdicts(sock, exported.len())
 }
 
-/// Sessions per batch message: two descriptors each at most, well under
-/// the kernel's 253 per message.
-pub const BATCH: usize = 64;
+/// Sessions per batch message (two descriptors each at most, well under
+/// the kernel's 253 per message). Small batches keep each session's pause
+/// short: a session waits, paused, for its own batch's round trip only.
+pub const BATCH: usize = 16;
 /// Most descriptors in one batch message.
 const MAX_BATCH_FDS: usize = 2 * BATCH;
 /// Largest batch header (JSON) accepted.

@@ -188,6 +188,8 @@ pub struct Exported {
     pub replayed: u64,
     /// The backend's ack mode ([`crate::proxy::ack_kind`]).
     pub ack: String,
+    /// When the session paused (its pause ends with the verdict).
+    pub paused_at: std::time::Instant,
     pub verdict: tokio::sync::oneshot::Sender<bool>,
 }
 
@@ -519,6 +521,7 @@ impl Driver {
             legs: self.legs,
             replayed: self.replayed,
             ack: crate::proxy::ack_kind(&self.backend.ack),
+            paused_at: std::time::Instant::now(),
             verdict,
         })
     }
