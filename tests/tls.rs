@@ -928,3 +928,72 @@ async fn resume_listener_refuses_plaintext_and_rotates_on_sighup() {
     edge.shutdown.stop.cancel();
     child.start_kill().unwrap();
 }
+
+/// (j) Config: `tls` on a resume listener takes the keys of a TCP
+/// listener's (files checked, errors with key and line); SNI may pick a
+/// certificate there but not a backend.
+#[test]
+fn resume_listener_tls_is_checked_like_a_tcp_listener() {
+    let pki = Pki::new("resume-check");
+    let key = resume_key(&pki);
+    let (cert, ckey) = pki.leaf("core", "core", 1, &["core.internal"]);
+    let (a_cert, a_key) = pki.leaf("a", "a", 2, &["a.internal"]);
+    let ca = pki.path("ca.pem");
+    let good = format!(
+        r#"[[listener]]
+name = "core"
+listen = "127.0.0.1:7000"
+backend = "b"
+protocol = "resume"
+resume = {{ secret_file = "{key}" }}
+tls = {{ cert = "{cert}", key = "{ckey}", client_ca = "{ca}", min_version = "1.3", alpn = ["hfrp/1"], handshake_timeout = "2s" }}
+[[listener.sni]]
+name = "a.internal"
+cert = "{a_cert}"
+key = "{a_key}"
+
+[[backend]]
+name = "b"
+servers = ["127.0.0.1:9"]
+"#
+    );
+    let cfg = config::parse(&good).unwrap_or_else(|e| panic!("{e}"));
+    let l = &cfg.listeners[0];
+    assert!(matches!(l.protocol, config::ListenerProtocol::Resume(_)));
+    let tls = l.tls.as_ref().expect("tls on the resume listener");
+    assert!(tls.client_ca.is_some());
+    assert_eq!(tls.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(tls.alpn, ["hfrp/1"]);
+
+    let bad = format!(
+        r#"[[listener]]
+name = "core"
+listen = "127.0.0.1:7000"
+backend = "b"
+protocol = "resume"
+resume = {{ secret_file = "{key}" }}
+tls = {{ cert = "{cert}", key = "{missing}", client_ca = "{ca}" }}
+[[listener.sni]]
+name = "a.internal"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["127.0.0.1:9"]
+"#,
+        missing = pki.path("missing-key.pem"),
+    );
+    let errors = config::parse(&bad).unwrap_err();
+    let got: Vec<(String, usize)> = errors.0.iter().map(|e| (e.key.clone(), e.line)).collect();
+    assert_eq!(
+        got,
+        [
+            ("listener[0].tls.key".to_string(), 7),
+            ("listener[0].sni[0].backend".to_string(), 10),
+        ],
+        "{errors}"
+    );
+    let text = errors.to_string();
+    assert!(text.contains("cannot route by sni"), "{text}");
+    assert!(text.contains("no such file"), "{text}");
+}
