@@ -585,7 +585,7 @@ fn ledger_rt(sock: &str, data: &std::path::Path) -> tokio::runtime::Runtime {
     let (tx, rx) = std::sync::mpsc::channel();
     let (sock, data) = (sock.to_owned(), data.to_owned());
     rt.spawn(async move {
-        ledger::serve(&sock, &data, KEY.to_vec(), |a| {
+        ledger::serve(&sock, &data, KEY.to_vec(), None, |a| {
             tx.send(a.to_owned()).unwrap()
         })
         .await
@@ -638,14 +638,14 @@ async fn ledger_killed_and_restarted_in_process_is_exactly_once() {
 /// TLS settings for a listener: the server certificate for `server.test`
 /// and, with `mutual`, client certificates checked against the test CA.
 fn tls_cfg(pki: &pki::Pki, serial: u64, mutual: bool) -> TlsConfig {
-    let (cert, key) = pki.leaf("server", &format!("server {serial}"), serial, &["server.test"]);
+    let (cert, key) = pki.leaf(
+        "server",
+        &format!("server {serial}"),
+        serial,
+        &["server.test"],
+    );
     let ca = pki.path("ca.pem");
-    TlsConfig::from_pem_files(
-        cert.as_ref(),
-        key.as_ref(),
-        mutual.then_some(ca.as_ref()),
-    )
-    .unwrap()
+    TlsConfig::from_pem_files(cert.as_ref(), key.as_ref(), mutual.then_some(ca.as_ref())).unwrap()
 }
 
 /// The certificate the acceptor showed on a client's current leg.
@@ -727,7 +727,10 @@ async fn sessions_resume_over_new_tls_connections_exactly() {
     c.drop_leg();
     c.connect().await.unwrap();
     let second = server_cert(&c);
-    assert_ne!(first, second, "the resume's handshake used the new certificate");
+    assert_ne!(
+        first, second,
+        "the resume's handshake used the new certificate"
+    );
     c.fin();
     assert_eq!(c.pump(|c| c.complete()).await, Stop::Done);
     assert_eq!(c.down, b"before\nin flight\nbye\n");
@@ -802,7 +805,10 @@ async fn tls_listener_refuses_plaintext_unknown_and_silent_clients() {
         .write_all(&hello(rand::random(), false, 0, 0).encode(&KEY))
         .await
         .unwrap();
-    assert!(!welcomed(&mut plain).await, "a plaintext HELLO got a WELCOME");
+    assert!(
+        !welcomed(&mut plain).await,
+        "a plaintext HELLO got a WELCOME"
+    );
     assert_eq!(next_rejection(&mut rejected).await, Rejection::TlsHandshake);
 
     // No client certificate.

@@ -629,7 +629,10 @@ fn edge_tls(pki: &Pki, cert: &str, key: &str) -> String {
 /// Waits until `progress` has moved by `n` (bounded).
 async fn progressed(progress: &Arc<AtomicU64>, n: u64) {
     let before = progress.load(Ordering::Relaxed);
-    wait_until("progress", || progress.load(Ordering::Relaxed) >= before + n).await;
+    wait_until("progress", || {
+        progress.load(Ordering::Relaxed) >= before + n
+    })
+    .await;
 }
 
 /// (g) Mutual TLS over the resume protocol: an edge (backend protocol =
@@ -996,4 +999,73 @@ servers = ["127.0.0.1:9"]
     let text = errors.to_string();
     assert!(text.contains("cannot route by sni"), "{text}");
     assert!(text.contains("no such file"), "{text}");
+}
+
+/// (k) The ledger example with `--tls-cert/--tls-key/--client-ca` behind a
+/// holdfast whose resume backend has mutual TLS: requests across SIGKILLs
+/// of the ledger are answered once each, in order (each restart is a new
+/// TLS handshake and a restored session), and stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_example_over_mutual_tls_across_sigkills() {
+    let pki = Pki::new("ledger");
+    let key = resume_key(&pki);
+    let (cert, ckey) = pki.leaf("ledger", "ledger", 1, &["core.internal"]);
+    let (edge_cert, edge_key) = pki.leaf("edge", "edge", 2, &["edge.internal"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let bin = Path::new(BIN).parent().unwrap().join("examples/ledger");
+    let spawn = || {
+        let mut child = tokio::process::Command::new(&bin)
+            .args(["--listen", &listen, "--data", pki.dir.to_str().unwrap()])
+            .args(["--key-file", &key, "--tls-cert", &cert, "--tls-key", &ckey])
+            .args(["--client-ca", &pki.path("ca.pem")])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the ledger example (built by cargo test)");
+        let out = child.stdout.take().unwrap();
+        async move {
+            let line = BufReader::new(out).lines().next_line().await.unwrap();
+            assert!(
+                line.as_deref().is_some_and(|l| l.starts_with("listening ")),
+                "ledger said {line:?}"
+            );
+            child
+        }
+    };
+    let mut ledger = spawn().await;
+    let edge = start_running(&edge_toml(
+        &listen,
+        &key,
+        &edge_tls(&pki, &edge_cert, &edge_key),
+    ))
+    .await;
+    let (r, mut w) = connect(&edge.addrs[0]).await.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    for round in 0..5u64 {
+        for k in 0..4 {
+            let n = round * 4 + k;
+            w.write_all(format!("req {n}\n").as_bytes()).await.unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            assert_eq!(line, format!("ok {}\n", n + 1), "response to request {n}");
+        }
+        ledger.start_kill().unwrap();
+        ledger.wait().await.unwrap();
+        ledger = spawn().await;
+    }
+    let log = std::fs::read_to_string(pki.dir.join("ledger.log")).unwrap();
+    let stored: Vec<&str> = log
+        .lines()
+        .map(|l| l.splitn(5, ' ').nth(4).unwrap())
+        .collect();
+    let want: Vec<String> = (0..20).map(|n| format!("req {n}")).collect();
+    assert_eq!(stored, want, "every request stored once, in order");
+    edge.shutdown.stop.cancel();
 }

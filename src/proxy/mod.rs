@@ -419,7 +419,10 @@ impl Running {
         // Certificates were read and checked when the config was loaded: a
         // reload builds a new acceptor, which new handshakes use. A resume
         // listener's TLS is the server library's (`set_resume_tls`).
-        let tls = cfg.tls.as_ref().filter(|_| cfg.protocol == ListenerProtocol::Tcp);
+        let tls = cfg
+            .tls
+            .as_ref()
+            .filter(|_| cfg.protocol == ListenerProtocol::Tcp);
         let tls = tls.map(|t| ListenerTlsCtx {
             acceptor: tokio_rustls::TlsAcceptor::from(t.server.0.clone()),
             handshake_timeout: t.handshake_timeout,
