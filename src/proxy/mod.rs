@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{Config, Endpoint, ListenerConfig};
+use crate::config::{Config, Endpoint, ListenerConfig, ListenerProtocol};
 use crate::lifecycle::{Phase, Shutdown};
 use crate::metrics::{Metrics, REJECT_TLS_HANDSHAKE, REJECT_TLS_TIMEOUT};
 use crate::session::driver::{Driver, Ended, SessionCtx, Shared};
@@ -63,7 +63,7 @@ async fn bind_listener(l: &ListenerConfig) -> Result<Listener, BindError> {
     match &l.protocol {
         crate::config::ListenerProtocol::Tcp => Listener::bind(&l.listen).await,
         crate::config::ListenerProtocol::Resume(settings) => {
-            Listener::bind_resume(&l.listen, settings).await
+            Listener::bind_resume(&l.listen, settings, l.tls.as_ref()).await
         }
     }
 }
@@ -468,8 +468,13 @@ impl Running {
             shared: self.shared.clone(),
         };
         // Certificates were read and checked when the config was loaded: a
-        // reload builds a new acceptor, which new handshakes use.
-        let tls = cfg.tls.as_ref().map(|t| ListenerTlsCtx {
+        // reload builds a new acceptor, which new handshakes use. A resume
+        // listener's TLS is the server library's (`set_resume_tls`).
+        let tls = cfg
+            .tls
+            .as_ref()
+            .filter(|_| cfg.protocol == ListenerProtocol::Tcp);
+        let tls = tls.map(|t| ListenerTlsCtx {
             acceptor: tokio_rustls::TlsAcceptor::from(t.server.0.clone()),
             handshake_timeout: t.handshake_timeout,
             routes: cfg
@@ -510,6 +515,12 @@ impl Running {
         let limits = Arc::new(ListenerLimits::default());
         let (ctx, ctx_rx) = watch::channel(self.accept_ctx(cfg, config, backends, limits.clone()));
         let stop = CancellationToken::new();
+        if let Some(resume) = listener.resume() {
+            // TLS handshakes run inside the server library: count its
+            // refusals as a TLS listener's.
+            let lm = self.metrics.listener(&cfg.name);
+            resume.set_on_reject(Some(Arc::new(move |why| lm.rejected(why.as_str()))));
+        }
         let listener = Arc::new(listener);
         let join = tokio::spawn(accept_loop(listener.clone(), ctx_rx, stop.clone()));
         self.listeners.push(RunningListener {
@@ -704,6 +715,7 @@ impl Running {
                 .expect("kept listeners are in the new config");
             l.ctx
                 .send_replace(self.accept_ctx(cfg, &config, &backends, l.limits.clone()));
+            l.listener.set_resume_tls(cfg.tls.as_ref());
         }
         for (cfg, listener) in fresh {
             self.start_listener(listener, &cfg, &config, &backends);
