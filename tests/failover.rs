@@ -329,3 +329,31 @@ fn standby_takes_over_a_live_connection_with_tcp_repair() {
         pause, t.restore, t.claim, t.leave, t.resent, longest
     );
 }
+
+#[test]
+fn run_refuses_a_failover_config_until_the_proxy_serves_it() {
+    for file in [
+        "config/failover-active.toml",
+        "config/failover-standby.toml",
+    ] {
+        let check = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["check", "--config", file])
+            .output()
+            .expect("run holdfast check");
+        assert!(
+            check.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["run", "--config", file])
+            .output()
+            .expect("run holdfast run");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(64), "{file}: {stderr}");
+        assert!(
+            stderr.contains("[failover] is not served by this build yet"),
+            "{stderr}"
+        );
+    }
+}
