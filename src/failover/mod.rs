@@ -13,7 +13,11 @@
 //! `unsafe` calls are all in [`sys`].
 
 pub mod announce;
+pub mod codec;
+pub mod link;
+pub mod mirror;
 pub mod repair;
 mod sys;
+pub mod takeover;
 
 pub use sys::RepairWindow;
