@@ -208,6 +208,11 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
         }
     }
 
+    /// The link itself (to read its send queue, for example).
+    pub fn get_ref(&self) -> &W {
+        &self.io
+    }
+
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
         self.buf.len()

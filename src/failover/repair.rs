@@ -299,34 +299,91 @@ fn repair_options(state: &KernelState) -> Vec<RepairOpt> {
     opts
 }
 
-/// Takes a restored socket out of repair mode (no window probe) and sends
-/// `unacked` — the bytes written to the client after [`Offsets::acked`],
-/// then anything due to it that was never written — as new data, at once.
-/// Sent this way they go out now; put into the repair send queue they would
-/// wait for a retransmission timer (1–3 s, no RTT sample yet). Sends what
-/// fits without blocking and returns how many bytes that was; the caller
-/// writes the rest as usual. Also re-sets SO_REUSEADDR, which leaving repair
-/// clears, so that a listener on the service port can be opened afterwards.
+/// The most bytes a takeover re-sends as new data: 8 segments, which leave
+/// at once within the restored socket's initial congestion window of 10
+/// (see [`leave_repair_and_send`]).
+pub fn fresh_budget(state: &KernelState) -> usize {
+    8 * state.mss_clamp as usize
+}
+
+/// Takes a restored socket out of repair mode (no window probe) and hands
+/// the kernel `unacked`: the bytes written to the client after
+/// [`Offsets::acked`], then anything due to it that was never written.
+///
+/// Up to `fresh` bytes ([`fresh_budget`]) go out as new data, at once: put
+/// into the repair send queue they would count as sent and wait for a
+/// retransmission timer (1–3 s: a restored socket has no RTT sample) if the
+/// failure lost them. More than that go into the repair send queue, as
+/// sent. That matters when `acked` is stale (it is sampled): the client may
+/// have acknowledged bytes far beyond it, the kernel drops every segment
+/// whose ACK is beyond what it has sent ("ack of unsent data"), data
+/// included, and new data beyond the initial congestion window waits for
+/// ACKs: the two ends would wait on each other for good. Queued as sent,
+/// every ACK the client can send is acceptable, and what the failure lost is
+/// retransmitted by the kernel (SACK, TLP or RTO).
+///
+/// Queues or sends what fits without blocking and returns how many bytes of
+/// `unacked` that was; the caller writes the rest as usual. Also re-sets
+/// SO_REUSEADDR, which leaving repair clears, so that a listener on the
+/// service port can be opened afterwards.
 pub fn leave_repair_and_send<B: AsRef<[u8]>>(
     fd: BorrowedFd<'_>,
     unacked: &[B],
+    fresh: usize,
 ) -> Result<usize, RepairError> {
+    let total: usize = unacked.iter().map(|c| c.as_ref().len()).sum();
+    let sock = SockRef::from(&fd);
+    let mut done = 0;
+    if total > fresh {
+        // One buffer, so that the queue holds few, full segments: each
+        // queued segment counts against the congestion window.
+        let all: Vec<u8> = unacked
+            .iter()
+            .flat_map(|c| c.as_ref().iter().copied())
+            .collect();
+        sys::set_repair_queue(fd, Queue::Send).step("select send queue")?;
+        done = send_from(&sock, &[all], 0, total).step("queue unacked bytes as sent")?;
+        sys::set_repair_queue(fd, Queue::None).step("select no queue")?;
+    }
     sys::set_repair(fd, Repair::OffNoWindowProbe).step("leave repair")?;
     sys::set_reuseaddr(fd).step("SO_REUSEADDR after repair")?;
-    let sock = SockRef::from(&fd);
+    if total <= fresh {
+        done = send_from(&sock, unacked, 0, total).step("send unacked bytes")?;
+    }
+    Ok(done)
+}
+
+/// Sends up to `limit` bytes of `chunks`, starting `skip` bytes in, without
+/// blocking; returns how many went.
+fn send_from<B: AsRef<[u8]>>(
+    sock: &SockRef<'_>,
+    chunks: &[B],
+    mut skip: usize,
+    limit: usize,
+) -> io::Result<usize> {
     let mut sent = 0;
-    for chunk in unacked {
+    for chunk in chunks {
         let mut chunk = chunk.as_ref();
-        while !chunk.is_empty() {
-            match sock.send_with_flags(chunk, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+        if skip >= chunk.len() {
+            skip -= chunk.len();
+            continue;
+        }
+        chunk = &chunk[skip..];
+        skip = 0;
+        while !chunk.is_empty() && sent < limit {
+            let part = &chunk[..chunk.len().min(limit - sent)];
+            match sock.send_with_flags(part, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
                 Ok(n) => {
                     sent += n;
                     chunk = &chunk[n..];
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(sent),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).step("send unacked bytes"),
+                Err(e) => return Err(e),
             }
+        }
+        if sent == limit {
+            break;
         }
     }
     Ok(sent)

@@ -85,7 +85,8 @@ pub fn take_over(
     let mut taken = Vec::with_capacity(restored.len());
     for (session, conn) in restored {
         let down = session.unacked_down();
-        match repair::leave_repair_and_send(conn.as_fd(), &down) {
+        let fresh = repair::fresh_budget(&session.new.state);
+        match repair::leave_repair_and_send(conn.as_fd(), &down, fresh) {
             Ok(sent) => {
                 let unsent = skip(down, sent);
                 taken.push(Taken {

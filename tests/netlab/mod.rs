@@ -1,6 +1,7 @@
 //! A small network of "hosts" for one test: a network namespace per host,
-//! each with an `eth0` joined to a bridge that lives in a namespace of its
-//! own, so nothing touches the machine's own interfaces or routes.
+//! each with an `eth0` (and more interfaces on demand) joined to bridges
+//! that live in a namespace of their own, so nothing touches the machine's
+//! own interfaces or routes.
 //!
 //! Names are unique per test run (`hf<pid>x<n>-<host>`); everything is
 //! deleted when the [`Lab`] is dropped, also when the test panics, and
@@ -90,8 +91,6 @@ impl Lab {
             return skip(test, &format!("cannot create a network namespace: {e}"));
         }
         lab.hosts.push(BRIDGE.to_string());
-        lab.ip(BRIDGE, &["link", "add", "br0", "type", "bridge"]);
-        lab.ip(BRIDGE, &["link", "set", "br0", "up"]);
         Some(lab)
     }
 
@@ -108,43 +107,79 @@ impl Lab {
         ip(&all).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Adds a host with `eth0` on the bridge and the given `addr/prefix`es,
-    /// and waits (polling, with a deadline) until its link is up.
+    /// Adds a host with `eth0` on bridge `br0` and the given `addr/prefix`es.
     pub fn host(&mut self, host: &str, addrs: &[&str]) {
         assert!(
-            host.len() <= 12,
+            host.len() <= 10,
             "host name {host:?} too long for a veth name"
         );
         let ns = self.ns(host);
         ip(&["netns", "add", &ns]).unwrap_or_else(|e| panic!("{e}"));
         self.hosts.push(host.to_string());
-        let br = self.ns(BRIDGE);
-        let port = format!("v-{host}");
+        self.ip(host, &["link", "set", "lo", "up"]);
+        self.attach(host, "eth0", "br0", addrs);
+    }
+
+    /// Gives `host` one more interface, `ifname`, on `bridge` (made on first
+    /// use), with the given addresses, and waits (polling, with a deadline)
+    /// until its link is up.
+    pub fn attach(&mut self, host: &str, ifname: &str, bridge: &str, addrs: &[&str]) {
+        let br_ns = self.ns(BRIDGE);
+        if !self
+            .ip(BRIDGE, &["link", "show"])
+            .contains(&format!(": {bridge}:"))
+        {
+            self.ip(BRIDGE, &["link", "add", bridge, "type", "bridge"]);
+            self.ip(BRIDGE, &["link", "set", bridge, "up"]);
+        }
+        let port = format!("{host}-{ifname}");
         ip(&[
-            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
-            &br,
+            "link",
+            "add",
+            ifname,
+            "netns",
+            &self.ns(host),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &br_ns,
         ])
         .unwrap_or_else(|e| panic!("{e}"));
-        self.ip(BRIDGE, &["link", "set", &port, "master", "br0", "up"]);
-        self.ip(host, &["link", "set", "lo", "up"]);
+        self.ip(BRIDGE, &["link", "set", &port, "master", bridge, "up"]);
         for a in addrs {
-            self.ip(host, &["addr", "add", a, "dev", "eth0"]);
+            self.ip(host, &["addr", "add", a, "dev", ifname]);
         }
-        self.ip(host, &["link", "set", "eth0", "up"]);
+        self.ip(host, &["link", "set", ifname, "up"]);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self
-            .ip(host, &["link", "show", "eth0"])
+            .ip(host, &["link", "show", ifname])
             .contains("LOWER_UP")
         {
-            assert!(Instant::now() < deadline, "{host}: eth0 never came up");
+            assert!(Instant::now() < deadline, "{host}: {ifname} never came up");
             std::thread::sleep(Duration::from_millis(5));
         }
     }
 
-    /// Cuts `host` off the network: its bridge port goes down, so nothing
-    /// it sends (resets of a dying kernel included) reaches anyone.
-    pub fn cut(&self, host: &str) {
-        self.ip(BRIDGE, &["link", "set", &format!("v-{host}"), "down"]);
+    /// Cuts `host`'s interface `ifname` off the network: its bridge port
+    /// goes down, so nothing it sends (resets of a dying kernel included)
+    /// reaches anyone.
+    pub fn cut(&self, host: &str, ifname: &str) {
+        self.ip(
+            BRIDGE,
+            &["link", "set", &format!("{host}-{ifname}"), "down"],
+        );
+    }
+
+    /// Runs a command inside `host`'s namespace (`ip netns exec`), for
+    /// diagnostics: its output, or the error.
+    pub fn exec(&self, host: &str, cmd: &[&str]) -> String {
+        let ns = self.ns(host);
+        let mut all = vec!["netns", "exec", ns.as_str()];
+        all.extend_from_slice(cmd);
+        ip(&all).unwrap_or_else(|e| e)
     }
 
     /// The MAC address of `host`'s `eth0`.
