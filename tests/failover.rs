@@ -130,15 +130,13 @@ async fn active(
                 written += n as u64;
                 // The "server" (this echo) consumed it.
                 w.push(&Record::ServerAcked { id, offset: read });
+                // Sampled with every write: a stale client-acked offset makes
+                // the standby re-send more, and more than its initial
+                // congestion window goes the slow way (docs/failover.md).
+                client_acked(&conn, id, written, &mut acked, &mut w);
             }
             _ = tick.tick() => {
-                let now_acked = repair::acked(conn.as_fd(), written).expect("SIOCOUTQ");
-                if now_acked != acked {
-                    acked = now_acked;
-                    let (snd_wnd, rcv_wnd) = repair::windows(conn.as_fd()).expect("windows");
-                    let timestamp = repair::timestamp_now(conn.as_fd()).expect("timestamp");
-                    w.push(&Record::ClientAcked { id, offset: acked, snd_wnd, rcv_wnd, timestamp });
-                }
+                client_acked(&conn, id, written, &mut acked, &mut w);
                 seq += 1;
                 w.push(&Record::Heartbeat { seq });
                 w.flush().await.expect("replicate");
@@ -184,6 +182,29 @@ async fn active(
     // (FIN, RST) goes nowhere.
     let _ = die.await;
     pause
+}
+
+/// Queues a `ClientAcked` record when the client acknowledged more.
+fn client_acked(
+    conn: &tokio::net::TcpStream,
+    id: SessionId,
+    written: u64,
+    acked: &mut u64,
+    w: &mut RecordWriter<tokio::net::TcpStream>,
+) {
+    let now = repair::acked(conn.as_fd(), written).expect("SIOCOUTQ");
+    if now != *acked {
+        *acked = now;
+        let (snd_wnd, rcv_wnd) = repair::windows(conn.as_fd()).expect("windows");
+        let timestamp = repair::timestamp_now(conn.as_fd()).expect("timestamp");
+        w.push(&Record::ClientAcked {
+            id,
+            offset: now,
+            snd_wnd,
+            rcv_wnd,
+            timestamp,
+        });
+    }
 }
 
 struct Takeover {
@@ -378,11 +399,11 @@ fn standby_takes_over_a_live_connection_over_the_replication_link() {
         std::thread::yield_now();
     }
     lab.cut("active", "eth0");
+    let failed_at = Instant::now();
     let before = progress.load(Ordering::SeqCst);
     stop_tx.send(()).unwrap();
     drained_rx.blocking_recv().expect("the active drained");
     lab.cut("active", "eth1");
-    let cut_at = Instant::now();
     die_tx.send(()).unwrap();
     let pause = active_thread.join().expect("active thread");
     let t = done_rx.recv_timeout(IO_TIMEOUT).expect("takeover");
@@ -403,10 +424,10 @@ fn standby_takes_over_a_live_connection_over_the_replication_link() {
         "client's neighbour entry for the service address: {neigh}"
     );
     eprintln!(
-        "capture pause {pause:?}; cut after {before} echoed lines; replication cut → detected {:?} \
-         (silence {:?}, dead_peer_timeout {:?}); {}; detected → live {:?}; longest gap between echoes \
-         at the client {longest:?}",
-        t.detected_at - cut_at,
+        "capture pause {pause:?}; service link cut after {before} echoed lines; standby live \
+         {:?} after the cut (detection: {:?} of silence, dead_peer_timeout {:?}); {}; \
+         detected → live {:?}; longest gap between echoes at the client {longest:?}",
+        t.live_at - failed_at,
         t.silence,
         dead_peer_timeout(),
         t.report,
