@@ -18,7 +18,7 @@
 
 mod netlab;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use holdfast::failover::announce::Announcer;
 use holdfast::failover::codec::{NewSession, Record};
+use holdfast::failover::gap::{GapWatch, Verdict};
 use holdfast::failover::link::{self, RecordReader, RecordWriter};
 use holdfast::failover::mirror::Mirror;
 use holdfast::failover::{repair, takeover};
@@ -48,6 +49,9 @@ const AFTER: u64 = 1000;
 /// Lines the client sends ahead of the echoes it has read.
 const AHEAD: u64 = 8;
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long out-of-order arrivals without in-order progress are tolerated
+/// after a takeover before the session counts as across a gap.
+const GAP_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The standby's dead-peer timeout: generous by default so that a loaded
 /// machine never starves the active into a false takeover;
@@ -76,11 +80,15 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// The active host. Returns the accept-time capture pause.
+/// With `hold` set, the active stops reading its client (its kernel still
+/// receives and acknowledges) and does not drain after the cut: the bytes
+/// it holds are the residual gap.
 async fn active(
     listener: TcpListener,
     stop: oneshot::Receiver<()>,
     drained: oneshot::Sender<()>,
     die: oneshot::Receiver<()>,
+    hold: Arc<AtomicBool>,
 ) -> Duration {
     let mut link = tokio::net::TcpStream::connect(REPLICATION)
         .await
@@ -116,8 +124,9 @@ async fn active(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     tokio::pin!(stop);
     loop {
+        let holding = hold.load(Ordering::SeqCst);
         tokio::select! {
-            n = conn.read_buf(&mut buf) => {
+            n = conn.read_buf(&mut buf), if !holding => {
                 let n = n.expect("active: read");
                 assert!(n > 0, "active: client closed before the cut");
                 let data = buf.split().freeze();
@@ -145,7 +154,7 @@ async fn active(
         }
     }
     // Cut off from the clients: replicate whatever the kernel took in.
-    loop {
+    while !hold.load(Ordering::SeqCst) {
         buf.reserve(64 * 1024);
         match conn.try_read_buf(&mut buf) {
             Ok(0) => panic!("active: client closed during the drain"),
@@ -217,7 +226,9 @@ struct Takeover {
 /// The standby host: mirrors the active, takes over when it falls silent,
 /// then echoes until the client closes; afterwards a new connection must
 /// reach it.
-async fn standby(ready: mpsc::Sender<()>, done: mpsc::Sender<Takeover>) {
+/// A session found across a gap after the takeover is aborted and reported
+/// on `gap`.
+async fn standby(ready: mpsc::Sender<()>, done: mpsc::Sender<Takeover>, gap: mpsc::Sender<()>) {
     let mut announcer = Announcer::open("eth0").expect("open the announcer in advance");
     let l = tokio::net::TcpListener::bind(REPLICATION)
         .await
@@ -287,12 +298,29 @@ async fn standby(ready: mpsc::Sender<()>, done: mpsc::Sender<Takeover>) {
         .await
         .expect("listener after takeover (SO_REUSEADDR)");
     let mut buf = vec![0u8; 64 * 1024];
+    let (received, ooo) = repair::receive_progress(conn.as_fd()).expect("tcp_info");
+    let mut watch = GapWatch::new(received, ooo, Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
-        let n = conn.read(&mut buf).await.expect("standby: read");
-        if n == 0 {
-            break;
+        tokio::select! {
+            n = conn.read(&mut buf) => {
+                let n = n.expect("standby: read");
+                if n == 0 {
+                    break;
+                }
+                conn.write_all(&buf[..n]).await.expect("standby: echo");
+            }
+            _ = tick.tick() => {
+                let (received, ooo) = repair::receive_progress(conn.as_fd()).expect("tcp_info");
+                if watch.check(received, ooo, Instant::now(), GAP_PATIENCE) == Verdict::Gap {
+                    // Closed deliberately: the client gets a reset now.
+                    let fd = std::os::fd::OwnedFd::from(conn.into_std().unwrap());
+                    repair::abort(fd).expect("abort");
+                    gap.send(()).unwrap();
+                    return;
+                }
+            }
         }
-        conn.write_all(&buf[..n]).await.expect("standby: echo");
     }
     conn.shutdown().await.unwrap();
     let (mut fresh, _) = listener.accept().await.expect("accept a new client");
@@ -351,10 +379,76 @@ fn client(progress: Arc<AtomicU64>, taken_over: Arc<AtomicBool>) -> Duration {
     longest
 }
 
-#[test]
-fn standby_takes_over_a_live_connection_over_the_replication_link() {
-    let Some(mut lab) = Lab::new("standby_takes_over_a_live_connection_over_the_replication_link")
-    else {
+/// The gap client: streams like [`client`] until the active holds its
+/// input; then waits (short reads) and sets `acked` once its TCP saw every
+/// line acknowledged although no echo came; after the takeover it sends one
+/// more line, which reveals the gap to the standby. Returns the error its
+/// next read ends with.
+fn gap_client(
+    progress: Arc<AtomicU64>,
+    hold: Arc<AtomicBool>,
+    acked: Arc<AtomicBool>,
+    taken_over: Arc<AtomicBool>,
+) -> std::io::Error {
+    let mut conn = TcpStream::connect((SERVICE, PORT)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    conn.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (mut next_send, mut got) = (0u64, 0u64);
+    let mut echo = [0u8; LINE];
+    let mut have = 0;
+    while !taken_over.load(Ordering::SeqCst) {
+        while next_send < got + AHEAD {
+            conn.write_all(&line(next_send)).expect("client send");
+            next_send += 1;
+        }
+        match conn.read(&mut echo[have..]) {
+            Ok(0) => panic!("gap client: EOF before the takeover"),
+            Ok(n) => {
+                have += n;
+                if have == LINE {
+                    assert_eq!(echo, line(got), "echo {got}");
+                    got += 1;
+                    have = 0;
+                    progress.store(got, Ordering::SeqCst);
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                let outq = holdfast::transport::sockopt::outq(conn.as_fd()).expect("SIOCOUTQ");
+                if hold.load(Ordering::SeqCst) && outq == 0 {
+                    acked.store(true, Ordering::SeqCst);
+                }
+            }
+            Err(e) => panic!("gap client: read before the takeover: {e}"),
+        }
+    }
+    conn.write_all(&line(next_send))
+        .expect("client send after the takeover");
+    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    match conn.read(&mut echo[have..]) {
+        Ok(0) => panic!("gap client: EOF, expected a reset"),
+        Ok(n) => panic!("gap client: {n} bytes came across the gap"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("gap client: stalled for {IO_TIMEOUT:?}, no reset")
+        }
+        Err(e) => e,
+    }
+}
+
+#[derive(PartialEq)]
+enum Mode {
+    /// The active replicated everything its client's TCP saw acknowledged.
+    Exact,
+    /// It held back client bytes its kernel acknowledged: the residual gap.
+    Gap,
+}
+
+fn fail_over(mode: Mode) {
+    let name = format!(
+        "fail_over({})",
+        if mode == Mode::Exact { "exact" } else { "gap" }
+    );
+    let Some(mut lab) = Lab::new(&name) else {
         return;
     };
     lab.host("client", &["10.77.0.10/24"]);
@@ -365,25 +459,39 @@ fn standby_takes_over_a_live_connection_over_the_replication_link() {
 
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
+    let (gap_tx, gap_rx) = mpsc::channel();
     let standby_thread = lab.spawn("standby", move || {
-        runtime().block_on(standby(ready_tx, done_tx))
+        runtime().block_on(standby(ready_tx, done_tx, gap_tx))
     });
     ready_rx.recv().expect("standby listening");
     let (stop_tx, stop_rx) = oneshot::channel();
     let (drained_tx, drained_rx) = oneshot::channel();
     let (die_tx, die_rx) = oneshot::channel();
     let (listening_tx, listening_rx) = mpsc::channel();
-    let active_thread = lab.spawn("active", move || {
-        let l = TcpListener::bind((SERVICE, PORT)).expect("active listens");
-        listening_tx.send(()).unwrap();
-        runtime().block_on(active(l, stop_rx, drained_tx, die_rx))
-    });
+    let hold = Arc::new(AtomicBool::new(false));
+    let active_thread = {
+        let hold = hold.clone();
+        lab.spawn("active", move || {
+            let l = TcpListener::bind((SERVICE, PORT)).expect("active listens");
+            listening_tx.send(()).unwrap();
+            runtime().block_on(active(l, stop_rx, drained_tx, die_rx, hold))
+        })
+    };
     listening_rx.recv().expect("active listening");
     let progress = Arc::new(AtomicU64::new(0));
     let taken_over = Arc::new(AtomicBool::new(false));
-    let client_thread = {
+    let acked = Arc::new(AtomicBool::new(false));
+    let (client_thread, gap_thread) = {
         let (p, t) = (progress.clone(), taken_over.clone());
-        lab.spawn("client", move || client(p, t))
+        if mode == Mode::Exact {
+            (Some(lab.spawn("client", move || client(p, t))), None)
+        } else {
+            let (h, a) = (hold.clone(), acked.clone());
+            (
+                None,
+                Some(lab.spawn("client", move || gap_client(p, h, a, t))),
+            )
+        }
     };
 
     // CUT_AT echoed lines (the client's counter, polled: it is in another
@@ -391,12 +499,20 @@ fn standby_takes_over_a_live_connection_over_the_replication_link() {
     let deadline = Instant::now() + IO_TIMEOUT;
     while progress.load(Ordering::SeqCst) < CUT_AT {
         assert!(
-            !client_thread.is_finished()
-                && !active_thread.is_finished()
-                && Instant::now() < deadline,
+            !active_thread.is_finished() && Instant::now() < deadline,
             "no progress before the cut"
         );
         std::thread::yield_now();
+    }
+    if mode == Mode::Gap {
+        hold.store(true, Ordering::SeqCst);
+        while !acked.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the held lines were never acknowledged"
+            );
+            std::thread::yield_now();
+        }
     }
     lab.cut("active", "eth0");
     let failed_at = Instant::now();
@@ -408,15 +524,39 @@ fn standby_takes_over_a_live_connection_over_the_replication_link() {
     let pause = active_thread.join().expect("active thread");
     let t = done_rx.recv_timeout(IO_TIMEOUT).expect("takeover");
     taken_over.store(true, Ordering::SeqCst);
-    let longest = client_thread.join().unwrap_or_else(|e| {
+    let diagnose = || {
         for host in ["client", "standby"] {
             eprintln!("{host}: {}", lab.exec(host, &["ss", "-tinoe"]));
             eprintln!("{host}: {}", lab.exec(host, &["nstat", "-az", "Tcp*"]));
         }
         eprintln!("takeover: {}", t.report);
+    };
+
+    if let Some(gap_thread) = gap_thread {
+        let err = gap_thread.join().unwrap_or_else(|e| {
+            diagnose();
+            std::panic::resume_unwind(e)
+        });
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+        gap_rx
+            .recv_timeout(IO_TIMEOUT)
+            .expect("the standby reported the gap");
+        standby_thread.join().expect("standby thread");
+        eprintln!(
+            "gap: the client got {err} after the takeover (patience {GAP_PATIENCE:?}); {}",
+            t.report
+        );
+        return;
+    }
+    let longest = client_thread.expect("client").join().unwrap_or_else(|e| {
+        diagnose();
         std::panic::resume_unwind(e)
     });
     standby_thread.join().expect("standby thread");
+    assert!(
+        gap_rx.try_recv().is_err(),
+        "a gap reported in an exact takeover"
+    );
 
     let neigh = lab.ip("client", &["neigh", "show", &SERVICE.to_string()]);
     assert!(
@@ -433,6 +573,19 @@ fn standby_takes_over_a_live_connection_over_the_replication_link() {
         t.report,
         t.live_at - t.detected_at,
     );
+}
+
+#[test]
+fn standby_takes_over_a_live_connection_over_the_replication_link() {
+    fail_over(Mode::Exact);
+}
+
+/// Client bytes the dead active's kernel acknowledged and nobody replicated:
+/// the standby must not leave the client stalled for minutes; it closes the
+/// session with a reset once it sees the gap.
+#[test]
+fn a_session_across_a_gap_is_reset_not_left_to_stall() {
+    fail_over(Mode::Gap);
 }
 
 #[test]

@@ -14,6 +14,7 @@
 
 pub mod announce;
 pub mod codec;
+pub mod gap;
 pub mod link;
 pub mod mirror;
 pub mod repair;

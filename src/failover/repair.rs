@@ -34,6 +34,8 @@ const TCPI_OPT_WSCALE: u8 = 4;
 /// Offsets in `struct tcp_info` (Linux >= 6.8 for the windows).
 const TCPI_OPTIONS: usize = 5;
 const TCPI_WSCALE: usize = 6;
+const TCPI_BYTES_RECEIVED: usize = 128;
+const TCPI_RCV_OOOPACK: usize = 224;
 const TCPI_SND_WND: usize = 228;
 const TCPI_RCV_WND: usize = 232;
 /// `TCPOPT_*` codes for TCP_REPAIR_OPTIONS.
@@ -198,6 +200,40 @@ pub fn windows(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     }
     let u32_at = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
     Ok((u32_at(TCPI_SND_WND), u32_at(TCPI_RCV_WND)))
+}
+
+/// In-order bytes the kernel received on this connection
+/// (`tcpi_bytes_received`) and segments it queued out of order
+/// (`tcpi_rcv_ooopack`), read with no pause: what [`super::gap`] watches
+/// after a takeover.
+pub fn receive_progress(fd: BorrowedFd<'_>) -> io::Result<(u64, u32)> {
+    let (info, len) = sys::tcp_info(fd)?;
+    if len < TCPI_RCV_OOOPACK + 4 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "kernel tcp_info has no tcpi_rcv_ooopack",
+        ));
+    }
+    let received = u64::from_ne_bytes(
+        info[TCPI_BYTES_RECEIVED..TCPI_BYTES_RECEIVED + 8]
+            .try_into()
+            .expect("8 bytes"),
+    );
+    let ooo = u32::from_ne_bytes(
+        info[TCPI_RCV_OOOPACK..TCPI_RCV_OOOPACK + 4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    Ok((received, ooo))
+}
+
+/// Closes a connection with a reset (SO_LINGER 0): for a session that
+/// cannot continue, so that its client learns it now rather than after
+/// minutes of retransmissions.
+pub fn abort(fd: OwnedFd) -> io::Result<()> {
+    SockRef::from(&fd).set_linger(Some(Duration::ZERO))?;
+    drop(fd);
+    Ok(())
 }
 
 /// The connection's timestamp clock now, read with no pause.
