@@ -113,6 +113,44 @@ impl MirrorSession {
         }
     }
 
+    /// The records that rebuild this session on a standby that (re)connects:
+    /// `Session` from the acknowledged offsets, the unacknowledged bytes of
+    /// both directions, and a `ClientAcked` with the timestamp clock moved
+    /// forward to `now`.
+    pub fn resend(&self, now: Instant) -> Vec<Record> {
+        let id = self.id();
+        let mut new = self.new.clone();
+        new.read_from = self.server_acked;
+        new.written_from = self.client_acked;
+        let mut out = vec![Record::Session(Box::new(new))];
+        let mut offset = self.server_acked;
+        for data in &self.up {
+            out.push(Record::Read {
+                id,
+                offset,
+                data: data.clone(),
+            });
+            offset += data.len() as u64;
+        }
+        let mut offset = self.client_acked;
+        for data in &self.down {
+            out.push(Record::Written {
+                id,
+                offset,
+                data: data.clone(),
+            });
+            offset += data.len() as u64;
+        }
+        out.push(Record::ClientAcked {
+            id,
+            offset: self.client_acked,
+            snd_wnd: self.snd_wnd,
+            rcv_wnd: self.rcv_wnd,
+            timestamp: self.offsets(now).timestamp,
+        });
+        out
+    }
+
     /// The bytes written to the client that it has not acknowledged, from
     /// `client_acked`: the restored socket sends them again.
     pub fn unacked_down(&self) -> Vec<Bytes> {
@@ -157,6 +195,11 @@ impl Mirror {
 
     pub fn get(&self, id: SessionId) -> Option<&MirrorSession> {
         self.sessions.get(&id)
+    }
+
+    /// Every session, by reference.
+    pub fn sessions(&self) -> impl Iterator<Item = &MirrorSession> {
+        self.sessions.values()
     }
 
     /// Every session, for a takeover.
@@ -385,6 +428,72 @@ mod tests {
         .unwrap();
         let s = m.get(id).unwrap();
         assert_eq!((s.read, s.written, s.client_acked), ((1 << 33) + 1, 78, 77));
+    }
+
+    #[test]
+    fn a_resent_session_rebuilds_an_equal_mirror() {
+        let t0 = Instant::now();
+        let id = SessionId(3);
+        let mut m = Mirror::new();
+        m.apply(new_session(3, 0, 0), t0).unwrap();
+        m.apply(
+            Record::Read {
+                id,
+                offset: 0,
+                data: b("GET a\nGET b\n"),
+            },
+            t0,
+        )
+        .unwrap();
+        m.apply(Record::ServerAcked { id, offset: 6 }, t0).unwrap();
+        m.apply(
+            Record::Written {
+                id,
+                offset: 0,
+                data: b("A\n"),
+            },
+            t0,
+        )
+        .unwrap();
+        m.apply(
+            Record::Written {
+                id,
+                offset: 2,
+                data: b("B\n"),
+            },
+            t0,
+        )
+        .unwrap();
+        m.apply(
+            Record::ClientAcked {
+                id,
+                offset: 2,
+                snd_wnd: 7,
+                rcv_wnd: 8,
+                timestamp: 9000,
+            },
+            t0,
+        )
+        .unwrap();
+        let later = t0 + Duration::from_millis(100);
+        let mut again = Mirror::new();
+        for r in m.get(id).unwrap().resend(later) {
+            again.apply(r, later).unwrap();
+        }
+        let (a, b2) = (m.get(id).unwrap(), again.get(id).unwrap());
+        assert_eq!(
+            (b2.read, b2.server_acked, b2.written, b2.client_acked),
+            (12, 6, 4, 2)
+        );
+        assert_eq!(concat(b2.unacked_up()), b"GET b\n");
+        assert_eq!(concat(b2.unacked_down()), b"B\n");
+        let (oa, ob) = (a.offsets(later), b2.offsets(later));
+        assert_eq!(
+            (oa.read, oa.acked, oa.snd_wnd, oa.rcv_wnd),
+            (ob.read, ob.acked, ob.snd_wnd, ob.rcv_wnd)
+        );
+        // The clock never goes back; the margin is added once more.
+        assert_eq!(ob.timestamp, oa.timestamp + 2);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! This module owns the kernel side: no sessions, no replication link. The
 //! `unsafe` calls are all in [`sys`].
 
+pub mod active;
 pub mod announce;
 pub mod codec;
 pub mod gap;
