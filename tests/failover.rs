@@ -31,7 +31,7 @@ use holdfast::failover::codec::{NewSession, Record};
 use holdfast::failover::gap::{GapWatch, Verdict};
 use holdfast::failover::link::{self, RecordReader, RecordWriter};
 use holdfast::failover::mirror::Mirror;
-use holdfast::failover::{repair, takeover};
+use holdfast::failover::{repair, standby as follow_active, takeover};
 use holdfast::session::SessionId;
 use netlab::Lab;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -240,21 +240,10 @@ async fn standby(ready: mpsc::Sender<()>, done: mpsc::Sender<Takeover>, gap: mps
         .expect("standby: handshake");
     let mut reader = RecordReader::new(link);
     let mut mirror = Mirror::new();
-    let dead = dead_peer_timeout();
-    let mut last = Instant::now();
-    loop {
-        match tokio::time::timeout(dead, reader.next()).await {
-            Ok(Ok(Some(r))) => {
-                last = Instant::now();
-                mirror
-                    .apply(r, last)
-                    .expect("a well-formed replication stream");
-            }
-            Ok(Ok(None)) => panic!("the active closed the link: it never does here"),
-            Ok(Err(e)) => panic!("replication link broke: {e}"),
-            Err(_) => break, // dead_peer_timeout of silence
-        }
-    }
+    let silence = match follow_active::follow(&mut reader, &mut mirror, dead_peer_timeout()).await {
+        follow_active::Ended::Silent(d) => d,
+        other => panic!("the replication link ended without silence: {other:?}"),
+    };
     let detected_at = Instant::now();
     assert_eq!(mirror.len(), 1, "one live session mirrored");
     let mut report = takeover::take_over(mirror.into_sessions(), &mut announcer, SERVICE, 24)
@@ -287,7 +276,7 @@ async fn standby(ready: mpsc::Sender<()>, done: mpsc::Sender<Takeover>, gap: mps
             .expect("standby: the rest of the re-send");
     }
     done.send(Takeover {
-        silence: detected_at - last,
+        silence,
         report: text,
         live_at,
         detected_at,
