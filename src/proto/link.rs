@@ -272,6 +272,17 @@ impl Link {
         out.extend(self.wire.iter().take(max).cloned());
     }
 
+    /// The same as [`Link::wire`], as slices borrowing the queued frames
+    /// (no `Bytes` clones). Returns how many slices of `out` it filled.
+    pub fn wire_slices<'a>(&'a self, out: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, b) in out.iter_mut().zip(self.wire.iter()) {
+            *slot = std::io::IoSlice::new(b);
+            n += 1;
+        }
+        n
+    }
+
     pub fn has_wire(&self) -> bool {
         !self.wire.is_empty()
     }

@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -615,6 +616,37 @@ impl SessionCore {
         } else if leg.hello.is_none() && !leg.fin_sent {
             self.up.buffer().chunks_from(self.up.sent(), max, out);
         }
+    }
+
+    /// The same bytes as [`SessionCore::next_writes_up`], as slices
+    /// borrowing them (no `Bytes` clones), for a vectored write. Returns how
+    /// many slices of `out` it filled.
+    pub fn up_io_slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
+        let LegState::Up(leg) = &self.leg else {
+            return 0;
+        };
+        if self.done.is_some() || out.is_empty() {
+            return 0;
+        }
+        if !leg.prefix_out.is_empty() {
+            out[0] = IoSlice::new(&leg.prefix_out);
+            1
+        } else if let Some(link) = &leg.link {
+            link.wire_slices(out)
+        } else if leg.hello.is_none() && !leg.fin_sent {
+            self.up.buffer().io_slices_from(self.up.sent(), out)
+        } else {
+            0
+        }
+    }
+
+    /// The bytes to write to the client, as slices borrowing them, for a
+    /// vectored write: what [`SessionCore::next_write`]`(Dir::Down)` starts.
+    pub fn down_io_slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
+        if self.done.is_some() || self.client_fin_queued {
+            return 0;
+        }
+        self.down.buffer().io_slices_from(self.down.sent(), out)
     }
 
     // ---- client side inputs ----

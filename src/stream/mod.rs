@@ -7,6 +7,7 @@
 //! ack modes: the session core decides when offsets move.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 
 use bytes::Bytes;
 
@@ -163,6 +164,35 @@ impl ReplayBuffer {
             }
             chunk_start = chunk_end;
         }
+    }
+
+    /// Fills `out` with slices borrowing the chunks that cover `[offset,
+    /// end)`, the first trimmed to start at `offset`, for a vectored write
+    /// straight from the buffer (no `Bytes` clones, no allocation). Returns
+    /// how many slices it filled (0 when `offset` is not within
+    /// `[start, end)`).
+    pub fn io_slices_from<'a>(&'a self, offset: Offset, out: &mut [IoSlice<'a>]) -> usize {
+        if offset < self.start || offset >= self.end() || out.is_empty() {
+            return 0;
+        }
+        // Find the chunk holding `offset`: from the back, as writes mostly
+        // happen near the tail; then go forward from there.
+        let mut first = self.chunks.len();
+        let mut first_start = self.end();
+        while first_start > offset {
+            first -= 1;
+            first_start -= self.chunks[first].len() as u64;
+        }
+        let skip = (offset - first_start) as usize;
+        let mut n = 0;
+        for (i, chunk) in self.chunks.range(first..).enumerate() {
+            if n == out.len() {
+                break;
+            }
+            out[n] = IoSlice::new(if i == 0 { &chunk[skip..] } else { chunk });
+            n += 1;
+        }
+        n
     }
 
     /// Copies `[from, to)` into one contiguous `Bytes` (for the rare places
