@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -166,7 +166,6 @@ pub struct Driver {
     mem_timer_armed: bool,
     /// Bytes of this session counted in `shared.buffer_used`.
     mem_counted: u64,
-    iov: Vec<Bytes>,
     close: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     closing_since: Option<Instant>,
     started: Instant,
@@ -223,7 +222,6 @@ impl Driver {
             mem_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             mem_timer_armed: false,
             mem_counted: 0,
-            iov: Vec::with_capacity(MAX_IOV),
             close: Box::pin(close.cancelled_owned()),
             closing_since: None,
             started: Instant::now(),
@@ -541,19 +539,15 @@ impl Driver {
             let Some(server) = self.server.as_mut() else {
                 return progress;
             };
-            self.iov.clear();
-            self.core.next_writes_up(MAX_IOV, &mut self.iov);
-            if self.iov.is_empty() {
+            // Slices borrow the replay buffer (or the link's frames): no
+            // `Bytes` clones, no allocation.
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n_iov = self.core.up_io_slices(&mut slices);
+            if n_iov == 0 {
                 break;
             }
             let gen = server.gen;
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let n_iov = self.iov.len().min(MAX_IOV);
-            for (s, b) in slices.iter_mut().zip(&self.iov) {
-                *s = IoSlice::new(b);
-            }
-            let slices = &slices[..n_iov];
-            match Pin::new(&mut server.conn).poll_write_vectored(cx, slices) {
+            match Pin::new(&mut server.conn).poll_write_vectored(cx, &slices[..n_iov]) {
                 Poll::Ready(Ok(n)) => {
                     server.written += n as u64;
                     self.core.on_server_written(gen, n, Self::now());
@@ -585,20 +579,12 @@ impl Driver {
     fn poll_write_client(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
         loop {
-            self.iov.clear();
-            let down = self.core.stream(Dir::Down);
-            if self.core.next_write(Dir::Down).is_none() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n_iov = self.core.down_io_slices(&mut slices);
+            if n_iov == 0 {
                 break;
             }
-            down.buffer()
-                .chunks_from(down.sent(), MAX_IOV, &mut self.iov);
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let n_iov = self.iov.len().min(MAX_IOV);
-            for (s, b) in slices.iter_mut().zip(&self.iov) {
-                *s = IoSlice::new(b);
-            }
-            let slices = &slices[..n_iov];
-            match Pin::new(&mut self.client).poll_write_vectored(cx, slices) {
+            match Pin::new(&mut self.client).poll_write_vectored(cx, &slices[..n_iov]) {
                 Poll::Ready(Ok(n)) => {
                     self.listener.bytes_down.inc_by(n as u64);
                     self.core.on_client_written(n, Self::now());
