@@ -718,12 +718,15 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
     let lm = lm.clone();
     let access = ctx.access.clone();
     let listener_name = ctx.listener_name.clone();
+    // Boxed once, here: awaiting a future captured by the task's own
+    // future would hold the driver twice in every session task.
+    let run = Box::pin(driver.run());
     let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend.name);
     ctx.sessions.spawn(
         async move {
             tracing::info!(client.addr = %peer, "session opened");
             lm.sessions.inc();
-            let s = driver.run().await;
+            let s = run.await;
             drop(slot);
             lm.sessions.dec();
             lm.closed(s.reason.as_str());

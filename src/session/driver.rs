@@ -232,7 +232,16 @@ impl Driver {
     }
 
     /// Runs the session until it ends.
-    pub async fn run(mut self) -> Summary {
+    ///
+    /// Not an `async fn`: its argument would be stored twice in the future
+    /// (as the argument and as the local it is moved into), and a session
+    /// task holds this future all its life.
+    #[allow(clippy::manual_async_fn)]
+    pub fn run(mut self) -> impl Future<Output = Summary> + Send {
+        async move { self.drive().await }
+    }
+
+    async fn drive(&mut self) -> Summary {
         let reason = std::future::poll_fn(|cx| self.poll(cx)).await;
         self.release_memory();
         if self.held {
@@ -246,7 +255,9 @@ impl Driver {
         let client_reset = if reason == CloseReason::ClientError {
             false
         } else {
-            self.linger().await
+            // Boxed: its read buffer and timers would otherwise make this
+            // future (held by every session task all its life) larger.
+            Box::pin(self.linger()).await
         };
         if let Ok(mut m) = self.shared.sessions.lock() {
             m.remove(&self.core.id());
