@@ -158,11 +158,12 @@ pub struct Driver {
     client_read_size: usize,
     server: Option<ServerConn>,
     connecting: Option<(Generation, ConnectFuture)>,
-    timer: Pin<Box<Sleep>>,
+    /// The core's deadline; freed while there is none.
+    timer: LazyTimer,
     timer_at: Option<std::time::Instant>,
-    ack_timer: Pin<Box<Sleep>>,
+    ack_timer: LazyTimer,
     ack_timer_armed: bool,
-    mem_timer: Pin<Box<Sleep>>,
+    mem_timer: LazyTimer,
     mem_timer_armed: bool,
     /// Bytes of this session counted in `shared.buffer_used`.
     mem_counted: u64,
@@ -215,11 +216,11 @@ impl Driver {
             client_read_size: READ_MIN,
             server: None,
             connecting: None,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            timer: LazyTimer(None),
             timer_at: None,
-            ack_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            ack_timer: LazyTimer(None),
             ack_timer_armed: false,
-            mem_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            mem_timer: LazyTimer(None),
             mem_timer_armed: false,
             mem_counted: 0,
             close: Box::pin(close.cancelled_owned()),
@@ -635,7 +636,7 @@ impl Driver {
                 );
             }
             if !self.mem_timer_armed {
-                self.mem_timer.as_mut().reset(Instant::now() + MEMORY_RETRY);
+                self.mem_timer.reset(Instant::now() + MEMORY_RETRY);
                 self.mem_timer_armed = true;
             }
             return false;
@@ -735,11 +736,13 @@ impl Driver {
         }
         if deadline != self.timer_at {
             self.timer_at = deadline;
-            if let Some(d) = deadline {
-                self.timer.as_mut().reset(Instant::from_std(d));
+            match deadline {
+                Some(d) => self.timer.reset(Instant::from_std(d)),
+                // An idle session keeps no timer.
+                None => self.timer.0 = None,
             }
         }
-        if self.timer_at.is_some() && self.timer.as_mut().poll(cx).is_ready() {
+        if self.timer_at.is_some() && self.timer.poll(cx).is_ready() {
             self.timer_at = None;
             if self
                 .closing_since
@@ -758,12 +761,10 @@ impl Driver {
             && self.core.stream(Dir::Up).in_flight() > 0
         {
             if !self.ack_timer_armed {
-                self.ack_timer
-                    .as_mut()
-                    .reset(Instant::now() + ACK_SAMPLE_INTERVAL);
+                self.ack_timer.reset(Instant::now() + ACK_SAMPLE_INTERVAL);
                 self.ack_timer_armed = true;
             }
-            if self.ack_timer.as_mut().poll(cx).is_ready() {
+            if self.ack_timer.poll(cx).is_ready() {
                 self.ack_timer_armed = false;
                 self.sample_acks();
                 progress = true;
@@ -771,7 +772,7 @@ impl Driver {
         } else {
             self.ack_timer_armed = false;
         }
-        if self.mem_timer_armed && self.mem_timer.as_mut().poll(cx).is_ready() {
+        if self.mem_timer_armed && self.mem_timer.poll(cx).is_ready() {
             self.mem_timer_armed = false;
             progress = true;
         }
@@ -929,6 +930,27 @@ impl Driver {
                 Event::HoldStarted => tracing::debug!("holding"),
                 Event::Closed { .. } => {}
             }
+        }
+    }
+}
+
+/// A timer allocated when first armed, so that a session that never needs
+/// it (or, for the core's deadline, does not need it now) holds no `Sleep`.
+struct LazyTimer(Option<Pin<Box<Sleep>>>);
+
+impl LazyTimer {
+    fn reset(&mut self, at: Instant) {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.0 = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Pending while never armed.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
         }
     }
 }
