@@ -536,7 +536,7 @@ impl SessionCore {
             LegState::Waiting { at, .. } => Some(at),
             _ => None,
         };
-        let hold = if self.backend.ack == AckMode::None || self.ending.is_some() {
+        let hold = if matches!(self.backend.ack, AckMode::None) || self.ending.is_some() {
             None
         } else {
             self.hold_since.map(|t| t + self.backend.hold_timeout)
@@ -637,6 +637,24 @@ impl SessionCore {
             self.up.buffer().io_slices_from(self.up.sent(), out)
         } else {
             0
+        }
+    }
+
+    /// Whether [`SessionCore::up_io_slices`] would fill any slice: a cheap
+    /// test before the shell sets up a vectored write.
+    pub fn has_up_writes(&self) -> bool {
+        let LegState::Up(leg) = &self.leg else {
+            return false;
+        };
+        if self.done.is_some() {
+            return false;
+        }
+        if !leg.prefix_out.is_empty() {
+            true
+        } else if let Some(link) = &leg.link {
+            link.has_wire()
+        } else {
+            leg.hello.is_none() && !leg.fin_sent && self.up.unsent() > 0
         }
     }
 
@@ -821,7 +839,7 @@ impl SessionCore {
         });
         self.attempts += 1;
         let n = self.backend.servers.len().max(1);
-        if self.backend.ack == AckMode::None {
+        if matches!(self.backend.ack, AckMode::None) {
             // A plain proxy tries each server once, then gives up.
             if self.attempts as usize >= n {
                 self.leg = LegState::None;
@@ -1089,7 +1107,7 @@ impl SessionCore {
         let LegState::Up(leg) = &self.leg else {
             return;
         };
-        if leg.gen != gen || self.backend.ack != AckMode::Tcp {
+        if leg.gen != gen || !matches!(self.backend.ack, AckMode::Tcp) {
             return;
         }
         let target = leg.base.saturating_add(bytes_acked);
@@ -1120,7 +1138,7 @@ impl SessionCore {
         }
         self.up.on_sent(n as u64);
         self.up_sent_high = self.up_sent_high.max(self.up.sent());
-        if self.backend.ack == AckMode::None {
+        if matches!(self.backend.ack, AckMode::None) {
             let sent = self.up.sent();
             self.up.ack_to(sent);
         }
@@ -1167,7 +1185,7 @@ impl SessionCore {
             AckMode::Response(_) => self.req_ends.is_empty(),
         };
         let normal_end = leg.fin_sent && all_answered;
-        let closes = self.backend.ack == AckMode::None
+        let closes = matches!(self.backend.ack, AckMode::None)
             || self.backend.on_server_close == OnServerClose::Close
             || normal_end;
         if closes {
@@ -1244,7 +1262,7 @@ impl SessionCore {
             reason,
         });
         self.actions.push_back(Action::CloseLeg { gen });
-        if self.backend.ack == AckMode::None {
+        if matches!(self.backend.ack, AckMode::None) {
             self.leg = LegState::None;
             let reason = match reason {
                 LegFailure::Closed => CloseReason::ServerClosed,
@@ -1350,7 +1368,7 @@ impl SessionCore {
         }
         // Hold timeout.
         if let Some(since) = self.hold_since {
-            if self.backend.ack != AckMode::None
+            if !matches!(self.backend.ack, AckMode::None)
                 && self.ending.is_none()
                 && now >= since + self.backend.hold_timeout
             {

@@ -62,8 +62,16 @@ struct SrvLeg {
 impl Harness {
     fn write_up_once(&mut self, max: usize) -> bool {
         let (Some(gen), Some(bytes)) = (self.core.leg_gen(), self.core.next_write(Dir::Up)) else {
+            assert!(
+                !self.core.has_up_writes(),
+                "has_up_writes matches next_write"
+            );
             return false;
         };
+        assert!(
+            self.core.has_up_writes(),
+            "has_up_writes matches next_write"
+        );
         let mut slices = [std::io::IoSlice::new(&[]); 4];
         let k = self.core.up_io_slices(&mut slices);
         assert!(
