@@ -176,6 +176,10 @@ pub struct Driver {
     server_shutdown: Option<Generation>,
     /// The same for the client connection.
     client_shutdown: bool,
+    /// The time given to the core's inputs: read once per turn of the poll
+    /// loop (a clock read per input was a tenth of a round trip's
+    /// instructions).
+    now: std::time::Instant,
 }
 
 impl Driver {
@@ -229,6 +233,7 @@ impl Driver {
             legs: 0,
             server_shutdown: None,
             client_shutdown: false,
+            now: Self::now(),
         }
     }
 
@@ -315,6 +320,7 @@ impl Driver {
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         for _ in 0..TURNS_PER_POLL {
+            self.now = Self::now();
             let mut progress = false;
             progress |= self.poll_close(cx);
             progress |= self.run_actions();
@@ -346,7 +352,7 @@ impl Driver {
         if self.closing_since.is_none() {
             if self.close.as_mut().poll(cx).is_ready() {
                 self.closing_since = Some(Instant::now());
-                self.core.on_shutdown(Self::now());
+                self.core.on_shutdown(self.now);
                 return true;
             }
             return false;
@@ -427,7 +433,7 @@ impl Driver {
                 Some(s) => match Pin::new(&mut s.conn).poll_shutdown(cx) {
                     Poll::Ready(Ok(())) => {
                         self.server_shutdown = None;
-                        self.core.on_server_shutdown(gen, Self::now());
+                        self.core.on_server_shutdown(gen, self.now);
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => {
@@ -444,13 +450,13 @@ impl Driver {
             match Pin::new(&mut self.client).poll_shutdown(cx) {
                 Poll::Ready(Ok(())) => {
                     self.client_shutdown = false;
-                    self.core.on_client_shutdown(Self::now());
+                    self.core.on_client_shutdown(self.now);
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
                     self.client_shutdown = false;
                     tracing::debug!(error = %e, "client shutdown failed");
-                    self.core.on_client_error(Self::now());
+                    self.core.on_client_error(self.now);
                     progress = true;
                 }
                 Poll::Pending => {}
@@ -512,7 +518,7 @@ impl Driver {
                         .then(|| crate::proto::Decoder::new(self.core.max_frame_in())),
                     written: 0,
                 });
-                self.core.on_connected(gen, Self::now());
+                self.core.on_connected(gen, self.now);
             }
             Err(e) => {
                 let reason = match e.kind() {
@@ -521,7 +527,7 @@ impl Driver {
                     _ => LegFailure::ConnectError,
                 };
                 tracing::debug!(leg.gen = gen.0, error = %e, "connect failed");
-                self.core.on_connect_failed(gen, reason, Self::now());
+                self.core.on_connect_failed(gen, reason, self.now);
             }
         }
         true
@@ -531,16 +537,16 @@ impl Driver {
     /// survives a reset), then tell the core.
     fn server_failed(&mut self, gen: Generation) {
         self.sample_acks();
-        self.core.on_server_error(gen, Self::now());
+        self.core.on_server_error(gen, self.now);
     }
 
     fn sample_acks(&mut self) {
-        if self.backend.ack != AckMode::Tcp {
+        if !matches!(self.backend.ack, AckMode::Tcp) {
             return;
         }
         if let Some(s) = &self.server {
             if let Ok(acked) = s.conn.bytes_acked(s.written) {
-                self.core.on_server_acked(s.gen, acked, Self::now());
+                self.core.on_server_acked(s.gen, acked, self.now);
             }
         }
     }
@@ -551,6 +557,9 @@ impl Driver {
             let Some(server) = self.server.as_mut() else {
                 return progress;
             };
+            if !self.core.has_up_writes() {
+                break;
+            }
             // Slices borrow the replay buffer (or the link's frames): no
             // `Bytes` clones, no allocation.
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -562,7 +571,7 @@ impl Driver {
             match Pin::new(&mut server.conn).poll_write_vectored(cx, &slices[..n_iov]) {
                 Poll::Ready(Ok(n)) => {
                     server.written += n as u64;
-                    self.core.on_server_written(gen, n, Self::now());
+                    self.core.on_server_written(gen, n, self.now);
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
@@ -591,6 +600,9 @@ impl Driver {
     fn poll_write_client(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
         loop {
+            if self.core.stream(Dir::Down).unsent() == 0 {
+                break; // before setting up the slices: the common case
+            }
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let n_iov = self.core.down_io_slices(&mut slices);
             if n_iov == 0 {
@@ -599,12 +611,12 @@ impl Driver {
             match Pin::new(&mut self.client).poll_write_vectored(cx, &slices[..n_iov]) {
                 Poll::Ready(Ok(n)) => {
                     self.listener.bytes_down.inc_by(n as u64);
-                    self.core.on_client_written(n, Self::now());
+                    self.core.on_client_written(n, self.now);
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(error = %e, "client write failed");
-                    self.core.on_client_error(Self::now());
+                    self.core.on_client_error(self.now);
                     return true;
                 }
                 Poll::Pending => break,
@@ -614,7 +626,7 @@ impl Driver {
             // TLS buffers records that a write could not send yet.
             if let Poll::Ready(Err(e)) = Pin::new(&mut self.client).poll_flush(cx) {
                 tracing::debug!(error = %e, "client flush failed");
-                self.core.on_client_error(Self::now());
+                self.core.on_client_error(self.now);
                 return true;
             }
         }
@@ -655,17 +667,17 @@ impl Driver {
         match read {
             Poll::Ready(Ok(0)) => {
                 self.client_eof = true;
-                self.core.on_client_eof(Self::now());
+                self.core.on_client_eof(self.now);
             }
             Poll::Ready(Ok(_)) => {
                 let chunk = self.client_rbuf.split().freeze();
                 release_idle(&mut self.client_rbuf, self.client_read_size);
                 self.listener.bytes_up.inc_by(chunk.len() as u64);
-                self.core.on_client_data(chunk, Self::now());
+                self.core.on_client_data(chunk, self.now);
             }
             Poll::Ready(Err(e)) => {
                 tracing::debug!(error = %e, "client read failed");
-                self.core.on_client_error(Self::now());
+                self.core.on_client_error(self.now);
             }
             Poll::Pending => return false,
         }
@@ -688,7 +700,7 @@ impl Driver {
         ) {
             Poll::Ready(Ok(0)) => {
                 self.sample_acks();
-                self.core.on_server_eof(gen, Self::now());
+                self.core.on_server_eof(gen, self.now);
             }
             Poll::Ready(Ok(_)) => {
                 if let Some(decoder) = &server.decoder {
@@ -696,11 +708,11 @@ impl Driver {
                     // off the read buffer without copying.
                     loop {
                         match decoder.decode(&mut server.rbuf) {
-                            Ok(Some(frame)) => self.core.on_server_frame(gen, frame, Self::now()),
+                            Ok(Some(frame)) => self.core.on_server_frame(gen, frame, self.now),
                             Ok(None) => break,
                             Err(e) => {
                                 tracing::warn!(leg.gen = gen.0, error = %e, "server broke the resume protocol");
-                                self.core.on_server_protocol_error(gen, &e, Self::now());
+                                self.core.on_server_protocol_error(gen, &e, self.now);
                                 break;
                             }
                         }
@@ -710,7 +722,7 @@ impl Driver {
                     }
                 } else {
                     let chunk = server.rbuf.split().freeze();
-                    self.core.on_server_data(gen, chunk, Self::now());
+                    self.core.on_server_data(gen, chunk, self.now);
                 }
                 if let Some(server) = self.server.as_mut() {
                     release_idle(&mut server.rbuf, server.read_size);
@@ -749,14 +761,14 @@ impl Driver {
                 .is_some_and(|s| Instant::now() >= s + CLOSE_GRACE)
             {
                 // The client would not take its last bytes in time.
-                self.core.on_client_error(Self::now());
+                self.core.on_client_error(self.now);
             } else {
-                self.core.on_timeout(Self::now());
+                self.core.on_timeout(self.now);
             }
             progress = true;
         }
         // `ack = "tcp"`: sample while bytes are in flight.
-        if self.backend.ack == AckMode::Tcp
+        if matches!(self.backend.ack, AckMode::Tcp)
             && self.server.is_some()
             && self.core.stream(Dir::Up).in_flight() > 0
         {
@@ -792,7 +804,7 @@ impl Driver {
                 tracing::debug!(
                     "max_held_sessions reached: closing the session instead of holding it"
                 );
-                self.core.on_hold_refused(Self::now());
+                self.core.on_hold_refused(self.now);
                 return true;
             }
         } else if !holding {
@@ -829,7 +841,7 @@ impl Driver {
             return false; // the backend is gone: no more announcements
         };
         self.up_rx = Some(rx);
-        self.core.on_server_up(server, Self::now());
+        self.core.on_server_up(server, self.now);
         true
     }
 
