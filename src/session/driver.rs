@@ -818,6 +818,17 @@ impl Driver {
             self.held = held;
         }
         if !held {
+            if self.up_fut.take().is_some() {
+                // A session with a leg keeps no listening future (it holds
+                // the receiver): listen afresh when held again.
+                self.up_rx = Some(self.shared_backend.subscribe());
+            }
+            return false;
+        }
+        if !holding {
+            // A first connect that has not failed: an announcement could
+            // only speed up a reconnect that is not waiting (the watch
+            // keeps it for later), so don't set up the future for it.
             return false;
         }
         if self.up_fut.is_none() {
