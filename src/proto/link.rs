@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::{data_header, ty, ErrorCode, Frame, ProtoError};
 use crate::stream::Stream;
@@ -299,7 +299,7 @@ impl Link {
                 n -= front.len();
                 self.wire.pop_front();
             } else {
-                let _ = front.split_to(n);
+                front.advance(n);
                 n = 0;
             }
         }

@@ -1127,7 +1127,7 @@ impl SessionCore {
         let mut n = n;
         if !leg.prefix_out.is_empty() {
             let k = n.min(leg.prefix_out.len());
-            let _ = leg.prefix_out.split_to(k);
+            bytes::Buf::advance(&mut leg.prefix_out, k);
             n -= k;
         }
         if let Some(link) = &mut leg.link {
