@@ -3,7 +3,8 @@
 //!
 //! Each iteration moves 1 MiB through one [`Stream`] the way the session
 //! driver does: push the chunks read from a source, gather up to 64 of them
-//! from `sent` as the slices of a vectored write (`chunks_from`), mark them
+//! from `sent` as the slices of a vectored write (`io_slices_from`; the
+//! `_cloned` variant gathers `Bytes` clones with `chunks_from`), mark them
 //! sent, and acknowledge them (all at once, as `ack = "none"` and client
 //! writes do, or in a later batch, as `ack = "tcp"` samples do). Chunk sizes:
 //! 128 B (requests and responses) and 64 KiB (bulk reads). It measures the
@@ -27,9 +28,19 @@ fn chunks(size: usize) -> Vec<Bytes> {
     (0..TOTAL / size).map(|_| one.clone()).collect()
 }
 
-/// Gathers the unsent chunks as write slices and returns how many bytes
-/// they cover (what a vectored write that took everything would return).
-fn write_slices(s: &Stream, iov: &mut Vec<Bytes>) -> usize {
+/// Gathers the unsent chunks as write slices borrowing the buffer (what
+/// the driver does) and returns how many bytes they cover (what a vectored
+/// write that took everything would return).
+fn write_slices(s: &Stream, _iov: &mut Vec<Bytes>) -> usize {
+    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+    let n = s.buffer().io_slices_from(s.sent(), &mut slices);
+    black_box(&slices);
+    slices[..n].iter().map(|b| b.len()).sum()
+}
+
+/// The same through `chunks_from`: a `Bytes` clone per chunk into a `Vec`
+/// (the driver's write path before `io_slices_from`), for comparison.
+fn write_slices_cloned(s: &Stream, iov: &mut Vec<Bytes>) -> usize {
     iov.clear();
     s.buffer().chunks_from(s.sent(), MAX_IOV, iov);
     let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -46,23 +57,26 @@ fn stream(c: &mut Criterion) {
     for size in SIZES {
         let input = chunks(size);
         // Read one chunk, write it, ack it at once (`ack = "none"`, client
-        // writes).
-        g.bench_with_input(
-            BenchmarkId::new("push_write_ack", size),
-            &input,
-            |b, input| {
+        // writes): with borrowed slices, and with cloned chunks.
+        type Gather = fn(&Stream, &mut Vec<Bytes>) -> usize;
+        let ways: [(&str, Gather); 2] = [
+            ("push_write_ack", write_slices),
+            ("push_write_ack_cloned", write_slices_cloned),
+        ];
+        for (name, gather) in ways {
+            g.bench_with_input(BenchmarkId::new(name, size), &input, |b, input| {
                 let mut iov = Vec::with_capacity(MAX_IOV);
                 let mut s = Stream::new();
                 b.iter(|| {
                     for chunk in input {
                         s.push(chunk.clone());
-                        let n = write_slices(&s, &mut iov);
+                        let n = gather(&s, &mut iov);
                         s.on_sent(n as u64);
                         s.ack_to(s.sent());
                     }
                 });
-            },
-        );
+            });
+        }
         // Read a batch of up to 64 chunks, write them with one vectored
         // write, ack them in a later batch (`ack = "tcp"` sampling).
         g.bench_with_input(

@@ -1,9 +1,13 @@
 //! The load generator behind `bench/compare.sh`: holdfast side by side with
 //! direct connections, HAProxy, nginx `stream` and socat, on loopback.
 //!
-//! `loadgen echo` is the backend for every target: a tokio echo server (two
-//! worker threads, bytes written back as they arrive) in its own process, so
-//! it can be pinned and its CPU is not counted as the proxy's.
+//! `loadgen echo` is the backend for every target but one: a tokio echo
+//! server (two worker threads, bytes written back as they arrive) in its own
+//! process, so it can be pinned and its CPU is not counted as the proxy's.
+//! `loadgen resume-echo KEYFILE` is the backend of the resume-protocol row:
+//! the same echo on `holdfast::server` (HFRP/1, `AckPolicy::Auto`).
+//! `loadgen send ADDR bulk MIB | rr N | conns N` is a fixed amount of load
+//! for `bench/callgrind.sh`, which counts instructions rather than time.
 //! `loadgen compare` starts the echo server and every proxy as child
 //! processes on ports chosen free at run time, runs the rounds interleaved
 //! (A B C … A B C …), prints a table and writes JSON. It owns no proxy
