@@ -892,10 +892,16 @@ impl SessionCore {
             return;
         }
         let ends = std::mem::take(&mut self.ends_scratch);
+        // The answered requests are acknowledged once per chunk, not once
+        // per frame (`on_response_frame` applies it early where it must).
+        let mut ack = None;
         for &end in &ends {
-            if !self.on_response_frame(gen, end, now) {
+            if !self.on_response_frame(gen, end, now, &mut ack) {
                 break;
             }
+        }
+        if let Some(a) = ack {
+            self.up.ack_to(a);
         }
         self.ends_scratch = ends;
         self.flush_responses();
@@ -903,8 +909,16 @@ impl SessionCore {
     }
 
     /// One whole response frame ends at leg-local offset `end`. Returns false
-    /// when the leg or the session ended.
-    fn on_response_frame(&mut self, gen: Generation, end: u64, now: Instant) -> bool {
+    /// when the leg or the session ended. The up stream offset the answered
+    /// requests end at goes to `ack` (for the caller to acknowledge once);
+    /// it is applied here before anything that reads `up.acked`.
+    fn on_response_frame(
+        &mut self,
+        gen: Generation,
+        end: u64,
+        now: Instant,
+        ack: &mut Option<Offset>,
+    ) -> bool {
         let LegState::Up(leg) = &mut self.leg else {
             return false;
         };
@@ -932,12 +946,18 @@ impl SessionCore {
             .iter()
             .any(|p| resp.pending.starts_with_at(start, p));
         if is_retry {
+            if let Some(a) = ack.take() {
+                self.up.ack_to(a);
+            }
             self.flush_responses();
             self.leg_failed(LegFailure::RetryResponse, now);
             return false;
         }
         if let Some(expected) = leg.preamble_expect.pop_front() {
             if resp.pending.copy_range(start, end) != expected {
+                if let Some(a) = ack.take() {
+                    self.up.ack_to(a);
+                }
                 self.flush_responses();
                 self.abort(CloseReason::PreambleMismatch, now);
                 return false;
@@ -947,13 +967,15 @@ impl SessionCore {
         }
         if let Some(req_end) = self.req_ends.pop_front() {
             if (self.answered as u128) < self.backend.preamble as u128 {
-                let req = self.up.buffer().copy_range(self.up.acked(), req_end);
+                // The request starts where the last answered one ended.
+                let req_start = ack.unwrap_or(self.up.acked());
+                let req = self.up.buffer().copy_range(req_start, req_end);
                 self.preamble
                     .push((req, resp.pending.copy_range(start, end)));
             }
             self.answered += 1;
             self.retries = 0;
-            self.up.ack_to(req_end);
+            *ack = Some(req_end);
         }
         resp.deliver_to = end;
         true
