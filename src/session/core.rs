@@ -520,11 +520,22 @@ impl SessionCore {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let a = self.actions.pop_front();
+        if a.is_none() && self.actions.capacity() != 0 {
+            // Actions are rare (connects, closes): an idle session keeps no
+            // queue for them.
+            self.actions = VecDeque::new();
+        }
+        a
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let e = self.events.pop_front();
+        if e.is_none() && self.events.capacity() != 0 {
+            // Events are rare (legs up and failed): as for actions.
+            self.events = VecDeque::new();
+        }
+        e
     }
 
     /// When the shell must call [`SessionCore::on_timeout`] next.

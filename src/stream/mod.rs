@@ -83,6 +83,12 @@ impl ReplayBuffer {
             return;
         }
         self.len += chunk.len() as u64;
+        if self.chunks.capacity() == 0 {
+            // Room for one chunk first (a `VecDeque` would take four): a
+            // session that moves one message at a time, or waits after one,
+            // keeps 32 bytes here instead of 128. It grows as usual after.
+            self.chunks.reserve_exact(1);
+        }
         self.chunks.push_back(chunk);
     }
 
