@@ -229,7 +229,7 @@ impl Metrics {
     pub fn listener(&self, name: &str) -> ListenerMetrics {
         ListenerMetrics(std::sync::Arc::new(ListenerHandles {
             metrics: self.clone(),
-            name: name.to_string(),
+            name: name.into(),
             accepted: self.accepted.with_label_values(&[name]),
             sessions: self.sessions.with_label_values(&[name]),
             bytes_up: self.bytes.with_label_values(&[name, "up"]),
@@ -285,7 +285,7 @@ impl std::ops::Deref for ListenerMetrics {
 /// The handles a [`ListenerMetrics`] shares.
 pub struct ListenerHandles {
     metrics: Metrics,
-    name: String,
+    name: std::sync::Arc<str>,
     pub accepted: IntCounter,
     pub sessions: IntGauge,
     pub bytes_up: IntCounter,
@@ -297,6 +297,11 @@ impl ListenerHandles {
         &self.name
     }
 
+    /// The name, shared (a session's status keeps it).
+    pub fn shared_name(&self) -> std::sync::Arc<str> {
+        self.name.clone()
+    }
+
     /// The process-wide metrics these handles belong to.
     pub fn all(&self) -> &Metrics {
         &self.metrics
@@ -305,21 +310,21 @@ impl ListenerHandles {
     pub fn rejected(&self, reason: &str) {
         self.metrics
             .rejected
-            .with_label_values(&[&self.name, reason])
+            .with_label_values(&[&*self.name, reason])
             .inc();
     }
 
     pub fn closed(&self, reason: &str) {
         self.metrics
             .closed
-            .with_label_values(&[&self.name, reason])
+            .with_label_values(&[&*self.name, reason])
             .inc();
     }
 
     pub fn client_reset(&self, cause: &str) {
         self.metrics
             .client_resets
-            .with_label_values(&[&self.name, cause])
+            .with_label_values(&[&*self.name, cause])
             .inc();
     }
 }

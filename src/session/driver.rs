@@ -194,8 +194,8 @@ impl Driver {
         let up_rx = Some(ctx.backend.subscribe());
         let status = Arc::new(SessionStatus::new(
             core.id(),
-            ctx.listener.name(),
-            &backend.name,
+            ctx.listener.shared_name(),
+            backend.clone(),
             client_addr,
         ));
         if let Ok(mut m) = ctx.shared.sessions.lock() {

@@ -5,11 +5,13 @@
 //! the task. It owns nothing else.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use super::core::{SessionCore, SessionId};
+use crate::config::BackendConfig;
 use crate::stream::Dir;
 
 /// What a session is doing, as `/sessions` shows it.
@@ -50,8 +52,10 @@ impl State {
 #[derive(Debug)]
 pub struct SessionStatus {
     pub id: SessionId,
-    pub listener: String,
-    pub backend: String,
+    /// Shared with the listener's metrics (no copy per session).
+    pub listener: Arc<str>,
+    /// The backend's config, for its name (no copy per session).
+    pub backend: Arc<BackendConfig>,
     pub client: String,
     pub started: Instant,
     state: AtomicU8,
@@ -84,11 +88,16 @@ pub struct StreamView {
 }
 
 impl SessionStatus {
-    pub fn new(id: SessionId, listener: &str, backend: &str, client: String) -> SessionStatus {
+    pub fn new(
+        id: SessionId,
+        listener: Arc<str>,
+        backend: Arc<BackendConfig>,
+        client: String,
+    ) -> SessionStatus {
         SessionStatus {
             id,
-            listener: listener.to_string(),
-            backend: backend.to_string(),
+            listener,
+            backend,
             client,
             started: Instant::now(),
             state: AtomicU8::new(State::Connecting as u8),
@@ -130,8 +139,8 @@ impl SessionStatus {
         };
         SessionView {
             id: self.id.to_string(),
-            listener: self.listener.clone(),
-            backend: self.backend.clone(),
+            listener: self.listener.to_string(),
+            backend: self.backend.name.clone(),
             client: self.client.clone(),
             state: State::from_u8(self.state.load(Ordering::Relaxed)).as_str(),
             leg_generation: self.generation.load(Ordering::Relaxed),
