@@ -214,25 +214,27 @@ impl Link {
                 self.ack_due = None;
             }
         }
-        // DATA within the window.
-        while self.wire_bytes < WIRE_MAX {
-            let in_flight = out.sent() - out.acked();
-            let room = u64::from(self.peer_window).saturating_sub(in_flight);
-            if room == 0 {
-                break;
+        // DATA within the window, in one walk over the unsent chunks (a
+        // search from `sent` per frame was quadratic in the chunks queued).
+        let mut in_flight = out.sent() - out.acked();
+        let mut taken = 0u64;
+        'chunks: for mut chunk in out.buffer().chunks_after(out.sent()) {
+            while !chunk.is_empty() {
+                let room = u64::from(self.peer_window).saturating_sub(in_flight);
+                if self.wire_bytes >= WIRE_MAX || room == 0 {
+                    break 'chunks;
+                }
+                let take = chunk
+                    .len()
+                    .min(self.peer_max_frame as usize)
+                    .min(room as usize);
+                self.push(Bytes::copy_from_slice(&data_header(take)));
+                self.push(chunk.split_to(take));
+                in_flight += take as u64;
+                taken += take as u64;
             }
-            let Some(chunk) = out.next_unsent() else {
-                break;
-            };
-            let take = chunk
-                .len()
-                .min(self.peer_max_frame as usize)
-                .min(room as usize);
-            let chunk = chunk.slice(..take);
-            self.push(Bytes::copy_from_slice(&data_header(take)));
-            self.push(chunk);
-            out.on_sent(take as u64);
         }
+        out.on_sent(taken);
         // FIN after the last byte.
         if out_fin && self.fin_out.is_none() && out.sent() == out.read() {
             self.fin_out = Some(out.read());

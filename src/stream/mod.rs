@@ -174,24 +174,44 @@ impl ReplayBuffer {
         }
     }
 
+    /// The chunks that cover `[offset, end)`, shared (no copy), the first
+    /// trimmed to start at `offset`; nothing when `offset` is not within
+    /// `[start, end)`. One search for `offset`, then a forward walk.
+    pub fn chunks_after(&self, offset: Offset) -> impl Iterator<Item = Bytes> + '_ {
+        let (first, skip) = self.locate(offset).unwrap_or((self.chunks.len(), 0));
+        self.chunks
+            .range(first..)
+            .enumerate()
+            .map(move |(i, c)| if i == 0 { c.slice(skip..) } else { c.clone() })
+    }
+
+    /// The index of the chunk holding `offset` and where in it `offset`
+    /// is, searching from the back (writes mostly happen near the tail).
+    fn locate(&self, offset: Offset) -> Option<(usize, usize)> {
+        if offset < self.start || offset >= self.end() {
+            return None;
+        }
+        let mut i = self.chunks.len();
+        let mut chunk_start = self.end();
+        while chunk_start > offset {
+            i -= 1;
+            chunk_start -= self.chunks[i].len() as u64;
+        }
+        Some((i, (offset - chunk_start) as usize))
+    }
+
     /// Fills `out` with slices borrowing the chunks that cover `[offset,
     /// end)`, the first trimmed to start at `offset`, for a vectored write
     /// straight from the buffer (no `Bytes` clones, no allocation). Returns
     /// how many slices it filled (0 when `offset` is not within
     /// `[start, end)`).
     pub fn io_slices_from<'a>(&'a self, offset: Offset, out: &mut [IoSlice<'a>]) -> usize {
-        if offset < self.start || offset >= self.end() || out.is_empty() {
+        if out.is_empty() {
             return 0;
         }
-        // Find the chunk holding `offset`: from the back, as writes mostly
-        // happen near the tail; then go forward from there.
-        let mut first = self.chunks.len();
-        let mut first_start = self.end();
-        while first_start > offset {
-            first -= 1;
-            first_start -= self.chunks[first].len() as u64;
-        }
-        let skip = (offset - first_start) as usize;
+        let Some((first, skip)) = self.locate(offset) else {
+            return 0;
+        };
         let mut n = 0;
         for (i, chunk) in self.chunks.range(first..).enumerate() {
             if n == out.len() {

@@ -78,6 +78,10 @@ fn io_slices_from_borrow_the_chunks() {
     assert_eq!(b.io_slices_from(18, &mut out), 0);
     assert_eq!(b.io_slices_from(9, &mut out), 0);
     assert_eq!(b.io_slices_from(10, &mut out[..0]), 0);
+    let got: Vec<Bytes> = b.chunks_after(12).collect();
+    assert_eq!(got, vec![&b"c"[..], &b"defg"[..], &b"h"[..]]);
+    assert_eq!(b.chunks_after(18).count(), 0);
+    assert_eq!(b.chunks_after(9).count(), 0);
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +135,8 @@ proptest! {
             let mut chunks = Vec::new();
             s.buffer().chunks_from(sent, usize::MAX, &mut chunks);
             let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            prop_assert_eq!(&joined[..], &model[sent as usize..]);
+            let joined: Vec<u8> = s.buffer().chunks_after(sent).flat_map(|c| c.to_vec()).collect();
             prop_assert_eq!(&joined[..], &model[sent as usize..]);
             let mut slices = [std::io::IoSlice::new(&[]); 128];
             let n = s.buffer().io_slices_from(sent, &mut slices);
