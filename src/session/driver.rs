@@ -169,7 +169,6 @@ pub struct Driver {
     mem_counted: u64,
     close: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     closing_since: Option<Instant>,
-    started: Instant,
     legs: u64,
     /// A graceful shutdown of the server connection of this leg is under
     /// way (`poll_shutdown`: close_notify on TLS, then FIN).
@@ -229,7 +228,6 @@ impl Driver {
             mem_counted: 0,
             close: Box::pin(close.cancelled_owned()),
             closing_since: None,
-            started: Instant::now(),
             legs: 0,
             server_shutdown: None,
             client_shutdown: false,
@@ -276,7 +274,8 @@ impl Driver {
             bytes_up: self.core.stream(Dir::Up).read(),
             bytes_down: self.core.stream(Dir::Down).sent(),
             legs: self.legs,
-            duration: self.started.elapsed(),
+            // The status was made with the driver: its start is ours.
+            duration: self.status.started.elapsed(),
         }
     }
 
