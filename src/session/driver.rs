@@ -691,12 +691,27 @@ impl Driver {
             return false;
         };
         let gen = server.gen;
-        match poll_read_adaptive(
-            &mut server.conn,
-            cx,
-            &mut server.rbuf,
-            &mut server.read_size,
-        ) {
+        let wanted = match &server.decoder {
+            // Resume protocol in bulk: reads end on frame boundaries.
+            Some(d) if server.read_size == READ_SIZE => Some(d.wanted(&server.rbuf)),
+            _ => None,
+        };
+        let read = match wanted {
+            Some(wanted) => poll_read_frames(
+                &mut server.conn,
+                cx,
+                &mut server.rbuf,
+                wanted,
+                &mut server.read_size,
+            ),
+            _ => poll_read_adaptive(
+                &mut server.conn,
+                cx,
+                &mut server.rbuf,
+                &mut server.read_size,
+            ),
+        };
+        match read {
             Poll::Ready(Ok(0)) => {
                 self.sample_acks();
                 self.core.on_server_eof(gen, self.now);
@@ -1005,6 +1020,36 @@ fn poll_read_adaptive(
     let spare = buf.capacity() - buf.len();
     let n = std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(conn), cx, buf))?;
     adapt_read_size(size, n, spare);
+    Poll::Ready(Ok(n))
+}
+
+/// Reads at most `wanted` bytes (the rest of the frame being read and the
+/// next frame's header) into `buf`, reserving room for all of them first:
+/// the read ends on a frame boundary, so when the next frame's header asks
+/// the decoder for room, at most that header is copied, never a partial
+/// 64 KiB frame.
+fn poll_read_frames(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    wanted: usize,
+    size: &mut usize,
+) -> Poll<io::Result<usize>> {
+    use bytes::BufMut;
+    if buf.capacity() - buf.len() < wanted {
+        buf.reserve(wanted);
+    }
+    let mut limited = (&mut *buf).limit(wanted);
+    let n = std::task::ready!(tokio_util::io::poll_read_buf(
+        Pin::new(conn),
+        cx,
+        &mut limited
+    ))?;
+    if wanted >= READ_MIN {
+        // (A read of the last few bytes of a frame says nothing about the
+        // traffic: it does not shrink the read size.)
+        adapt_read_size(size, n, wanted.min(READ_SIZE));
+    }
     Poll::Ready(Ok(n))
 }
 
