@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # holdfast side by side with direct connections, HAProxy (mode tcp), nginx
-# stream and socat (fork), on loopback. Installs the peers from Debian's
+# stream and socat (fork), on loopback. holdfast runs with ack = "none",
+# "tcp", "response" (lines) and with the resume protocol (its server is
+# `loadgen resume-echo`, an echo service on holdfast's server library). Installs the peers from Debian's
 # packages when run as root (or says which it skipped), builds holdfast and
 # the load generator (examples/loadgen.rs) in release mode, waits for the
 # machine to be free of cargo/rustc, and runs every target interleaved.
@@ -8,6 +10,10 @@
 #   bench/compare.sh            # 3 rounds (about 4 minutes)
 #   bench/compare.sh --quick    # 1 round
 #   bench/compare.sh --rounds 5 --secs 1.5 --only direct,holdfast-none,haproxy
+#   targets: direct, holdfast-none, holdfast-tcp, holdfast-response,
+#            holdfast-resume, haproxy, nginx, socat
+#   bench/compare.sh --rounds 0 --idle 5000 --only holdfast-none
+#       (idle memory alone)
 #
 # Prints the table; JSON goes to target/compare.json.
 set -euo pipefail

@@ -1,9 +1,13 @@
 //! The load generator behind `bench/compare.sh`: holdfast side by side with
 //! direct connections, HAProxy, nginx `stream` and socat, on loopback.
 //!
-//! `loadgen echo` is the backend for every target: a tokio echo server (two
-//! worker threads, bytes written back as they arrive) in its own process, so
-//! it can be pinned and its CPU is not counted as the proxy's.
+//! `loadgen echo` is the backend for every target but one: a tokio echo
+//! server (two worker threads, bytes written back as they arrive) in its own
+//! process, so it can be pinned and its CPU is not counted as the proxy's.
+//! `loadgen resume-echo KEYFILE` is the backend of the resume-protocol row:
+//! the same echo on `holdfast::server` (HFRP/1, `AckPolicy::Auto`).
+//! `loadgen send ADDR bulk MIB | rr N | conns N` is a fixed amount of load
+//! for `bench/callgrind.sh`, which counts instructions rather than time.
 //! `loadgen compare` starts the echo server and every proxy as child
 //! processes on ports chosen free at run time, runs the rounds interleaved
 //! (A B C … A B C …), prints a table and writes JSON. It owns no proxy
@@ -32,11 +36,17 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("echo") => echo_server(),
+        Some("resume-echo") => {
+            resume_echo_server(args.get(1).context("resume-echo needs a key file")?)
+        }
         Some("compare") => compare(Opts::parse(&args[1..])?),
+        Some("send") => fixed_load(&args[1..]),
         _ => {
             eprintln!(
-                "usage: loadgen echo | loadgen compare [--quick] [--rounds N] [--secs S] \
-                 [--rr N] [--idle N] [--holdfast PATH] [--json PATH] [--only a,b,…]"
+                "usage: loadgen echo | loadgen resume-echo KEYFILE \
+                 | loadgen compare [--quick] [--rounds N] [--secs S] \
+                 [--rr N] [--idle N] [--holdfast PATH] [--json PATH] [--only a,b,…] \
+                 | loadgen send ADDR bulk MIB | rr N | conns N"
             );
             std::process::exit(2)
         }
@@ -79,6 +89,110 @@ fn echo_server() -> anyhow::Result<()> {
             });
         }
     })
+}
+
+/// The backend of the resume-protocol row: an echo service on
+/// `holdfast::server` (`AckPolicy::Auto`: bytes count as consumed as the
+/// service reads them), two worker threads, in its own process.
+fn resume_echo_server(key_file: &str) -> anyhow::Result<()> {
+    let key = std::fs::read(key_file).with_context(|| format!("reading {key_file}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use holdfast::server::{AckPolicy, ResumeListener, ServerConfig};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut cfg = ServerConfig::new(key);
+        cfg.ack = AckPolicy::Auto;
+        let l = ResumeListener::bind("127.0.0.1:0", cfg).await?;
+        println!("listening {}", l.local_addr());
+        loop {
+            let mut s = l.accept().await?;
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    })
+}
+
+/// A fixed amount of work against `addr`, for instruction counts under
+/// valgrind (`callgrind` counts do not depend on time, so the load is a
+/// count, not a duration):
+///
+/// - `bulk MIB`: one connection writes MIB MiB of 100-byte lines in 64 KiB
+///   chunks while reading the echo, then closes;
+/// - `rr N`: N 64-byte round trips on one connection;
+/// - `conns N`: N connect, 64-byte round trip, close cycles.
+fn fixed_load(args: &[String]) -> anyhow::Result<()> {
+    let usage = "loadgen send ADDR bulk MIB | rr N | conns N";
+    let addr: SocketAddr = args.first().context(usage)?.parse()?;
+    let what = args.get(1).context(usage)?.as_str();
+    let n: u64 = args.get(2).context(usage)?.parse()?;
+    let t = Instant::now();
+    match what {
+        "bulk" => {
+            let chunk = bulk_chunk();
+            let total = n << 20;
+            let s = TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            let mut w = s.try_clone()?;
+            let writer = thread::spawn(move || -> std::io::Result<()> {
+                let mut left = total;
+                while left > 0 {
+                    let k = left.min(chunk.len() as u64) as usize;
+                    w.write_all(&chunk[..k])?;
+                    left -= k as u64;
+                }
+                w.shutdown(Shutdown::Write)
+            });
+            let mut r = s;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0u64;
+            loop {
+                match r.read(&mut buf)? {
+                    0 => break,
+                    k => got += k as u64,
+                }
+            }
+            writer.join().expect("writer thread")?;
+            if got != total {
+                bail!("echoed {got} bytes of {total}");
+            }
+        }
+        "rr" => {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            let mut got = [0u8; 64];
+            for i in 0..n {
+                let req = line64(i);
+                s.write_all(&req)?;
+                s.read_exact(&mut got)?;
+                if got != req {
+                    bail!("wrong echo");
+                }
+            }
+        }
+        "conns" => {
+            for _ in 0..n {
+                round_trip_once(addr)?;
+            }
+        }
+        _ => bail!("{usage}"),
+    }
+    eprintln!("{what} {n}: {:.3} s", t.elapsed().as_secs_f64());
+    Ok(())
 }
 
 // ------------------------------------------------------------------ options
@@ -132,6 +246,8 @@ struct Target {
     child: Option<Child>,
     /// Scratch directory: the config file and the child's log.
     dir: PathBuf,
+    /// The echo server behind it (pinned with it for round trips).
+    backend_pid: u32,
 }
 
 impl Target {
@@ -171,20 +287,64 @@ fn have(cmd: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A backend process: `loadgen echo` or `loadgen resume-echo`.
+struct Backend {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Backend {
+    fn start(args: &[&str]) -> anyhow::Result<Backend> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(&exe)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut first = String::new();
+        {
+            let out = child.stdout.as_mut().context("backend stdout")?;
+            let mut b = [0u8; 1];
+            while out.read(&mut b)? == 1 && b[0] != b'\n' {
+                first.push(b[0] as char);
+            }
+        }
+        let addr = first
+            .strip_prefix("listening ")
+            .with_context(|| format!("{args:?}: no listening line"))?
+            .parse()?;
+        Ok(Backend { addr, child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn start_target(
     name: &'static str,
-    echo: SocketAddr,
+    echo: &Backend,
+    resume: Option<&(Backend, PathBuf)>,
     opts: &Opts,
     tmp: &Path,
 ) -> anyhow::Result<Option<Target>> {
     let dir = tmp.join(name);
     std::fs::create_dir_all(&dir)?;
+    let mut backend_pid = echo.pid();
+    let echo = echo.addr;
     if name == "direct" {
         return Ok(Some(Target {
             name,
             addr: echo,
             child: None,
             dir,
+            backend_pid,
         }));
     }
     let port = free_port()?;
@@ -210,6 +370,27 @@ fn start_target(
             c.arg("run").arg("--config").arg(&cfg);
             // Session open/close logs at info would cost CPU the peers
             // (which log nothing here) do not spend.
+            c.env("RUST_LOG", "warn");
+            c
+        }
+        "holdfast-resume" => {
+            let Some((server, key)) = resume else {
+                return Ok(None);
+            };
+            backend_pid = server.pid();
+            let cfg = dir.join("holdfast.toml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[[listener]]\nname = \"bench\"\nlisten = \"{addr}\"\nbackend = \"echo\"\n\n\
+                     [[backend]]\nname = \"echo\"\nservers = [\"{}\"]\nprotocol = \"resume\"\n\
+                     resume = {{ secret_file = \"{}\" }}\n",
+                    server.addr,
+                    key.display()
+                ),
+            )?;
+            let mut c = Command::new(&opts.holdfast);
+            c.arg("run").arg("--config").arg(&cfg);
             c.env("RUST_LOG", "warn");
             c
         }
@@ -276,6 +457,7 @@ fn start_target(
         addr,
         child: Some(child),
         dir,
+        backend_pid,
     };
     // Ready when a round trip works.
     let start = Instant::now();
@@ -513,7 +695,8 @@ fn bulk(t: &Target, conns: usize, secs: f64, chunk: &Arc<Vec<u8>>) -> anyhow::Re
 /// One connection, one 64-byte request in flight, every echo checked;
 /// the proxy, the echo server and this thread all on CPU 0. Returns the
 /// round-trip times in ns and the proxy's CPU µs per round trip.
-fn round_trips(t: &Target, echo_pid: u32, n: usize) -> anyhow::Result<(Vec<u64>, Option<f64>)> {
+fn round_trips(t: &Target, n: usize) -> anyhow::Result<(Vec<u64>, Option<f64>)> {
+    let echo_pid = t.backend_pid;
     if let Some(p) = t.root() {
         pin_tree(p, &[0]);
     }
@@ -660,11 +843,12 @@ fn fmt(v: Option<f64>, prec: usize) -> String {
         .unwrap_or_else(|| "–".into())
 }
 
-const ALL: [&str; 7] = [
+const ALL: [&str; 8] = [
     "direct",
     "holdfast-none",
     "holdfast-tcp",
     "holdfast-response",
+    "holdfast-resume",
     "haproxy",
     "nginx",
     "socat",
@@ -672,24 +856,7 @@ const ALL: [&str; 7] = [
 const PEERS: [&str; 3] = ["haproxy", "nginx", "socat"];
 
 fn compare(opts: Opts) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let mut echo = Command::new(&exe)
-        .arg("echo")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut first = String::new();
-    {
-        let out = echo.stdout.as_mut().context("echo stdout")?;
-        let mut b = [0u8; 1];
-        while out.read(&mut b)? == 1 && b[0] != b'\n' {
-            first.push(b[0] as char);
-        }
-    }
-    let echo_addr: SocketAddr = first
-        .strip_prefix("listening ")
-        .context("echo server output")?
-        .parse()?;
-    let echo_pid = echo.id();
+    let echo = Backend::start(&["echo"])?;
     let tmp = std::env::temp_dir().join(format!("holdfast-compare-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
 
@@ -702,9 +869,21 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
                 .map_or(true, |o| o.iter().any(|x| x == n))
         })
         .collect();
+    // The resume row's backend: an echo service on holdfast's server
+    // library, with a fresh random key.
+    let resume = if names.contains(&"holdfast-resume") {
+        let key = tmp.join("resume.key");
+        let mut k = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+        std::fs::write(&key, k)?;
+        let key_arg = key.to_string_lossy().into_owned();
+        Some((Backend::start(&["resume-echo", &key_arg])?, key))
+    } else {
+        None
+    };
     let mut targets = Vec::new();
     for n in &names {
-        match start_target(n, echo_addr, &opts, &tmp)? {
+        match start_target(n, &echo, resume.as_ref(), &opts, &tmp)? {
             Some(t) => targets.push(t),
             None => eprintln!("skipped {n}: not installed"),
         }
@@ -716,7 +895,7 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
             let e = s.entry(t.name).or_default();
             let b1 = bulk(t, 1, opts.secs, &chunk)?;
             let b8 = bulk(t, 8, opts.secs, &chunk)?;
-            let (mut rtt, rcpu) = round_trips(t, echo_pid, opts.rr)?;
+            let (mut rtt, rcpu) = round_trips(t, opts.rr)?;
             let cps = conn_rate(t, opts.secs)?;
             rtt.sort_unstable();
             eprintln!(
@@ -747,8 +926,8 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
         s.entry(t.name).or_default().idle_kib = kib;
     }
     drop(targets);
-    let _ = echo.kill();
-    let _ = echo.wait();
+    drop(resume);
+    drop(echo);
     let _ = std::fs::remove_dir_all(&tmp);
 
     // Table.
@@ -823,7 +1002,12 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
     println!("| holdfast | bulk 1 | bulk 8 | CPU/GiB 1 | CPU/GiB 8 | p50 | p99 | conn/s | idle PSS vs HAProxy |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut ratios = Vec::new();
-    for n in ["holdfast-none", "holdfast-tcp", "holdfast-response"] {
+    for n in [
+        "holdfast-none",
+        "holdfast-tcp",
+        "holdfast-response",
+        "holdfast-resume",
+    ] {
         let Some(m) = med.get(n) else { continue };
         let r = [
             ratio(m[0], best(0, true)),

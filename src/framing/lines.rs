@@ -38,6 +38,17 @@ impl LinesScanner {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
+        // No line can outgrow max_frame within `data` when the current one
+        // may take all of it (later lines start later): then find the line
+        // ends in one pass, without a limit check per line.
+        if self.start.saturating_add(self.max_frame as u64) >= self.pos {
+            for j in memchr::memchr_iter(b'\n', data) {
+                self.start = base + j as u64 + 1;
+                ends.push(self.start);
+            }
+            self.check_invariants();
+            return Ok(());
+        }
         let mut i = 0;
         while i < data.len() {
             let at = base + i as u64;

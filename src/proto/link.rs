@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::{data_header, ty, ErrorCode, Frame, ProtoError};
 use crate::stream::Stream;
@@ -214,25 +214,27 @@ impl Link {
                 self.ack_due = None;
             }
         }
-        // DATA within the window.
-        while self.wire_bytes < WIRE_MAX {
-            let in_flight = out.sent() - out.acked();
-            let room = u64::from(self.peer_window).saturating_sub(in_flight);
-            if room == 0 {
-                break;
+        // DATA within the window, in one walk over the unsent chunks (a
+        // search from `sent` per frame was quadratic in the chunks queued).
+        let mut in_flight = out.sent() - out.acked();
+        let mut taken = 0u64;
+        'chunks: for mut chunk in out.buffer().chunks_after(out.sent()) {
+            while !chunk.is_empty() {
+                let room = u64::from(self.peer_window).saturating_sub(in_flight);
+                if self.wire_bytes >= WIRE_MAX || room == 0 {
+                    break 'chunks;
+                }
+                let take = chunk
+                    .len()
+                    .min(self.peer_max_frame as usize)
+                    .min(room as usize);
+                self.push(Bytes::copy_from_slice(&data_header(take)));
+                self.push(chunk.split_to(take));
+                in_flight += take as u64;
+                taken += take as u64;
             }
-            let Some(chunk) = out.next_unsent() else {
-                break;
-            };
-            let take = chunk
-                .len()
-                .min(self.peer_max_frame as usize)
-                .min(room as usize);
-            let chunk = chunk.slice(..take);
-            self.push(Bytes::copy_from_slice(&data_header(take)));
-            self.push(chunk);
-            out.on_sent(take as u64);
         }
+        out.on_sent(taken);
         // FIN after the last byte.
         if out_fin && self.fin_out.is_none() && out.sent() == out.read() {
             self.fin_out = Some(out.read());
@@ -272,6 +274,17 @@ impl Link {
         out.extend(self.wire.iter().take(max).cloned());
     }
 
+    /// The same as [`Link::wire`], as slices borrowing the queued frames
+    /// (no `Bytes` clones). Returns how many slices of `out` it filled.
+    pub fn wire_slices<'a>(&'a self, out: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, b) in out.iter_mut().zip(self.wire.iter()) {
+            *slot = std::io::IoSlice::new(b);
+            n += 1;
+        }
+        n
+    }
+
     pub fn has_wire(&self) -> bool {
         !self.wire.is_empty()
     }
@@ -288,7 +301,7 @@ impl Link {
                 n -= front.len();
                 self.wire.pop_front();
             } else {
-                let _ = front.split_to(n);
+                front.advance(n);
                 n = 0;
             }
         }

@@ -569,6 +569,24 @@ impl Decoder {
         self.max_data = max_data;
     }
 
+    /// How many more bytes complete the frame at the front of `buf` and
+    /// bring the next frame's header (before a whole header is there, as
+    /// for the largest DATA frame). A read of at most this many ends on a
+    /// frame boundary, so a buffer reserved for it never has to copy a
+    /// partial frame to grow. A length over the limits counts as the limit
+    /// (`decode` rejects it).
+    pub fn wanted(&self, buf: &[u8]) -> usize {
+        let max = (self.max_data as usize).max(MAX_CONTROL);
+        let frame = if buf.len() < HEADER_LEN {
+            max
+        } else {
+            (u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize).min(max)
+        };
+        (HEADER_LEN + frame + HEADER_LEN)
+            .saturating_sub(buf.len())
+            .max(HEADER_LEN)
+    }
+
     /// Decodes one frame from the front of `buf`, or `Ok(None)` when more
     /// bytes are needed. DATA payloads are split off `buf` without copying.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {

@@ -361,3 +361,32 @@ fn reserved_bytes_must_be_zero() {
     f[5 + 3] = 1;
     assert_eq!(decode_all(&f).unwrap_err().code, ErrorCode::Malformed);
 }
+
+#[test]
+fn wanted_ends_reads_on_frame_boundaries() {
+    let d = Decoder::new(64 * 1024);
+    // No header yet: the largest DATA frame and the next header.
+    assert_eq!(d.wanted(&[]), 5 + 64 * 1024 + 5);
+    assert_eq!(d.wanted(&[ty::DATA, 0]), 5 + 64 * 1024 + 5 - 2);
+    // A header of a 1000-byte DATA frame, and 400 bytes of it.
+    let mut b = BytesMut::new();
+    b.extend_from_slice(&data_header(1000));
+    assert_eq!(d.wanted(&b), 1000 + 5);
+    b.extend_from_slice(&[0u8; 400]);
+    assert_eq!(d.wanted(&b), 600 + 5);
+    // At least a header's worth, and no more than the limits allow.
+    b.extend_from_slice(&[0u8; 600]);
+    assert_eq!(d.wanted(&b), 5);
+    assert_eq!(d.wanted(&data_header(u32::MAX as usize)), 64 * 1024 + 5);
+    // A read of `wanted` bytes then decodes the frame and leaves the next
+    // header whole.
+    let mut wire = BytesMut::new();
+    encode(&Frame::Data(Bytes::from(vec![7u8; 3000])), &mut wire);
+    encode(&Frame::Ack(9), &mut wire);
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&wire[..10]);
+    let k = d.wanted(&buf);
+    buf.extend_from_slice(&wire[10..10 + k]);
+    assert!(matches!(d.decode(&mut buf), Ok(Some(Frame::Data(p))) if p.len() == 3000));
+    assert_eq!(&buf[..], &wire[3005..3010]);
+}

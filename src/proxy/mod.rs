@@ -938,10 +938,12 @@ fn spawn_session(
     let lm = session.listener.clone();
     let access = ctx.access.clone();
     let listener_name = ctx.listener_name.clone();
+    // Boxed once, here: awaiting a future captured by the task's own
+    // future would hold the driver twice in every session task.
+    let run = Box::pin(driver.run());
     let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend_name);
     ctx.sessions.spawn(
         async move {
-            let taken_over = start.is_some();
             if let Some(start) = start {
                 if !start.await {
                     drop(slot);
@@ -952,7 +954,7 @@ fn spawn_session(
                 tracing::info!(client.addr = %peer, "session opened");
             }
             lm.sessions.inc();
-            let s = match driver.run().await {
+            let s = match run.await {
                 Ended::Closed(s) => s,
                 Ended::HandedOver(h) => {
                     drop(slot);
@@ -969,7 +971,6 @@ fn spawn_session(
                     return;
                 }
             };
-            let _ = taken_over;
             drop(slot);
             lm.sessions.dec();
             lm.closed(s.reason.as_str());

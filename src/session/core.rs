@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -523,11 +524,22 @@ impl SessionCore {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let a = self.actions.pop_front();
+        if a.is_none() && self.actions.capacity() != 0 {
+            // Actions are rare (connects, closes): an idle session keeps no
+            // queue for them.
+            self.actions = VecDeque::new();
+        }
+        a
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let e = self.events.pop_front();
+        if e.is_none() && self.events.capacity() != 0 {
+            // Events are rare (legs up and failed): as for actions.
+            self.events = VecDeque::new();
+        }
+        e
     }
 
     /// When the shell must call [`SessionCore::on_timeout`] next.
@@ -539,7 +551,7 @@ impl SessionCore {
             LegState::Waiting { at, .. } => Some(at),
             _ => None,
         };
-        let hold = if self.backend.ack == AckMode::None || self.ending.is_some() {
+        let hold = if matches!(self.backend.ack, AckMode::None) || self.ending.is_some() {
             None
         } else {
             self.hold_since.map(|t| t + self.backend.hold_timeout)
@@ -619,6 +631,55 @@ impl SessionCore {
         } else if leg.hello.is_none() && !leg.fin_sent {
             self.up.buffer().chunks_from(self.up.sent(), max, out);
         }
+    }
+
+    /// The same bytes as [`SessionCore::next_writes_up`], as slices
+    /// borrowing them (no `Bytes` clones), for a vectored write. Returns how
+    /// many slices of `out` it filled.
+    pub fn up_io_slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
+        let LegState::Up(leg) = &self.leg else {
+            return 0;
+        };
+        if self.done.is_some() || out.is_empty() {
+            return 0;
+        }
+        if !leg.prefix_out.is_empty() {
+            out[0] = IoSlice::new(&leg.prefix_out);
+            1
+        } else if let Some(link) = &leg.link {
+            link.wire_slices(out)
+        } else if leg.hello.is_none() && !leg.fin_sent {
+            self.up.buffer().io_slices_from(self.up.sent(), out)
+        } else {
+            0
+        }
+    }
+
+    /// Whether [`SessionCore::up_io_slices`] would fill any slice: a cheap
+    /// test before the shell sets up a vectored write.
+    pub fn has_up_writes(&self) -> bool {
+        let LegState::Up(leg) = &self.leg else {
+            return false;
+        };
+        if self.done.is_some() {
+            return false;
+        }
+        if !leg.prefix_out.is_empty() {
+            true
+        } else if let Some(link) = &leg.link {
+            link.has_wire()
+        } else {
+            leg.hello.is_none() && !leg.fin_sent && self.up.unsent() > 0
+        }
+    }
+
+    /// The bytes to write to the client, as slices borrowing them, for a
+    /// vectored write: what [`SessionCore::next_write`]`(Dir::Down)` starts.
+    pub fn down_io_slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
+        if self.done.is_some() || self.client_fin_queued {
+            return 0;
+        }
+        self.down.buffer().io_slices_from(self.down.sent(), out)
     }
 
     // ---- client side inputs ----
@@ -793,7 +854,7 @@ impl SessionCore {
         });
         self.attempts += 1;
         let n = self.backend.servers.len().max(1);
-        if self.backend.ack == AckMode::None {
+        if matches!(self.backend.ack, AckMode::None) {
             // A plain proxy tries each server once, then gives up.
             if self.attempts as usize >= n {
                 self.leg = LegState::None;
@@ -846,10 +907,16 @@ impl SessionCore {
             return;
         }
         let ends = std::mem::take(&mut self.ends_scratch);
+        // The answered requests are acknowledged once per chunk, not once
+        // per frame (`on_response_frame` applies it early where it must).
+        let mut ack = None;
         for &end in &ends {
-            if !self.on_response_frame(gen, end, now) {
+            if !self.on_response_frame(gen, end, now, &mut ack) {
                 break;
             }
+        }
+        if let Some(a) = ack {
+            self.up.ack_to(a);
         }
         self.ends_scratch = ends;
         self.flush_responses();
@@ -857,8 +924,16 @@ impl SessionCore {
     }
 
     /// One whole response frame ends at leg-local offset `end`. Returns false
-    /// when the leg or the session ended.
-    fn on_response_frame(&mut self, gen: Generation, end: u64, now: Instant) -> bool {
+    /// when the leg or the session ended. The up stream offset the answered
+    /// requests end at goes to `ack` (for the caller to acknowledge once);
+    /// it is applied here before anything that reads `up.acked`.
+    fn on_response_frame(
+        &mut self,
+        gen: Generation,
+        end: u64,
+        now: Instant,
+        ack: &mut Option<Offset>,
+    ) -> bool {
         let LegState::Up(leg) = &mut self.leg else {
             return false;
         };
@@ -886,12 +961,18 @@ impl SessionCore {
             .iter()
             .any(|p| resp.pending.starts_with_at(start, p));
         if is_retry {
+            if let Some(a) = ack.take() {
+                self.up.ack_to(a);
+            }
             self.flush_responses();
             self.leg_failed(LegFailure::RetryResponse, now);
             return false;
         }
         if let Some(expected) = leg.preamble_expect.pop_front() {
             if resp.pending.copy_range(start, end) != expected {
+                if let Some(a) = ack.take() {
+                    self.up.ack_to(a);
+                }
                 self.flush_responses();
                 self.abort(CloseReason::PreambleMismatch, now);
                 return false;
@@ -901,13 +982,15 @@ impl SessionCore {
         }
         if let Some(req_end) = self.req_ends.pop_front() {
             if (self.answered as u128) < self.backend.preamble as u128 {
-                let req = self.up.buffer().copy_range(self.up.acked(), req_end);
+                // The request starts where the last answered one ended.
+                let req_start = ack.unwrap_or(self.up.acked());
+                let req = self.up.buffer().copy_range(req_start, req_end);
                 self.preamble
                     .push((req, resp.pending.copy_range(start, end)));
             }
             self.answered += 1;
             self.retries = 0;
-            self.up.ack_to(req_end);
+            *ack = Some(req_end);
         }
         resp.deliver_to = end;
         true
@@ -1061,7 +1144,7 @@ impl SessionCore {
         let LegState::Up(leg) = &self.leg else {
             return;
         };
-        if leg.gen != gen || self.backend.ack != AckMode::Tcp {
+        if leg.gen != gen || !matches!(self.backend.ack, AckMode::Tcp) {
             return;
         }
         let target = leg.base.saturating_add(bytes_acked);
@@ -1081,7 +1164,7 @@ impl SessionCore {
         let mut n = n;
         if !leg.prefix_out.is_empty() {
             let k = n.min(leg.prefix_out.len());
-            let _ = leg.prefix_out.split_to(k);
+            bytes::Buf::advance(&mut leg.prefix_out, k);
             n -= k;
         }
         if let Some(link) = &mut leg.link {
@@ -1092,7 +1175,7 @@ impl SessionCore {
         }
         self.up.on_sent(n as u64);
         self.up_sent_high = self.up_sent_high.max(self.up.sent());
-        if self.backend.ack == AckMode::None {
+        if matches!(self.backend.ack, AckMode::None) {
             let sent = self.up.sent();
             self.up.ack_to(sent);
         }
@@ -1139,7 +1222,7 @@ impl SessionCore {
             AckMode::Response(_) => self.req_ends.is_empty(),
         };
         let normal_end = leg.fin_sent && all_answered;
-        let closes = self.backend.ack == AckMode::None
+        let closes = matches!(self.backend.ack, AckMode::None)
             || self.backend.on_server_close == OnServerClose::Close
             || normal_end;
         if closes {
@@ -1216,7 +1299,7 @@ impl SessionCore {
             reason,
         });
         self.actions.push_back(Action::CloseLeg { gen });
-        if self.backend.ack == AckMode::None {
+        if matches!(self.backend.ack, AckMode::None) {
             self.leg = LegState::None;
             let reason = match reason {
                 LegFailure::Closed => CloseReason::ServerClosed,
@@ -1322,7 +1405,7 @@ impl SessionCore {
         }
         // Hold timeout.
         if let Some(since) = self.hold_since {
-            if self.backend.ack != AckMode::None
+            if !matches!(self.backend.ack, AckMode::None)
                 && self.ending.is_none()
                 && now >= since + self.backend.hold_timeout
             {

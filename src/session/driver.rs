@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -201,7 +201,7 @@ pub struct ExportedLeg {
     pub kind: SockKind,
     /// Bytes read from the server and not yet decoded (a partial frame of
     /// the resume protocol).
-    pub rbuf: Bytes,
+    pub rbuf: bytes::Bytes,
     /// Bytes written on this leg (Unix-socket acks count from it).
     pub written: u64,
 }
@@ -263,15 +263,15 @@ pub struct Driver {
     client_read_size: usize,
     server: Option<ServerConn>,
     connecting: Option<(Generation, ConnectFuture)>,
-    timer: Pin<Box<Sleep>>,
+    /// The core's deadline; freed while there is none.
+    timer: LazyTimer,
     timer_at: Option<std::time::Instant>,
-    ack_timer: Pin<Box<Sleep>>,
+    ack_timer: LazyTimer,
     ack_timer_armed: bool,
-    mem_timer: Pin<Box<Sleep>>,
+    mem_timer: LazyTimer,
     mem_timer_armed: bool,
     /// Bytes of this session counted in `shared.buffer_used`.
     mem_counted: u64,
-    iov: Vec<Bytes>,
     /// The process's close token; `close` waits on a child of it, which a
     /// hand-over also cancels to ask for an export.
     close_parent: CancellationToken,
@@ -279,13 +279,16 @@ pub struct Driver {
     /// A hand-over asked for this session.
     export_req: Option<ExportReply>,
     closing_since: Option<Instant>,
-    started: Instant,
     legs: u64,
     /// A graceful shutdown of the server connection of this leg is under
     /// way (`poll_shutdown`: close_notify on TLS, then FIN).
     server_shutdown: Option<Generation>,
     /// The same for the client connection.
     client_shutdown: bool,
+    /// The time given to the core's inputs: read once per turn of the poll
+    /// loop (a clock read per input was a tenth of a round trip's
+    /// instructions).
+    now: std::time::Instant,
 }
 
 impl Driver {
@@ -296,15 +299,29 @@ impl Driver {
         ctx: SessionCtx,
         close: CancellationToken,
     ) -> Driver {
+        let now = std::time::Instant::now();
+        Driver::with_start(core, client, client_addr, ctx, close, now)
+    }
+
+    /// [`Driver::new`] for a session that started at `started`.
+    fn with_start(
+        core: SessionCore,
+        client: Conn,
+        client_addr: String,
+        ctx: SessionCtx,
+        close: CancellationToken,
+        started: std::time::Instant,
+    ) -> Driver {
         let backend = core.backend().clone();
         let up_rx = Some(ctx.backend.subscribe());
         let wake = close.child_token();
         let status = Arc::new(SessionStatus::new(
             core.id(),
-            ctx.listener.name(),
-            &backend.name,
+            ctx.listener.shared_name(),
+            backend.clone(),
             client_addr,
             wake.clone(),
+            started,
         ));
         if let Ok(mut m) = ctx.shared.sessions.lock() {
             m.insert(core.id(), status.clone());
@@ -328,22 +345,21 @@ impl Driver {
             client_read_size: READ_MIN,
             server: None,
             connecting: None,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            timer: LazyTimer(None),
             timer_at: None,
-            ack_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            ack_timer: LazyTimer(None),
             ack_timer_armed: false,
-            mem_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            mem_timer: LazyTimer(None),
             mem_timer_armed: false,
             mem_counted: 0,
-            iov: Vec::with_capacity(MAX_IOV),
             close_parent: close,
             close: Box::pin(wake.cancelled_owned()),
             export_req: None,
             closing_since: None,
-            started: Instant::now(),
             legs: 0,
             server_shutdown: None,
             client_shutdown: false,
+            now: Self::now(),
         }
     }
 
@@ -358,13 +374,13 @@ impl Driver {
         close: CancellationToken,
         restored: Restored,
     ) -> Driver {
-        let mut d = Driver::new(core, client, client_addr, ctx, close);
+        let started = std::time::Instant::now()
+            .checked_sub(restored.age)
+            .unwrap_or_else(std::time::Instant::now);
+        let mut d = Driver::with_start(core, client, client_addr, ctx, close, started);
         d.client_eof = restored.client_eof;
         d.legs = restored.legs;
         d.replayed = restored.replayed;
-        d.started = Instant::now()
-            .checked_sub(restored.age)
-            .unwrap_or_else(Instant::now);
         if let Some((gen, conn, rbuf, written)) = restored.server {
             d.server = Some(ServerConn {
                 gen,
@@ -382,7 +398,16 @@ impl Driver {
     }
 
     /// Runs the session until it ends here: closed, or handed over.
-    pub async fn run(mut self) -> Ended {
+    ///
+    /// Not an `async fn`: its argument would be stored twice in the future
+    /// (as the argument and as the local it is moved into), and a session
+    /// task holds this future all its life.
+    #[allow(clippy::manual_async_fn)]
+    pub fn run(mut self) -> impl Future<Output = Ended> + Send {
+        async move { self.drive().await }
+    }
+
+    async fn drive(&mut self) -> Ended {
         let reason = loop {
             match std::future::poll_fn(|cx| self.poll(cx)).await {
                 Outcome::Closed(reason) => {
@@ -390,7 +415,8 @@ impl Driver {
                     break reason;
                 }
                 Outcome::Export(reply) => {
-                    if let Some(summary) = self.export(reply).await {
+                    // Boxed: rare, and it would grow every session's future.
+                    if let Some(summary) = Box::pin(self.export(reply)).await {
                         return Ended::HandedOver(summary);
                     }
                 }
@@ -408,7 +434,9 @@ impl Driver {
         let client_reset = if reason == CloseReason::ClientError {
             false
         } else {
-            self.linger().await
+            // Boxed: its read buffer and timers would otherwise make this
+            // future (held by every session task all its life) larger.
+            Box::pin(self.linger()).await
         };
         if let Ok(mut m) = self.shared.sessions.lock() {
             m.remove(&self.core.id());
@@ -425,7 +453,8 @@ impl Driver {
             bytes_up: self.core.stream(Dir::Up).read(),
             bytes_down: self.core.stream(Dir::Down).sent(),
             legs: self.legs,
-            duration: self.started.elapsed(),
+            // The status was made with the driver: its start is ours.
+            duration: self.status.started.elapsed(),
         }
     }
 
@@ -489,7 +518,7 @@ impl Driver {
             bytes_up: self.core.stream(Dir::Up).read(),
             bytes_down: self.core.stream(Dir::Down).sent(),
             legs: self.legs,
-            duration: self.started.elapsed(),
+            duration: self.status.started.elapsed(),
         })
     }
 
@@ -502,7 +531,7 @@ impl Driver {
                 gen: s.gen.0,
                 fd: s.conn.fd()?.try_clone_to_owned()?,
                 kind: SockKind::of(&s.conn).ok_or(io::ErrorKind::Unsupported)?,
-                rbuf: Bytes::copy_from_slice(&s.rbuf),
+                rbuf: bytes::Bytes::copy_from_slice(&s.rbuf),
                 written: s.written,
             }),
         };
@@ -510,14 +539,14 @@ impl Driver {
         self.core.export(Self::now(), &mut snapshot);
         Ok(Exported {
             id: self.core.id(),
-            listener: self.status.listener.clone(),
+            listener: self.status.listener.to_string(),
             peer: self.status.client.clone(),
             client,
             client_kind,
             server,
             snapshot,
             client_eof: self.client_eof,
-            age: self.started.elapsed(),
+            age: self.status.started.elapsed(),
             legs: self.legs,
             replayed: self.replayed,
             ack: crate::proxy::ack_kind(&self.backend.ack),
@@ -566,6 +595,7 @@ impl Driver {
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         for _ in 0..TURNS_PER_POLL {
+            self.now = Self::now();
             let mut progress = false;
             progress |= self.poll_close(cx);
             progress |= self.run_actions();
@@ -617,7 +647,7 @@ impl Driver {
                 }
                 self.status.mark_closing();
                 self.closing_since = Some(Instant::now());
-                self.core.on_shutdown(Self::now());
+                self.core.on_shutdown(self.now);
                 return true;
             }
             return false;
@@ -698,7 +728,7 @@ impl Driver {
                 Some(s) => match Pin::new(&mut s.conn).poll_shutdown(cx) {
                     Poll::Ready(Ok(())) => {
                         self.server_shutdown = None;
-                        self.core.on_server_shutdown(gen, Self::now());
+                        self.core.on_server_shutdown(gen, self.now);
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => {
@@ -715,13 +745,13 @@ impl Driver {
             match Pin::new(&mut self.client).poll_shutdown(cx) {
                 Poll::Ready(Ok(())) => {
                     self.client_shutdown = false;
-                    self.core.on_client_shutdown(Self::now());
+                    self.core.on_client_shutdown(self.now);
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
                     self.client_shutdown = false;
                     tracing::debug!(error = %e, "client shutdown failed");
-                    self.core.on_client_error(Self::now());
+                    self.core.on_client_error(self.now);
                     progress = true;
                 }
                 Poll::Pending => {}
@@ -783,7 +813,7 @@ impl Driver {
                         .then(|| crate::proto::Decoder::new(self.core.max_frame_in())),
                     written: 0,
                 });
-                self.core.on_connected(gen, Self::now());
+                self.core.on_connected(gen, self.now);
             }
             Err(e) => {
                 let reason = match e.kind() {
@@ -792,7 +822,7 @@ impl Driver {
                     _ => LegFailure::ConnectError,
                 };
                 tracing::debug!(leg.gen = gen.0, error = %e, "connect failed");
-                self.core.on_connect_failed(gen, reason, Self::now());
+                self.core.on_connect_failed(gen, reason, self.now);
             }
         }
         true
@@ -802,16 +832,16 @@ impl Driver {
     /// survives a reset), then tell the core.
     fn server_failed(&mut self, gen: Generation) {
         self.sample_acks();
-        self.core.on_server_error(gen, Self::now());
+        self.core.on_server_error(gen, self.now);
     }
 
     fn sample_acks(&mut self) {
-        if self.backend.ack != AckMode::Tcp {
+        if !matches!(self.backend.ack, AckMode::Tcp) {
             return;
         }
         if let Some(s) = &self.server {
             if let Ok(acked) = s.conn.bytes_acked(s.written) {
-                self.core.on_server_acked(s.gen, acked, Self::now());
+                self.core.on_server_acked(s.gen, acked, self.now);
             }
         }
     }
@@ -822,22 +852,21 @@ impl Driver {
             let Some(server) = self.server.as_mut() else {
                 return progress;
             };
-            self.iov.clear();
-            self.core.next_writes_up(MAX_IOV, &mut self.iov);
-            if self.iov.is_empty() {
+            if !self.core.has_up_writes() {
+                break;
+            }
+            // Slices borrow the replay buffer (or the link's frames): no
+            // `Bytes` clones, no allocation.
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n_iov = self.core.up_io_slices(&mut slices);
+            if n_iov == 0 {
                 break;
             }
             let gen = server.gen;
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let n_iov = self.iov.len().min(MAX_IOV);
-            for (s, b) in slices.iter_mut().zip(&self.iov) {
-                *s = IoSlice::new(b);
-            }
-            let slices = &slices[..n_iov];
-            match Pin::new(&mut server.conn).poll_write_vectored(cx, slices) {
+            match Pin::new(&mut server.conn).poll_write_vectored(cx, &slices[..n_iov]) {
                 Poll::Ready(Ok(n)) => {
                     server.written += n as u64;
-                    self.core.on_server_written(gen, n, Self::now());
+                    self.core.on_server_written(gen, n, self.now);
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
@@ -866,28 +895,23 @@ impl Driver {
     fn poll_write_client(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
         loop {
-            self.iov.clear();
-            let down = self.core.stream(Dir::Down);
-            if self.core.next_write(Dir::Down).is_none() {
+            if self.core.stream(Dir::Down).unsent() == 0 {
+                break; // before setting up the slices: the common case
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n_iov = self.core.down_io_slices(&mut slices);
+            if n_iov == 0 {
                 break;
             }
-            down.buffer()
-                .chunks_from(down.sent(), MAX_IOV, &mut self.iov);
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let n_iov = self.iov.len().min(MAX_IOV);
-            for (s, b) in slices.iter_mut().zip(&self.iov) {
-                *s = IoSlice::new(b);
-            }
-            let slices = &slices[..n_iov];
-            match Pin::new(&mut self.client).poll_write_vectored(cx, slices) {
+            match Pin::new(&mut self.client).poll_write_vectored(cx, &slices[..n_iov]) {
                 Poll::Ready(Ok(n)) => {
                     self.listener.bytes_down.inc_by(n as u64);
-                    self.core.on_client_written(n, Self::now());
+                    self.core.on_client_written(n, self.now);
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(error = %e, "client write failed");
-                    self.core.on_client_error(Self::now());
+                    self.core.on_client_error(self.now);
                     return true;
                 }
                 Poll::Pending => break,
@@ -897,7 +921,7 @@ impl Driver {
             // TLS buffers records that a write could not send yet.
             if let Poll::Ready(Err(e)) = Pin::new(&mut self.client).poll_flush(cx) {
                 tracing::debug!(error = %e, "client flush failed");
-                self.core.on_client_error(Self::now());
+                self.core.on_client_error(self.now);
                 return true;
             }
         }
@@ -919,7 +943,7 @@ impl Driver {
                 );
             }
             if !self.mem_timer_armed {
-                self.mem_timer.as_mut().reset(Instant::now() + MEMORY_RETRY);
+                self.mem_timer.reset(Instant::now() + MEMORY_RETRY);
                 self.mem_timer_armed = true;
             }
             return false;
@@ -938,17 +962,17 @@ impl Driver {
         match read {
             Poll::Ready(Ok(0)) => {
                 self.client_eof = true;
-                self.core.on_client_eof(Self::now());
+                self.core.on_client_eof(self.now);
             }
             Poll::Ready(Ok(_)) => {
                 let chunk = self.client_rbuf.split().freeze();
                 release_idle(&mut self.client_rbuf, self.client_read_size);
                 self.listener.bytes_up.inc_by(chunk.len() as u64);
-                self.core.on_client_data(chunk, Self::now());
+                self.core.on_client_data(chunk, self.now);
             }
             Poll::Ready(Err(e)) => {
                 tracing::debug!(error = %e, "client read failed");
-                self.core.on_client_error(Self::now());
+                self.core.on_client_error(self.now);
             }
             Poll::Pending => return false,
         }
@@ -963,15 +987,30 @@ impl Driver {
             return false;
         };
         let gen = server.gen;
-        match poll_read_adaptive(
-            &mut server.conn,
-            cx,
-            &mut server.rbuf,
-            &mut server.read_size,
-        ) {
+        let wanted = match &server.decoder {
+            // Resume protocol in bulk: reads end on frame boundaries.
+            Some(d) if server.read_size == READ_SIZE => Some(d.wanted(&server.rbuf)),
+            _ => None,
+        };
+        let read = match wanted {
+            Some(wanted) => poll_read_frames(
+                &mut server.conn,
+                cx,
+                &mut server.rbuf,
+                wanted,
+                &mut server.read_size,
+            ),
+            _ => poll_read_adaptive(
+                &mut server.conn,
+                cx,
+                &mut server.rbuf,
+                &mut server.read_size,
+            ),
+        };
+        match read {
             Poll::Ready(Ok(0)) => {
                 self.sample_acks();
-                self.core.on_server_eof(gen, Self::now());
+                self.core.on_server_eof(gen, self.now);
             }
             Poll::Ready(Ok(_)) => {
                 if let Some(decoder) = &server.decoder {
@@ -979,11 +1018,11 @@ impl Driver {
                     // off the read buffer without copying.
                     loop {
                         match decoder.decode(&mut server.rbuf) {
-                            Ok(Some(frame)) => self.core.on_server_frame(gen, frame, Self::now()),
+                            Ok(Some(frame)) => self.core.on_server_frame(gen, frame, self.now),
                             Ok(None) => break,
                             Err(e) => {
                                 tracing::warn!(leg.gen = gen.0, error = %e, "server broke the resume protocol");
-                                self.core.on_server_protocol_error(gen, &e, Self::now());
+                                self.core.on_server_protocol_error(gen, &e, self.now);
                                 break;
                             }
                         }
@@ -993,7 +1032,7 @@ impl Driver {
                     }
                 } else {
                     let chunk = server.rbuf.split().freeze();
-                    self.core.on_server_data(gen, chunk, Self::now());
+                    self.core.on_server_data(gen, chunk, self.now);
                 }
                 if let Some(server) = self.server.as_mut() {
                     release_idle(&mut server.rbuf, server.read_size);
@@ -1019,35 +1058,35 @@ impl Driver {
         }
         if deadline != self.timer_at {
             self.timer_at = deadline;
-            if let Some(d) = deadline {
-                self.timer.as_mut().reset(Instant::from_std(d));
+            match deadline {
+                Some(d) => self.timer.reset(Instant::from_std(d)),
+                // An idle session keeps no timer.
+                None => self.timer.0 = None,
             }
         }
-        if self.timer_at.is_some() && self.timer.as_mut().poll(cx).is_ready() {
+        if self.timer_at.is_some() && self.timer.poll(cx).is_ready() {
             self.timer_at = None;
             if self
                 .closing_since
                 .is_some_and(|s| Instant::now() >= s + CLOSE_GRACE)
             {
                 // The client would not take its last bytes in time.
-                self.core.on_client_error(Self::now());
+                self.core.on_client_error(self.now);
             } else {
-                self.core.on_timeout(Self::now());
+                self.core.on_timeout(self.now);
             }
             progress = true;
         }
         // `ack = "tcp"`: sample while bytes are in flight.
-        if self.backend.ack == AckMode::Tcp
+        if matches!(self.backend.ack, AckMode::Tcp)
             && self.server.is_some()
             && self.core.stream(Dir::Up).in_flight() > 0
         {
             if !self.ack_timer_armed {
-                self.ack_timer
-                    .as_mut()
-                    .reset(Instant::now() + ACK_SAMPLE_INTERVAL);
+                self.ack_timer.reset(Instant::now() + ACK_SAMPLE_INTERVAL);
                 self.ack_timer_armed = true;
             }
-            if self.ack_timer.as_mut().poll(cx).is_ready() {
+            if self.ack_timer.poll(cx).is_ready() {
                 self.ack_timer_armed = false;
                 self.sample_acks();
                 progress = true;
@@ -1055,7 +1094,7 @@ impl Driver {
         } else {
             self.ack_timer_armed = false;
         }
-        if self.mem_timer_armed && self.mem_timer.as_mut().poll(cx).is_ready() {
+        if self.mem_timer_armed && self.mem_timer.poll(cx).is_ready() {
             self.mem_timer_armed = false;
             progress = true;
         }
@@ -1075,7 +1114,7 @@ impl Driver {
                 tracing::debug!(
                     "max_held_sessions reached: closing the session instead of holding it"
                 );
-                self.core.on_hold_refused(Self::now());
+                self.core.on_hold_refused(self.now);
                 return true;
             }
         } else if !holding {
@@ -1089,6 +1128,17 @@ impl Driver {
             self.held = held;
         }
         if !held {
+            if self.up_fut.take().is_some() {
+                // A session with a leg keeps no listening future (it holds
+                // the receiver): listen afresh when held again.
+                self.up_rx = Some(self.shared_backend.subscribe());
+            }
+            return false;
+        }
+        if !holding {
+            // A first connect that has not failed: an announcement could
+            // only speed up a reconnect that is not waiting (the watch
+            // keeps it for later), so don't set up the future for it.
             return false;
         }
         if self.up_fut.is_none() {
@@ -1112,7 +1162,7 @@ impl Driver {
             return false; // the backend is gone: no more announcements
         };
         self.up_rx = Some(rx);
-        self.core.on_server_up(server, Self::now());
+        self.core.on_server_up(server, self.now);
         true
     }
 
@@ -1217,6 +1267,27 @@ impl Driver {
     }
 }
 
+/// A timer allocated when first armed, so that a session that never needs
+/// it (or, for the core's deadline, does not need it now) holds no `Sleep`.
+struct LazyTimer(Option<Pin<Box<Sleep>>>);
+
+impl LazyTimer {
+    fn reset(&mut self, at: Instant) {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.0 = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Pending while never armed.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
 /// Reads from `conn` into `buf`, adapting `size` (see `READ_SIZE`).
 ///
 /// At the smallest size, with no spare room in `buf`, the read goes to a
@@ -1245,6 +1316,36 @@ fn poll_read_adaptive(
     let spare = buf.capacity() - buf.len();
     let n = std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(conn), cx, buf))?;
     adapt_read_size(size, n, spare);
+    Poll::Ready(Ok(n))
+}
+
+/// Reads at most `wanted` bytes (the rest of the frame being read and the
+/// next frame's header) into `buf`, reserving room for all of them first:
+/// the read ends on a frame boundary, so when the next frame's header asks
+/// the decoder for room, at most that header is copied, never a partial
+/// 64 KiB frame.
+fn poll_read_frames(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    wanted: usize,
+    size: &mut usize,
+) -> Poll<io::Result<usize>> {
+    use bytes::BufMut;
+    if buf.capacity() - buf.len() < wanted {
+        buf.reserve(wanted);
+    }
+    let mut limited = (&mut *buf).limit(wanted);
+    let n = std::task::ready!(tokio_util::io::poll_read_buf(
+        Pin::new(conn),
+        cx,
+        &mut limited
+    ))?;
+    if wanted >= READ_MIN {
+        // (A read of the last few bytes of a frame says nothing about the
+        // traffic: it does not shrink the read size.)
+        adapt_read_size(size, n, wanted.min(READ_SIZE));
+    }
     Poll::Ready(Ok(n))
 }
 

@@ -5,13 +5,14 @@
 //! the task. It owns nothing else.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::core::{SessionCore, SessionId};
+use crate::config::BackendConfig;
 use crate::stream::Dir;
 
 /// What a session is doing, as `/sessions` shows it.
@@ -52,8 +53,10 @@ impl State {
 #[derive(Debug)]
 pub struct SessionStatus {
     pub id: SessionId,
-    pub listener: String,
-    pub backend: String,
+    /// Shared with the listener's metrics (no copy per session).
+    pub listener: Arc<str>,
+    /// The backend's config, for its name (no copy per session).
+    pub backend: Arc<BackendConfig>,
     pub client: String,
     pub started: Instant,
     state: AtomicU8,
@@ -105,17 +108,18 @@ pub struct StreamView {
 impl SessionStatus {
     pub fn new(
         id: SessionId,
-        listener: &str,
-        backend: &str,
+        listener: Arc<str>,
+        backend: Arc<BackendConfig>,
         client: String,
         wake: CancellationToken,
+        started: Instant,
     ) -> SessionStatus {
         SessionStatus {
             id,
-            listener: listener.to_string(),
-            backend: backend.to_string(),
+            listener,
+            backend,
             client,
-            started: Instant::now(),
+            started,
             state: AtomicU8::new(State::Connecting as u8),
             generation: AtomicU64::new(0),
             up: Default::default(),
@@ -198,8 +202,8 @@ impl SessionStatus {
         };
         SessionView {
             id: self.id.to_string(),
-            listener: self.listener.clone(),
-            backend: self.backend.clone(),
+            listener: self.listener.to_string(),
+            backend: self.backend.name.clone(),
             client: self.client.clone(),
             state: State::from_u8(self.state.load(Ordering::Relaxed)).as_str(),
             leg_generation: self.generation.load(Ordering::Relaxed),

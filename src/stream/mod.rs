@@ -7,8 +7,9 @@
 //! ack modes: the session core decides when offsets move.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
 /// A byte position in one direction of a session, from its first byte.
 pub type Offset = u64;
@@ -82,6 +83,12 @@ impl ReplayBuffer {
             return;
         }
         self.len += chunk.len() as u64;
+        if self.chunks.capacity() == 0 {
+            // Room for one chunk first (a `VecDeque` would take four): a
+            // session that moves one message at a time, or waits after one,
+            // keeps 32 bytes here instead of 128. It grows as usual after.
+            self.chunks.reserve_exact(1);
+        }
         self.chunks.push_back(chunk);
     }
 
@@ -98,7 +105,9 @@ impl ReplayBuffer {
                 n -= flen;
                 self.chunks.pop_front();
             } else {
-                let _ = front.split_to(n as usize);
+                // `advance` moves the view: no refcount traffic, unlike a
+                // `split_to` whose result is dropped at once.
+                front.advance(n as usize);
                 n = 0;
             }
         }
@@ -163,6 +172,55 @@ impl ReplayBuffer {
             }
             chunk_start = chunk_end;
         }
+    }
+
+    /// The chunks that cover `[offset, end)`, shared (no copy), the first
+    /// trimmed to start at `offset`; nothing when `offset` is not within
+    /// `[start, end)`. One search for `offset`, then a forward walk.
+    pub fn chunks_after(&self, offset: Offset) -> impl Iterator<Item = Bytes> + '_ {
+        let (first, skip) = self.locate(offset).unwrap_or((self.chunks.len(), 0));
+        self.chunks
+            .range(first..)
+            .enumerate()
+            .map(move |(i, c)| if i == 0 { c.slice(skip..) } else { c.clone() })
+    }
+
+    /// The index of the chunk holding `offset` and where in it `offset`
+    /// is, searching from the back (writes mostly happen near the tail).
+    fn locate(&self, offset: Offset) -> Option<(usize, usize)> {
+        if offset < self.start || offset >= self.end() {
+            return None;
+        }
+        let mut i = self.chunks.len();
+        let mut chunk_start = self.end();
+        while chunk_start > offset {
+            i -= 1;
+            chunk_start -= self.chunks[i].len() as u64;
+        }
+        Some((i, (offset - chunk_start) as usize))
+    }
+
+    /// Fills `out` with slices borrowing the chunks that cover `[offset,
+    /// end)`, the first trimmed to start at `offset`, for a vectored write
+    /// straight from the buffer (no `Bytes` clones, no allocation). Returns
+    /// how many slices it filled (0 when `offset` is not within
+    /// `[start, end)`).
+    pub fn io_slices_from<'a>(&'a self, offset: Offset, out: &mut [IoSlice<'a>]) -> usize {
+        if out.is_empty() {
+            return 0;
+        }
+        let Some((first, skip)) = self.locate(offset) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (i, chunk) in self.chunks.range(first..).enumerate() {
+            if n == out.len() {
+                break;
+            }
+            out[n] = IoSlice::new(if i == 0 { &chunk[skip..] } else { chunk });
+            n += 1;
+        }
+        n
     }
 
     /// Copies `[from, to)` into one contiguous `Bytes` (for the rare places

@@ -61,6 +61,29 @@ fn chunks_from_for_vectored_writes() {
     assert!(out.is_empty());
 }
 
+#[test]
+fn io_slices_from_borrow_the_chunks() {
+    let mut b = ReplayBuffer::new(10);
+    b.push(Bytes::from_static(b"abc"));
+    b.push(Bytes::from_static(b"defg"));
+    b.push(Bytes::from_static(b"h"));
+    let mut out = [std::io::IoSlice::new(&[]); 8];
+    let n = b.io_slices_from(11, &mut out);
+    let got: Vec<&[u8]> = out[..n].iter().map(|s| &s[..]).collect();
+    assert_eq!(got, vec![&b"bc"[..], &b"defg"[..], &b"h"[..]]);
+    let n = b.io_slices_from(13, &mut out[..1]);
+    assert_eq!((n, &out[0][..]), (1, &b"defg"[..]));
+    let n = b.io_slices_from(17, &mut out);
+    assert_eq!((n, &out[0][..]), (1, &b"h"[..]));
+    assert_eq!(b.io_slices_from(18, &mut out), 0);
+    assert_eq!(b.io_slices_from(9, &mut out), 0);
+    assert_eq!(b.io_slices_from(10, &mut out[..0]), 0);
+    let got: Vec<Bytes> = b.chunks_after(12).collect();
+    assert_eq!(got, vec![&b"c"[..], &b"defg"[..], &b"h"[..]]);
+    assert_eq!(b.chunks_after(18).count(), 0);
+    assert_eq!(b.chunks_after(9).count(), 0);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Push(Vec<u8>),
@@ -112,6 +135,12 @@ proptest! {
             let mut chunks = Vec::new();
             s.buffer().chunks_from(sent, usize::MAX, &mut chunks);
             let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            prop_assert_eq!(&joined[..], &model[sent as usize..]);
+            let joined: Vec<u8> = s.buffer().chunks_after(sent).flat_map(|c| c.to_vec()).collect();
+            prop_assert_eq!(&joined[..], &model[sent as usize..]);
+            let mut slices = [std::io::IoSlice::new(&[]); 128];
+            let n = s.buffer().io_slices_from(sent, &mut slices);
+            let joined: Vec<u8> = slices[..n].iter().flat_map(|c| c.iter().copied()).collect();
             prop_assert_eq!(&joined[..], &model[sent as usize..]);
         }
     }

@@ -177,7 +177,8 @@ pub fn apply_tcp_options(sock: SockRef<'_>, opts: &SocketOptions) -> io::Result<
     sock.set_nodelay(opts.nodelay)?;
     match opts.keepalive {
         Some(k) => {
-            sock.set_keepalive(true)?;
+            // `set_tcp_keepalive` turns SO_KEEPALIVE on itself (a second
+            // setsockopt per socket otherwise, two per session).
             let ka = TcpKeepalive::new()
                 .with_time(k.idle)
                 .with_interval(k.interval)
@@ -556,5 +557,43 @@ async fn remove_stale_socket(endpoint: &Endpoint, path: &Path) -> Result<(), Bin
             endpoint: endpoint.to_string(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Keepalive;
+
+    #[test]
+    fn tcp_options_are_applied() {
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let mut opts = SocketOptions {
+            nodelay: true,
+            keepalive: Some(Keepalive {
+                idle: Duration::from_secs(61),
+                interval: Duration::from_secs(11),
+                count: 7,
+            }),
+            user_timeout: Some(Duration::from_secs(29)),
+        };
+        apply_tcp_options(SockRef::from(&sock), &opts).unwrap();
+        assert!(sock.nodelay().unwrap());
+        assert!(
+            sock.keepalive().unwrap(),
+            "set_tcp_keepalive turns SO_KEEPALIVE on"
+        );
+        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(61));
+        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(11));
+        assert_eq!(sock.keepalive_retries().unwrap(), 7);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(29))
+        );
+        opts.keepalive = None;
+        opts.nodelay = false;
+        apply_tcp_options(SockRef::from(&sock), &opts).unwrap();
+        assert!(!sock.keepalive().unwrap());
+        assert!(!sock.nodelay().unwrap());
     }
 }

@@ -88,6 +88,13 @@ impl Rig {
                 let mut out = Vec::new();
                 self.core.next_writes_up(64, &mut out);
                 let n: usize = out.iter().map(|b| b.len()).sum();
+                let mut slices = [std::io::IoSlice::new(&[]); 64];
+                let k = self.core.up_io_slices(&mut slices);
+                assert_eq!(k, out.len(), "as many io slices as chunks");
+                assert_eq!(self.core.has_up_writes(), k > 0);
+                for (s, b) in slices.iter().zip(&out) {
+                    assert_eq!(&s[..], &b[..], "io slices match next_writes_up");
+                }
                 if n > 0 {
                     progress = true;
                     for b in &out {

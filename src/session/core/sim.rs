@@ -62,8 +62,22 @@ struct SrvLeg {
 impl Harness {
     fn write_up_once(&mut self, max: usize) -> bool {
         let (Some(gen), Some(bytes)) = (self.core.leg_gen(), self.core.next_write(Dir::Up)) else {
+            assert!(
+                !self.core.has_up_writes(),
+                "has_up_writes matches next_write"
+            );
             return false;
         };
+        assert!(
+            self.core.has_up_writes(),
+            "has_up_writes matches next_write"
+        );
+        let mut slices = [std::io::IoSlice::new(&[]); 4];
+        let k = self.core.up_io_slices(&mut slices);
+        assert!(
+            k > 0 && slices[0][..] == bytes[..],
+            "io slices match next_write"
+        );
         let n = bytes.len().min(max);
         let leg = &mut self.legs[gen.0 as usize];
         assert!(!leg.closed && !leg.fin, "write to a dead leg {gen}");
@@ -81,6 +95,12 @@ impl Harness {
             return false;
         };
         assert!(!self.client_fin, "bytes after the FIN to the client");
+        let mut slices = [std::io::IoSlice::new(&[]); 4];
+        let k = self.core.down_io_slices(&mut slices);
+        assert!(
+            k > 0 && slices[0][..] == bytes[..],
+            "io slices match next_write"
+        );
         let n = bytes.len().min(max);
         self.client_rx.extend_from_slice(&bytes[..n]);
         self.core.on_client_written(n, self.now);
