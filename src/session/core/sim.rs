@@ -654,6 +654,10 @@ impl Tally {
     }
 }
 
+/// A leg as its server saw it: server, base, connect answered, bytes
+/// received, preamble bytes among them, FIN delivered, closed.
+type LegOutcome = (usize, Option<u64>, bool, Vec<u8>, usize, bool, bool);
+
 /// Everything a run produced that anyone outside the core could see, and
 /// the core's final state.
 #[derive(Debug, PartialEq)]
@@ -661,9 +665,7 @@ struct Outcome {
     client_rx: Vec<u8>,
     client_fin: bool,
     client_tx: Vec<u8>,
-    /// Per leg: server, base, connect answered, bytes received, preamble
-    /// bytes among them, FIN delivered, closed.
-    legs: Vec<(usize, Option<u64>, bool, Vec<u8>, usize, bool, bool)>,
+    legs: Vec<LegOutcome>,
     events: Vec<Event>,
     done: Option<CloseReason>,
     steps: u64,
