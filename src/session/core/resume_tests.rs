@@ -14,6 +14,9 @@ use crate::proto::{Decoder, Welcome};
 
 const KEY: [u8; 32] = [7; 32];
 
+#[path = "resume_sim.rs"]
+mod sim;
+
 pub(super) fn resume_backend() -> Arc<BackendConfig> {
     let mut b = backend(
         AckMode::Resume(ResumeSettings {

@@ -22,27 +22,27 @@ use crate::framing::Scanner;
 use super::*;
 
 /// xorshift64*: tiny, deterministic, good enough to pick steps.
-struct Rng(u64);
+pub(in crate::session::core) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Rng {
+    pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
     /// True with probability `p` percent.
-    fn pct(&mut self, p: u64) -> bool {
+    pub fn pct(&mut self, p: u64) -> bool {
         self.below(100) < p
     }
 }
@@ -585,7 +585,7 @@ impl Sim {
 /// What the snapshots of a run caught the session doing (each counts
 /// snapshots taken in that state).
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct Tally {
+pub(in crate::session::core) struct Tally {
     pub snapshots: u64,
     /// Held: waiting for its next connect.
     pub waiting: u64,
@@ -606,7 +606,7 @@ pub(super) struct Tally {
 
 impl Tally {
     /// Counts the state of `core`.
-    pub(super) fn add(&mut self, core: &SessionCore) {
+    pub fn add(&mut self, core: &SessionCore) {
         self.snapshots += 1;
         match &core.leg {
             LegState::Waiting { .. } => self.waiting += 1,
@@ -628,7 +628,7 @@ impl Tally {
         self.ending += core.ending.is_some() as u64;
     }
 
-    pub(super) fn merge(&mut self, o: Tally) {
+    pub fn merge(&mut self, o: Tally) {
         let Tally {
             snapshots,
             waiting,
@@ -729,7 +729,11 @@ fn run(seed: u64, kind: Kind, snapshots: bool) -> (Outcome, Tally) {
 }
 
 /// Panics, saying which part differs, unless both runs are alike.
-pub(super) fn assert_same<T: PartialEq + std::fmt::Debug>(what: &str, plain: &T, snapped: &T) {
+pub(in crate::session::core) fn assert_same<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    plain: &T,
+    snapped: &T,
+) {
     if plain != snapped {
         let (a, b) = (format!("{plain:?}"), format!("{snapped:?}"));
         let at = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
@@ -753,7 +757,7 @@ fn seeds() -> u64 {
 /// outcomes; `run` returns a run's outcome, its legs and what its snapshots
 /// caught. Fails unless there were more than `legs_per_session` legs per
 /// session. Returns all the snapshots caught.
-pub(super) fn run_seeds_with<K: std::fmt::Debug + Copy, O>(
+pub(in crate::session::core) fn run_seeds_with<K: std::fmt::Debug + Copy, O>(
     legs_per_session: u64,
     kind_of: impl Fn(u64) -> K,
     run: impl Fn(u64, K, bool) -> (O, u64, Tally),
