@@ -190,6 +190,14 @@ impl Rig {
     }
 }
 
+/// A session whose resume leg is established (and idle), for measuring.
+pub(super) fn established() -> (SessionCore, Instant) {
+    let mut r = Rig::new();
+    r.welcome(0, false);
+    while r.core.poll_event().is_some() {}
+    (r.core, r.now)
+}
+
 #[test]
 fn new_session_then_resume_with_exact_offsets() {
     let mut r = Rig::new();
