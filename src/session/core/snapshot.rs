@@ -352,6 +352,10 @@ impl SessionCore {
         for _ in 0..n {
             preamble.push((r.bytes("preamble")?, r.bytes("preamble")?));
         }
+        r.check(
+            framing.is_some() || (req_ends.is_empty() && req_last_end == 0 && preamble.is_empty()),
+            || "request state of response mode in another ack mode".into(),
+        )?;
         let greeting_delivered = r.small("greeting_delivered")?;
         let client_fin_queued = r.bool("client_fin_queued")?;
         let client_fin_sent = r.bool("client_fin_sent")?;
