@@ -1,18 +1,22 @@
 //! `cargo bench --bench protocol`: what the resume protocol costs against a
 //! plain proxy, on the same run.
 //!
-//! One in-process holdfast with two listeners, each with its own backend:
+//! One in-process holdfast with three listeners, each with its own backend:
 //!
 //! - **plain**: `ack = "none"` to a plain in-process tokio echo server.
 //! - **resume**: `protocol = "resume"` (its ack is the server's cumulative
 //!   ACK) to an in-process echo service on `holdfast::server`
 //!   ([`AckPolicy::Auto`]: bytes count as consumed as the service reads
 //!   them).
+//! - **resume-tls**: the same over mutual TLS (the backend with `tls = {
+//!   ca, server_name, cert, key }`, the service's `ResumeListener` with a
+//!   [`TlsConfig`] that requires a client certificate; TLS 1.3, ring,
+//!   certificates made by rcgen at start), as an edge↔core link would be.
 //!
-//! Both echo services run the same loop (read up to 64 KiB, write it back),
-//! so the difference is the protocol: frames, ACKs, and the server
-//! library's buffers. Two measurements, rounds interleaved (plain, resume,
-//! plain, resume, ...) to cancel drift:
+//! The echo services run the same loop (read up to 64 KiB, write it back),
+//! so the difference is the protocol (frames, ACKs, and the server
+//! library's buffers) and then TLS. Two measurements, rounds interleaved
+//! (plain, resume, resume-tls, plain, ...) to cancel drift:
 //!
 //! - **bulk**: one connection; the client writes 64 KiB chunks and reads
 //!   the echo concurrently; echoed MB/s after a 200 ms warm-up, and the
@@ -39,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use holdfast::server::{AckPolicy, ResumeListener, ServerConfig};
+use holdfast::server::{AckPolicy, ResumeListener, ServerConfig, TlsConfig};
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -79,7 +83,9 @@ fn parse_args() -> Args {
     a
 }
 
-const SETUPS: [&str; 2] = ["plain", "resume"];
+const SETUPS: [&str; 3] = ["plain", "resume", "resume-tls"];
+/// The setup each one is compared with in the "vs resume" column.
+const RESUME: usize = 1;
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args();
@@ -99,8 +105,11 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     let key = write_key(dir)?;
+    let pki = write_pki(dir)?;
     let plain = plain_echo_server().await?;
-    let resume = resume_echo_server(std::fs::read(&key)?).await?;
+    let resume = resume_echo_server(std::fs::read(&key)?, None).await?;
+    let server_tls = TlsConfig::from_pem_files(&pki.server.0, &pki.server.1, Some(&pki.ca))?;
+    let resume_tls = resume_echo_server(std::fs::read(&key)?, Some(server_tls)).await?;
     let limit = match &args.buffer_limit {
         Some(l) => {
             println!("both backends: buffer_limit = {l:?}");
@@ -132,10 +141,27 @@ servers = ["{resume}"]
 protocol = "resume"
 resume = {{ secret_file = "{key}" }}
 {limit}
+
+[[listener]]
+name = "resume-tls"
+listen = "127.0.0.1:0"
+backend = "resume-tls"
+
+[[backend]]
+name = "resume-tls"
+servers = ["{resume_tls}"]
+protocol = "resume"
+resume = {{ secret_file = "{key}" }}
+tls = {{ ca = "{ca}", server_name = "core.internal", cert = "{cert}", key = "{ckey}" }}
+{limit}
 "#,
         plain = plain.addr,
         resume = resume.addr,
+        resume_tls = resume_tls.addr,
         key = key.display(),
+        ca = pki.ca.display(),
+        cert = pki.client.0.display(),
+        ckey = pki.client.1.display(),
     ))
     .await?;
 
@@ -152,7 +178,43 @@ resume = {{ secret_file = "{key}" }}
     proxy.stop().await;
     plain.task.abort();
     resume.task.abort();
+    resume_tls.task.abort();
     result
+}
+
+/// PEM files of a CA, a server certificate (for `core.internal`) and a
+/// client certificate it signed.
+struct Pki {
+    ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+}
+
+fn write_pki(dir: &std::path::Path) -> anyhow::Result<Pki> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&ca_key)?;
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.pem())?;
+    let leaf = |name: &str| -> anyhow::Result<(PathBuf, PathBuf)> {
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec![format!("{name}.internal")])?
+            .signed_by(&key, &ca, &ca_key)?;
+        let paths = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&paths.0, cert.pem())?;
+        std::fs::write(&paths.1, key.serialize_pem())?;
+        Ok(paths)
+    };
+    Ok(Pki {
+        ca: ca_path,
+        server: leaf("core")?,
+        client: leaf("edge")?,
+    })
 }
 
 /// 32 random bytes in `dir/resume.key`.
@@ -200,9 +262,10 @@ async fn plain_echo_server() -> io::Result<Server> {
     Ok(Server { addr, task })
 }
 
-async fn resume_echo_server(key: Vec<u8>) -> io::Result<Server> {
+async fn resume_echo_server(key: Vec<u8>, tls: Option<TlsConfig>) -> io::Result<Server> {
     let mut cfg = ServerConfig::new(key);
     cfg.ack = AckPolicy::Auto;
+    cfg.tls = tls;
     let l = ResumeListener::bind("127.0.0.1:0", cfg).await?;
     let addr = l.local_addr().to_string();
     let task = tokio::spawn(async move {
@@ -288,8 +351,8 @@ async fn measure_bulk(addr: &str, secs: f64) -> anyhow::Result<BulkSample> {
 }
 
 async fn bulk(args: &Args, addrs: &[String]) -> anyhow::Result<()> {
-    let mut mbs: [Vec<f64>; 2] = Default::default();
-    let mut cpu: [Vec<f64>; 2] = Default::default();
+    let mut mbs: [Vec<f64>; 3] = Default::default();
+    let mut cpu: [Vec<f64>; 3] = Default::default();
     for round in 0..args.rounds {
         for (i, label) in SETUPS.iter().enumerate() {
             let s = measure_bulk(&addrs[i], args.secs).await?;
@@ -312,15 +375,18 @@ async fn bulk(args: &Args, addrs: &[String]) -> anyhow::Result<()> {
         args.rounds, args.secs
     );
     println!();
-    println!("| setup | median MB/s | min | max | vs plain | median CPU s/GiB | min | max |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| setup | median MB/s | min | max | vs plain | vs resume | median CPU s/GiB | min | max |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, label) in SETUPS.iter().enumerate() {
         println!(
-            "| {label} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {label} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             med[i],
             min(&mbs[i]),
             max(&mbs[i]),
             med[i] / med[0],
+            med[i] / med[RESUME],
             cpu_med[i],
             min(&cpu[i]),
             max(&cpu[i]),
@@ -356,8 +422,8 @@ async fn measure_rr(addr: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
 }
 
 async fn request_response(args: &Args, addrs: &[String]) -> anyhow::Result<()> {
-    let mut all: [Vec<Duration>; 2] = Default::default();
-    let mut p50s: [Vec<f64>; 2] = Default::default();
+    let mut all: [Vec<Duration>; 3] = Default::default();
+    let mut p50s: [Vec<f64>; 3] = Default::default();
     for round in 0..args.rounds {
         for (i, label) in SETUPS.iter().enumerate() {
             let mut s = measure_rr(&addrs[i], args.rr).await?;
@@ -385,12 +451,12 @@ async fn request_response(args: &Args, addrs: &[String]) -> anyhow::Result<()> {
         args.rounds, args.rr
     );
     println!();
-    println!("| setup | p50 µs | p99 µs | p999 µs | mean µs | per-round p50 min–max | p50 vs plain | p99 vs plain |");
-    println!("|---|---:|---:|---:|---:|---|---:|---:|");
+    println!("| setup | p50 µs | p99 µs | p999 µs | mean µs | per-round p50 min–max | p50 vs plain | p99 vs plain | p50 vs resume |");
+    println!("|---|---:|---:|---:|---:|---|---:|---:|---:|");
     for (i, label) in SETUPS.iter().enumerate() {
         let mean = all[i].iter().map(|d| us(*d)).sum::<f64>() / all[i].len() as f64;
         println!(
-            "| {label} | {:.1} | {:.1} | {:.1} | {mean:.1} | {:.1}–{:.1} | {:.2} | {:.2} |",
+            "| {label} | {:.1} | {:.1} | {:.1} | {mean:.1} | {:.1}–{:.1} | {:.2} | {:.2} | {:.2} |",
             pct(i, 0.50),
             pct(i, 0.99),
             pct(i, 0.999),
@@ -398,6 +464,7 @@ async fn request_response(args: &Args, addrs: &[String]) -> anyhow::Result<()> {
             max(&p50s[i]),
             pct(i, 0.50) / pct(0, 0.50),
             pct(i, 0.99) / pct(0, 0.99),
+            pct(i, 0.50) / pct(RESUME, 0.50),
         );
     }
     Ok(())

@@ -15,6 +15,9 @@
 //!
 //! ```sh
 //! cargo run --example ledger -- --listen 127.0.0.1:0 --data DIR --key-file FILE
+//! # over mutual TLS (initiators need a certificate signed by ca.pem):
+//! cargo run --example ledger -- --listen 127.0.0.1:0 --data DIR --key-file FILE \
+//!     --tls-cert server.pem --tls-key server-key.pem --client-ca ca.pem
 //! ```
 //! prints `listening ADDR` once bound.
 
@@ -25,7 +28,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
-use holdfast::server::{hex, AckPolicy, ResumableSession, ResumeListener, ServerConfig, SessionId};
+use holdfast::server::{
+    hex, AckPolicy, ResumableSession, ResumeListener, ServerConfig, SessionId, TlsConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser, Debug)]
@@ -40,6 +45,16 @@ struct Args {
     /// The resume key (at least 32 bytes, used as is)
     #[arg(long)]
     key_file: PathBuf,
+    /// Serve over TLS with this certificate chain (PEM; needs --tls-key)
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: initiators must present a certificate signed by one of
+    /// these CAs (PEM; needs --tls-cert)
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
 
 /// One committed record of a session.
@@ -203,17 +218,20 @@ async fn handle(mut s: ResumableSession, ledger: Arc<Mutex<Ledger>>) -> io::Resu
     s.shutdown().await
 }
 
-/// Runs the ledger on `listen` with its data in `data`; calls `ready` with
-/// the bound address once listening. Runs until the process ends.
+/// Runs the ledger on `listen` with its data in `data` (over `tls` if
+/// given); calls `ready` with the bound address once listening. Runs until
+/// the process ends.
 pub async fn serve(
     listen: &str,
     data: &Path,
     key: Vec<u8>,
+    tls: Option<TlsConfig>,
     ready: impl FnOnce(&str),
 ) -> io::Result<()> {
     let ledger = Arc::new(Mutex::new(Ledger::open(data)?));
     let mut cfg = ServerConfig::new(key);
     cfg.ack = AckPolicy::Manual;
+    cfg.tls = tls;
     let l2 = ledger.clone();
     // Any session an authenticated initiator resumes is restored: at its
     // last committed offset, or at 0 if none of its requests was committed
@@ -254,7 +272,15 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let key = std::fs::read(&args.key_file)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.key_file.display()))?;
-    serve(&args.listen, &args.data, key, |addr| {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsConfig::from_pem_files(
+            cert,
+            key,
+            args.client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    serve(&args.listen, &args.data, key, tls, |addr| {
         println!("listening {addr}");
         let _ = io::stdout().flush();
     })

@@ -41,11 +41,19 @@ pub struct Shutdown {
     pub drain: CancellationToken,
     /// Close every session now (gracefully, for at most a short grace).
     pub stop: CancellationToken,
+    /// Cancelled when a new process took over (before `drain`): this
+    /// process is no longer the service's main process.
+    pub handed_over: CancellationToken,
 }
 
 impl Shutdown {
     pub fn new() -> Shutdown {
         Shutdown::default()
+    }
+
+    /// Records that a new process took over.
+    pub fn handed_over(&self) {
+        self.handed_over.cancel();
     }
 
     /// Maps SIGTERM to drain and SIGINT to stop (a second signal of either

@@ -179,19 +179,19 @@ fn main() -> ExitCode {
                     reload_tx,
                     rt.metrics.clone(),
                 ));
-                let (export_tx, exports) = tokio::sync::mpsc::channel(1);
+                let (control_tx, control) = tokio::sync::mpsc::channel(1);
                 let handover = tokio::spawn(handover_task(
                     cfg.handover.as_ref().map(|h| h.socket.clone()),
                     ack,
                     phase.subscribe(),
-                    export_tx,
+                    control_tx,
                     shutdown.clone(),
                 ));
                 // Registered before "holdfast running" is logged: SIGUSR2's
                 // default action would kill us.
                 let usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2());
                 let usr2 = tokio::spawn(upgrade_on_sigusr2(usr2, upgrade, cfg.handover.is_some()));
-                let res = holdfast::proxy::run_full(cfg, bound, shutdown, phase, rt, reloads, exports)
+                let res = holdfast::proxy::run_full(cfg, bound, shutdown, phase, rt, reloads, control)
                     .await;
                 // run dropped the phase sender: the notifier has said STOPPING.
                 let _ = notifier.await;
@@ -276,13 +276,14 @@ fn take_over(
 }
 
 /// The hand-over socket. After a takeover: once every listener accepts
-/// (phase Running), confirms to the old process (`ack`), then puts our own
+/// (phase Running), confirms to the old process (`ack`), tells systemd we
+/// are the main process now, and takes the sessions over; then puts our own
 /// hand-over socket in place. Then serves hand-overs to the next process.
 async fn handover_task(
     path: Option<PathBuf>,
     ack: Option<std::os::unix::net::UnixStream>,
     mut phases: tokio::sync::watch::Receiver<Phase>,
-    exports: tokio::sync::mpsc::Sender<holdfast::proxy::ExportRequest>,
+    control: tokio::sync::mpsc::Sender<holdfast::proxy::Control>,
     shutdown: Shutdown,
 ) {
     let Some(path) = path else { return };
@@ -294,7 +295,12 @@ async fn handover_task(
         if let Err(e) = std::io::Write::write_all(&mut w, &[holdfast::handover::ACK]) {
             tracing::error!(error = %e, "cannot confirm the hand-over; the old process keeps serving too");
         } else {
-            tracing::info!("hand-over: confirmed; the old process drains");
+            tracing::info!("hand-over: listeners confirmed; taking the sessions over");
+            let pid = std::process::id();
+            if let Err(e) = holdfast::systemd::notify(&format!("MAINPID={pid}\nREADY=1")) {
+                tracing::warn!(error = %e, "cannot notify systemd of MAINPID={pid}");
+            }
+            take_sessions(sock, &control).await;
         }
     } else if std::os::unix::net::UnixStream::connect(&path).is_ok() {
         tracing::error!(socket = %path.display(), "another holdfast answers on the hand-over socket: upgrades disabled (use --takeover to replace it)");
@@ -308,7 +314,94 @@ async fn handover_task(
         }
     };
     tracing::info!(socket = %path.display(), pid = std::process::id(), "hand-over socket listening");
-    holdfast::handover::serve(listener, exports, shutdown, ACK_TIMEOUT).await;
+    holdfast::handover::serve(listener, control, shutdown, ACK_TIMEOUT).await;
+}
+
+/// The new process's side of the session hand-over: receives batches until
+/// the old process says done. Each batch is prepared by the proxy, answered
+/// (which sessions we took), and only then started. If the hand-over breaks
+/// off, the sessions not answered for stay with the old process.
+async fn take_sessions(
+    sock: std::os::unix::net::UnixStream,
+    control: &tokio::sync::mpsc::Sender<holdfast::proxy::Control>,
+) {
+    use holdfast::handover;
+    let sock = std::sync::Arc::new(sock);
+    let (mut taken, mut refused) = (0usize, 0usize);
+    // Fault injection for the tests: a new process that dies half-way.
+    let fault = std::env::var("HOLDFAST_TEST_HANDOVER_FAULT").ok();
+    let started = std::time::Instant::now();
+    loop {
+        let s = sock.clone();
+        let got = tokio::task::spawn_blocking(move || {
+            s.set_read_timeout(Some(ACK_TIMEOUT))?;
+            handover::recv_batch(&s)
+        })
+        .await;
+        let (batch, blob, fds) = match got {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "hand-over broke off: sessions not received stay with the old process");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "hand-over task failed");
+                return;
+            }
+        };
+        if !batch.done && fault.as_deref() == Some("exit-on-first-batch") {
+            tracing::error!("HOLDFAST_TEST_HANDOVER_FAULT: exiting before answering a batch");
+            std::process::exit(EXIT_RUNTIME.into());
+        }
+        if batch.done {
+            let s = sock.clone();
+            let _ = tokio::task::spawn_blocking(move || handover::send_verdicts(&s, &[])).await;
+            break;
+        }
+        let received = std::time::Instant::now();
+        let sessions = batch.split(blob, fds);
+        let n = sessions.len();
+        let (go_tx, go) = tokio::sync::watch::channel(None);
+        let (reply, verdicts) = tokio::sync::oneshot::channel();
+        let verdicts = if control
+            .send(holdfast::proxy::Control::Import {
+                sessions,
+                go,
+                reply,
+            })
+            .await
+            .is_ok()
+        {
+            verdicts.await.unwrap_or_else(|_| vec![false; n])
+        } else {
+            vec![false; n]
+        };
+        let s = sock.clone();
+        let v = verdicts.clone();
+        let sent = tokio::task::spawn_blocking(move || handover::send_verdicts(&s, &v)).await;
+        let ok = matches!(sent, Ok(Ok(())));
+        // Start the sessions we took only now that the old process knows.
+        go_tx.send_replace(Some(ok));
+        if !ok {
+            tracing::error!("hand-over: cannot answer the old process; it keeps this batch");
+            return;
+        }
+        tracing::debug!(
+            target: "holdfast::handover",
+            sessions = n,
+            import_us = received.elapsed().as_micros() as u64,
+            "hand-over: batch answered"
+        );
+        let t = verdicts.iter().filter(|&&t| t).count();
+        taken += t;
+        refused += n - t;
+    }
+    tracing::info!(
+        sessions = taken,
+        refused,
+        total_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "hand-over: sessions taken over; the old process drains what stays"
+    );
 }
 
 /// SIGUSR2: starts the binary we were started from with our arguments plus
@@ -446,7 +539,10 @@ async fn notify_systemd(mut phases: tokio::sync::watch::Receiver<Phase>, shutdow
             _ = shutdown.stop.cancelled() => break,
         }
     }
-    report(holdfast::systemd::stopping(), "STOPPING=1");
+    if !shutdown.handed_over.is_cancelled() {
+        // After a hand-over the new process is the service: not stopping.
+        report(holdfast::systemd::stopping(), "STOPPING=1");
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -1,8 +1,9 @@
 //! `holdfast::server` over real sockets, driven by a test-side initiator
 //! built directly on `holdfast::proto` (HELLO → WELCOME → `Link`): new
 //! sessions and half-close, transport breaks and resumes under load, every
-//! handshake refusal, manual acks, and the ledger example killed and
-//! restarted in-process.
+//! handshake refusal, manual acks, the ledger example killed and
+//! restarted in-process, and all of it over (mutual) TLS: sessions resumed
+//! over new TLS connections, certificate rotation, and refused handshakes.
 
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -12,7 +13,9 @@ use bytes::{Bytes, BytesMut};
 use holdfast::proto::{
     ClientAddr, Decoder, ErrorCode, Frame, Hello, Incoming, Link, LinkConfig, TOKEN_LEN,
 };
-use holdfast::server::{AckPolicy, ResumableSession, ResumeListener, ServerConfig};
+use holdfast::server::{
+    AckPolicy, Rejection, ResumableSession, ResumeListener, ServerConfig, TlsConfig,
+};
 use holdfast::stream::Stream;
 use holdfast::transport::Conn;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +25,9 @@ use tokio::sync::mpsc;
 #[allow(dead_code)]
 #[path = "../examples/ledger.rs"]
 mod ledger;
+
+#[path = "common/pki.rs"]
+mod pki;
 
 const KEY: [u8; 32] = [42u8; 32];
 const LIMIT: Duration = Duration::from_secs(20);
@@ -49,6 +55,18 @@ async fn dial(addr: &str) -> Conn {
     match addr.strip_prefix("unix:") {
         Some(p) => Conn::Unix(UnixStream::connect(p).await.unwrap()),
         None => Conn::Tcp(TcpStream::connect(addr).await.unwrap()),
+    }
+}
+
+/// Dials, then runs a TLS handshake (as `server.test`) when `tls` is given.
+async fn dial_tls(addr: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> std::io::Result<Conn> {
+    let conn = dial(addr).await;
+    match tls {
+        None => Ok(conn),
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("server.test").unwrap();
+            holdfast::transport::tls::connect(config.clone(), name, conn, LIMIT).await
+        }
     }
 }
 
@@ -123,6 +141,8 @@ struct Client {
     last_hello: Bytes,
     welcome_offset: u64,
     restored: bool,
+    /// Dial over TLS with this config.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -146,6 +166,14 @@ impl Client {
             last_hello: Bytes::new(),
             welcome_offset: 0,
             restored: false,
+            tls: None,
+        }
+    }
+
+    fn with_tls(addr: &str, tls: Arc<rustls::ClientConfig>) -> Client {
+        Client {
+            tls: Some(tls),
+            ..Client::new(addr)
         }
     }
 
@@ -159,8 +187,11 @@ impl Client {
         let mut h = hello(self.id, resume, self.epoch, self.down.len() as u64);
         let bytes = h.encode(&KEY);
         self.last_hello = bytes.clone();
-        let mut conn = dial(&self.addr).await;
+        let mut conn = dial_tls(&self.addr, self.tls.as_ref())
+            .await
+            .expect("tls handshake");
         conn.write_all(&bytes).await.unwrap();
+        conn.flush().await.unwrap();
         let mut rbuf = BytesMut::new();
         let w = match read_frame(&mut conn, &mut rbuf).await {
             Some(Frame::Welcome(w)) => w,
@@ -200,6 +231,7 @@ impl Client {
     async fn pump(&mut self, mut until: impl FnMut(&Client) -> bool) -> Stop {
         let deadline = tokio::time::Instant::now() + LIMIT;
         let dec = Decoder::new(1 << 20);
+        let mut unflushed = false;
         loop {
             if until(self) {
                 return Stop::Done;
@@ -215,17 +247,30 @@ impl Client {
                 let (mut rd, mut wr) = tokio::io::split(&mut leg.conn);
                 let rbuf = &mut leg.rbuf;
                 rbuf.reserve(64 * 1024);
+                // A TLS write may leave records in rustls: flush when
+                // there is nothing more to write (a no-op on plain TCP).
+                let flush = slices.is_empty() && unflushed;
                 tokio::select! {
                     r = rd.read_buf(rbuf) => Ok(r),
-                    w = wr.write_vectored(&slices), if !slices.is_empty() => Err(w),
+                    w = async {
+                        if slices.is_empty() {
+                            wr.flush().await.map(|()| usize::MAX)
+                        } else {
+                            wr.write_vectored(&slices).await
+                        }
+                    }, if !slices.is_empty() || flush => Err(w),
                     _ = tokio::time::sleep_until(leg.link.deadline().into()) => Ok(Ok(usize::MAX)),
                     _ = tokio::time::sleep_until(deadline) => panic!("pump timed out"),
                 }
             };
             match ev {
                 Ok(Ok(usize::MAX)) => {}
+                Err(Ok(usize::MAX)) => unflushed = false,
                 Ok(Ok(0)) | Ok(Err(_)) | Err(Err(_)) | Err(Ok(0)) => return Stop::Closed,
-                Err(Ok(n)) => leg.link.on_written(n, Instant::now()),
+                Err(Ok(n)) => {
+                    leg.link.on_written(n, Instant::now());
+                    unflushed = true;
+                }
                 Ok(Ok(_)) => {
                     while let Some(f) = dec.decode(&mut leg.rbuf).expect("valid frames") {
                         match leg.link.on_frame(f, &mut self.up, Instant::now()) {
@@ -270,11 +315,13 @@ async fn echo(mut s: ResumableSession, done: mpsc::UnboundedSender<Vec<u8>>) {
 }
 
 async fn echo_server() -> (Arc<ResumeListener>, mpsc::UnboundedReceiver<Vec<u8>>) {
-    let l = Arc::new(
-        ResumeListener::bind("127.0.0.1:0", server_cfg(AckPolicy::Auto))
-            .await
-            .unwrap(),
-    );
+    echo_server_with(server_cfg(AckPolicy::Auto)).await
+}
+
+async fn echo_server_with(
+    cfg: ServerConfig,
+) -> (Arc<ResumeListener>, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let l = Arc::new(ResumeListener::bind("127.0.0.1:0", cfg).await.unwrap());
     let (tx, rx) = mpsc::unbounded_channel();
     let l2 = l.clone();
     tokio::spawn(async move {
@@ -538,7 +585,7 @@ fn ledger_rt(sock: &str, data: &std::path::Path) -> tokio::runtime::Runtime {
     let (tx, rx) = std::sync::mpsc::channel();
     let (sock, data) = (sock.to_owned(), data.to_owned());
     rt.spawn(async move {
-        ledger::serve(&sock, &data, KEY.to_vec(), |a| {
+        ledger::serve(&sock, &data, KEY.to_vec(), None, |a| {
             tx.send(a.to_owned()).unwrap()
         })
         .await
@@ -586,4 +633,210 @@ async fn ledger_killed_and_restarted_in_process_is_exactly_once() {
     assert_eq!(log.lines().count(), 15, "each line committed once:\n{log}");
     rt.shutdown_background();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// TLS settings for a listener: the server certificate for `server.test`
+/// and, with `mutual`, client certificates checked against the test CA.
+fn tls_cfg(pki: &pki::Pki, serial: u64, mutual: bool) -> TlsConfig {
+    let (cert, key) = pki.leaf(
+        "server",
+        &format!("server {serial}"),
+        serial,
+        &["server.test"],
+    );
+    let ca = pki.path("ca.pem");
+    TlsConfig::from_pem_files(cert.as_ref(), key.as_ref(), mutual.then_some(ca.as_ref())).unwrap()
+}
+
+/// The certificate the acceptor showed on a client's current leg.
+fn server_cert(c: &Client) -> Vec<u8> {
+    match &c.leg.as_ref().expect("a leg").conn {
+        Conn::TlsOut(s) => s.get_ref().1.peer_certificates().unwrap()[0].to_vec(),
+        _ => panic!("not a TLS leg"),
+    }
+}
+
+/// A listener whose rejections are sent to the returned channel.
+fn rejections(cfg: &mut ServerConfig) -> mpsc::UnboundedReceiver<Rejection> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    cfg.on_reject = Some(Arc::new(move |r| {
+        let _ = tx.send(r);
+    }));
+    rx
+}
+
+/// Mutual TLS: several sessions, each broken 10 times mid-stream, resume
+/// over new TLS connections (a new handshake each) exactly both ways; a
+/// certificate rotated with `set_tls` is what the next handshake sees while
+/// the session carries on; nothing is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_over_new_tls_connections_exactly() {
+    let pki = pki::Pki::new("lib-mtls");
+    let (ccert, ckey) = pki.leaf("client", "initiator", 100, &["client.test"]);
+    let client_tls = pki.client_config(Some((&ccert, &ckey)));
+    let mut cfg = server_cfg(AckPolicy::Auto);
+    cfg.tls = Some(tls_cfg(&pki, 1, true));
+    let mut rejected = rejections(&mut cfg);
+    let (l, mut done) = echo_server_with(cfg).await;
+    assert!(l.is_tls());
+    let addr = l.local_addr().to_owned();
+    let mut tasks = Vec::new();
+    for seed in 0..3u64 {
+        let (addr, client_tls) = (addr.clone(), client_tls.clone());
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(seed + 10, 300_000);
+            let mut c = Client::with_tls(&addr, client_tls);
+            c.connect().await.unwrap();
+            let step = data.len() / 10;
+            for k in 0..10 {
+                c.send(&data[k * step..(k + 1) * step]);
+                let target = k * step + step / 2;
+                assert_eq!(c.pump(|c| c.down.len() >= target).await, Stop::Done);
+                c.drop_leg();
+                c.connect().await.unwrap();
+                assert!(c.welcome_offset >= target as u64);
+            }
+            c.fin();
+            let mut want = data.clone();
+            want.extend_from_slice(b"bye\n");
+            assert_eq!(c.pump(|c| c.complete()).await, Stop::Done);
+            assert!(c.down == want, "down stream exact for seed {seed}");
+            data
+        }));
+    }
+    let mut sent = Vec::new();
+    for t in tasks {
+        sent.push(t.await.unwrap());
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(done.recv().await.unwrap());
+    }
+    sent.sort();
+    got.sort();
+    assert!(sent == got, "up streams exact");
+
+    // Rotation: the next handshake (a resume) sees the new certificate.
+    let mut c = Client::with_tls(&addr, client_tls.clone());
+    c.connect().await.unwrap();
+    let first = server_cert(&c);
+    c.send(b"before\n");
+    assert_eq!(c.pump(|c| c.down == b"before\n").await, Stop::Done);
+    l.set_tls(Some(tls_cfg(&pki, 2, true)));
+    c.send(b"in flight\n");
+    c.drop_leg();
+    c.connect().await.unwrap();
+    let second = server_cert(&c);
+    assert_ne!(
+        first, second,
+        "the resume's handshake used the new certificate"
+    );
+    c.fin();
+    assert_eq!(c.pump(|c| c.complete()).await, Stop::Done);
+    assert_eq!(c.down, b"before\nin flight\nbye\n");
+    assert_eq!(done.recv().await.unwrap(), b"before\nin flight\n");
+    assert_eq!(rejected.try_recv().ok(), None, "no handshake was rejected");
+}
+
+/// Whether a TLS client is kept from the session layer: its handshake
+/// fails, or its HELLO gets no WELCOME before the connection ends.
+async fn tls_client_refused(addr: &str, tls: &Arc<rustls::ClientConfig>) -> bool {
+    let Ok(mut conn) = dial_tls(addr, Some(tls)).await else {
+        return true;
+    };
+    let bytes = hello(rand::random(), false, 0, 0).encode(&KEY);
+    if conn.write_all(&bytes).await.is_err() || conn.flush().await.is_err() {
+        return true;
+    }
+    !welcomed(&mut conn).await
+}
+
+/// Reads until EOF or an error (bounded in time): whether a WELCOME came.
+async fn welcomed(conn: &mut Conn) -> bool {
+    let dec = Decoder::new(1 << 20);
+    let mut buf = BytesMut::new();
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            if let Ok(Some(Frame::Welcome(_))) = dec.decode(&mut buf) {
+                return true;
+            }
+            match conn.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the acceptor closes a refused connection in time")
+}
+
+async fn next_rejection(rx: &mut mpsc::UnboundedReceiver<Rejection>) -> Rejection {
+    tokio::time::timeout(LIMIT, rx.recv())
+        .await
+        .expect("a rejection in time")
+        .expect("the listener is alive")
+}
+
+/// A mutual-TLS listener refuses a plaintext HFRP client, a client without
+/// a certificate, one with a certificate from another CA and a silent one
+/// (handshake timeout), each with its `Rejection`; a good session carries
+/// on through all of it and resumes over TLS afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_refuses_plaintext_unknown_and_silent_clients() {
+    let pki = pki::Pki::new("lib-refuse");
+    let other = pki::Pki::new("lib-other");
+    let (ccert, ckey) = pki.leaf("client", "initiator", 100, &["client.test"]);
+    let (bad_cert, bad_key) = other.leaf("client", "intruder", 7, &["client.test"]);
+    let mut cfg = server_cfg(AckPolicy::Auto);
+    let mut tls = tls_cfg(&pki, 1, true);
+    tls.handshake_timeout = Duration::from_millis(300);
+    cfg.tls = Some(tls);
+    let mut rejected = rejections(&mut cfg);
+    let (l, mut done) = echo_server_with(cfg).await;
+    let addr = l.local_addr().to_owned();
+    let mut good = Client::with_tls(&addr, pki.client_config(Some((&ccert, &ckey))));
+    good.connect().await.unwrap();
+    good.send(b"one\n");
+    assert_eq!(good.pump(|c| c.down == b"one\n").await, Stop::Done);
+
+    // A plaintext HFRP initiator: its HELLO is not a TLS record.
+    let mut plain = dial(&addr).await;
+    plain
+        .write_all(&hello(rand::random(), false, 0, 0).encode(&KEY))
+        .await
+        .unwrap();
+    assert!(
+        !welcomed(&mut plain).await,
+        "a plaintext HELLO got a WELCOME"
+    );
+    assert_eq!(next_rejection(&mut rejected).await, Rejection::TlsHandshake);
+
+    // No client certificate.
+    assert!(tls_client_refused(&addr, &pki.client_config(None)).await);
+    assert_eq!(next_rejection(&mut rejected).await, Rejection::TlsHandshake);
+
+    // A client certificate signed by another CA.
+    let intruder = pki.client_config(Some((&bad_cert, &bad_key)));
+    assert!(tls_client_refused(&addr, &intruder).await);
+    assert_eq!(next_rejection(&mut rejected).await, Rejection::TlsHandshake);
+
+    // Silent: connects and sends nothing.
+    let mut silent = dial(&addr).await;
+    assert_eq!(next_rejection(&mut rejected).await, Rejection::TlsTimeout);
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(LIMIT, silent.read_to_end(&mut rest))
+        .await
+        .expect("closed after the timeout");
+    assert!(n.is_err() || rest.is_empty(), "nothing but a close");
+
+    // The good session went on, and resumes over a new TLS connection.
+    good.send(b"two\n");
+    assert_eq!(good.pump(|c| c.down == b"one\ntwo\n").await, Stop::Done);
+    good.drop_leg();
+    good.connect().await.unwrap();
+    good.fin();
+    assert_eq!(good.pump(|c| c.complete()).await, Stop::Done);
+    assert_eq!(good.down, b"one\ntwo\nbye\n");
+    assert_eq!(done.recv().await.unwrap(), b"one\ntwo\n");
+    assert_eq!(rejected.try_recv().ok(), None, "one rejection each");
 }

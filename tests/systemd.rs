@@ -239,3 +239,97 @@ async fn a_missing_systemd_name_fails_with_the_passed_names() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An upgrade under systemd: the new process (a child of the old one)
+/// tells systemd it is the main process now (`MAINPID=` with `READY=1`),
+/// the old one exits without `STOPPING=1` (the service is not stopping),
+/// and the session opened before carries on in the new process.
+#[tokio::test]
+async fn an_upgrade_tells_systemd_the_new_main_pid() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = temp_dir("upgrade");
+    let cfg = write_config(&dir, "127.0.0.1:0", &server.addr);
+    let mut toml = std::fs::read_to_string(&cfg).unwrap();
+    toml.push_str(&format!(
+        "\n[handover]\nsocket = \"{}\"\n",
+        dir.join("run/handover.sock").display()
+    ));
+    std::fs::write(&cfg, toml).unwrap();
+    let notify_path = dir.join("notify.sock");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let mut old = Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    assert_eq!(recv_datagram(&notify).await, "READY=1");
+    let (addr, _log, mut stderr) = wait_running(&mut old).await;
+    // The hand-over socket is in place once this line is logged.
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(STEP, stderr.read_line(&mut line))
+            .await
+            .expect("a log line in time")
+            .unwrap();
+        assert!(n > 0, "holdfast exited early");
+        if line.contains("hand-over socket listening") {
+            break;
+        }
+    }
+    let mut session = connect(&addr).await;
+    session.write_all(b"before\n").await.unwrap();
+    let mut buf = [0u8; 7];
+    session.read_exact(&mut buf).await.unwrap();
+
+    let old_pid = old.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-USR2", &old_pid.to_string()])
+        .status()
+        .unwrap();
+    let new_pid = loop {
+        let msg = recv_datagram(&notify).await;
+        assert_ne!(msg, "STOPPING=1", "the old process must not say STOPPING=1");
+        if let Some(rest) = msg.strip_prefix("MAINPID=") {
+            let (pid, ready) = rest.split_once('\n').expect("MAINPID= then READY=1");
+            assert_eq!(ready, "READY=1");
+            break pid.parse::<u32>().unwrap();
+        }
+    };
+    assert_ne!(new_pid, old_pid);
+    // Drain the old process's stderr so it never blocks on a full pipe.
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = stderr.read_to_end(&mut sink).await;
+    });
+    let status = tokio::time::timeout(STEP, old.wait())
+        .await
+        .expect("the old process exits")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // Nothing more from the old process: in particular no STOPPING=1.
+    let mut buf = [0u8; 512];
+    while let Ok(n) = notify.try_recv(&mut buf) {
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert_ne!(msg, "STOPPING=1", "STOPPING=1 after a hand-over");
+    }
+    // The session lives on in the new process.
+    session.write_all(b"after!\n").await.unwrap();
+    let mut buf = [0u8; 7];
+    tokio::time::timeout(STEP, session.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&buf, b"after!\n");
+    drop(session);
+    std::process::Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(recv_datagram(&notify).await, "STOPPING=1");
+    let _ = std::fs::remove_dir_all(&dir);
+}

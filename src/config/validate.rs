@@ -354,12 +354,18 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
             .filter_map(|s| sni_route(r, s, &backend_names).map(|route| (route, s)))
             .collect();
         unique_sni(r, &l.sni);
-        if let (Some(t), true) = (&l.tls, is_resume) {
-            r.error(
-                &t.at.key,
-                &t.at.span,
-                "tls on a resume listener is not supported yet: link holdfasts with mutual TLS over protocol = \"tcp\", or run the resume link over a private network",
-            );
+        if is_resume {
+            // TLS on a resume listener is terminated by the server library
+            // for every transport of a session (a resume makes a new
+            // handshake): SNI may choose a certificate, not a backend.
+            for raw in &l.sni {
+                if let Some(b) = &raw.backend {
+                    r.at(
+                        b,
+                        "a resume listener cannot route by sni: its sessions outlive their connections; leave backend out (sni entries may still bring their own cert and key)",
+                    );
+                }
+            }
         }
         let tls = match &l.tls {
             Some(t) => listener_tls(r, t, &sni),

@@ -92,6 +92,8 @@ pub enum HandoverError {
     Manifest(#[from] serde_json::Error),
     #[error("the new process closed the hand-over before confirming")]
     NoAck,
+    #[error("hand-over batch names {expected} payload bytes, {got} arrived")]
+    Blob { expected: u64, got: u64 },
 }
 
 /// Sends `manifest` with `fds` (one per entry, in order) on `sock`.
@@ -264,16 +266,24 @@ pub fn wait_ack(sock: &UnixStream) -> Result<(), HandoverError> {
 }
 
 /// The old process's side: answers hand-over requests on `listener` until
-/// one succeeds. For each connection from our uid it asks the proxy for its
-/// listening sockets (`exports`), sends them, and waits for the new
-/// process's [`ACK`]. Only then does it mark Unix socket files as no longer
-/// ours and start the drain (`shutdown.drain`): until then every socket
-/// stays open and accepting here, so no connection is refused. A failure
-/// (the new process exits, times out, sends garbage) is logged and this
-/// process keeps serving.
+/// one succeeds. For each connection from our uid:
+/// 1. sends the listening sockets and waits for the new process's [`ACK`]
+///    (until then every socket stays open and accepting here, so no
+///    connection is refused);
+/// 2. stops accepting here (the new process accepts on the same sockets);
+/// 3. exports the sessions in batches of [`BATCH`]: each session task
+///    pauses only while its own batch travels, and carries on here if the
+///    new process does not take it;
+/// 4. sends the final batch and, once confirmed, marks Unix socket files
+///    as no longer ours and starts the drain (`shutdown.drain`) for the
+///    sessions that stay (TLS, resume-protocol clients).
+///
+/// A failure (the new process exits, times out, sends garbage) is logged;
+/// sessions not yet taken stay here, accepting resumes, and this process
+/// keeps serving.
 pub async fn serve(
     listener: std::os::unix::net::UnixListener,
-    exports: tokio::sync::mpsc::Sender<crate::proxy::ExportRequest>,
+    control: tokio::sync::mpsc::Sender<crate::proxy::Control>,
     shutdown: crate::lifecycle::Shutdown,
     ack_timeout: std::time::Duration,
 ) {
@@ -299,85 +309,562 @@ pub async fn serve(
                 }
             },
         };
-        match hand_over(stream, &exports, ack_timeout).await {
+        let mut stopped = false;
+        match hand_over(stream, &control, ack_timeout, &mut stopped).await {
             Ok(export) => {
                 for (_, l) in &export.listeners {
                     l.keep_socket_file();
                 }
                 tracing::info!(
                     listeners = export.listeners.len(),
-                    "hand-over confirmed by the new process: draining"
+                    "hand-over confirmed by the new process: draining what stays"
                 );
+                shutdown.handed_over();
                 shutdown.drain.cancel();
                 return;
             }
             Err(e) => {
                 tracing::error!(error = %e, "hand-over failed: this process keeps serving");
+                if stopped {
+                    let _ = control.send(crate::proxy::Control::ResumeAccepting).await;
+                }
             }
         }
     }
 }
 
+/// Pause and total-time figures of one hand-over's session export.
+#[derive(Debug, Default)]
+struct ExportStats {
+    taken: usize,
+    stayed: usize,
+    /// Per taken session: from its pause (the export) to the verdict.
+    pauses: Vec<std::time::Duration>,
+}
+
+impl ExportStats {
+    fn percentile(&mut self, p: f64) -> u64 {
+        if self.pauses.is_empty() {
+            return 0;
+        }
+        self.pauses.sort_unstable();
+        let i = ((self.pauses.len() as f64 * p).ceil() as usize).clamp(1, self.pauses.len()) - 1;
+        self.pauses[i].as_micros() as u64
+    }
+}
+
+/// How long a session task may take to answer an export request (it
+/// answers at its next quiescent point: microseconds, unless it is stuck).
+const EXPORT_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One hand-over attempt; returns what was handed over once confirmed.
+/// Sets `stopped` once this process stopped accepting.
 async fn hand_over(
     stream: tokio::net::UnixStream,
-    exports: &tokio::sync::mpsc::Sender<crate::proxy::ExportRequest>,
+    control: &tokio::sync::mpsc::Sender<crate::proxy::Control>,
     ack_timeout: std::time::Duration,
+    stopped: &mut bool,
 ) -> Result<crate::proxy::Export, HandoverError> {
+    use crate::proxy::Control;
     let stream = stream.into_std()?;
     stream.set_nonblocking(false)?;
     check_peer(&stream)?;
     let (reply, export) = tokio::sync::oneshot::channel();
-    let stopped = || io::Error::other("the proxy is stopping");
-    exports
-        .send(crate::proxy::ExportRequest { reply })
+    let gone = || io::Error::other("the proxy is stopping");
+    control
+        .send(Control::Export { reply })
         .await
-        .map_err(|_| stopped())?;
-    let export = export.await.map_err(|_| stopped())?;
-    tokio::task::spawn_blocking(move || {
-        let mut entries = Vec::new();
-        let mut fds = Vec::new();
-        for (name, l) in &export.listeners {
-            match l.handover_fd() {
-                Some(fd) => {
-                    entries.push(Entry {
-                        kind: Kind::Listener,
-                        name: name.clone(),
-                        endpoint: l.local_endpoint().to_string(),
-                    });
-                    fds.push(fd);
-                }
-                None => {
-                    tracing::warn!(listener = %name, "a resume-protocol listener cannot be handed over yet")
-                }
-            }
-        }
-        if let Some(fd) = &export.admin {
-            entries.push(Entry {
-                kind: Kind::Admin,
-                name: String::new(),
-                endpoint: String::new(),
-            });
-            use std::os::fd::AsFd;
-            fds.push(fd.as_fd());
-        }
-        let manifest = Manifest {
-            version: VERSION,
-            pid: std::process::id(),
-            entries,
+        .map_err(|_| gone())?;
+    let export = export.await.map_err(|_| gone())?;
+    let stream = std::sync::Arc::new(stream);
+    let (sock, export) = {
+        let sock = stream.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, HandoverError> {
+            send_listeners(&sock, &export, ack_timeout)?;
+            Ok((sock, export))
+        })
+        .await
+        .map_err(io::Error::other)??
+    };
+    // The new process accepts on every listener now.
+    let (reply, done) = tokio::sync::oneshot::channel();
+    control
+        .send(Control::StopAccepting { reply })
+        .await
+        .map_err(|_| gone())?;
+    done.await.map_err(|_| gone())?;
+    *stopped = true;
+    let started = std::time::Instant::now();
+    let mut stats = ExportStats::default();
+    let mut tried = std::collections::HashSet::new();
+    loop {
+        // Sessions not asked yet (a TLS handshake that was under way may
+        // have added some since the last look).
+        let pending: Vec<_> = match export.shared.sessions.lock() {
+            Ok(m) => m
+                .values()
+                .filter(|s| !tried.contains(&s.id))
+                .cloned()
+                .collect(),
+            Err(_) => Vec::new(),
         };
-        send(&stream, &manifest, &fds)?;
-        tracing::info!(
-            descriptors = fds.len(),
-            "hand-over: listeners sent; waiting for the new process"
-        );
-        stream.set_read_timeout(Some(ack_timeout))?;
-        wait_ack(&stream)?;
-        drop(fds);
-        Ok(export)
+        if pending.is_empty() {
+            break;
+        }
+        for chunk in pending.chunks(BATCH) {
+            for s in chunk {
+                tried.insert(s.id);
+            }
+            export_batch(&sock, chunk, ack_timeout, &mut stats).await?;
+        }
+    }
+    let sock2 = sock.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), HandoverError> {
+        let done = Batch {
+            version: VERSION,
+            sessions: Vec::new(),
+            done: true,
+        };
+        send_batch(&sock2, &done, &[], &[])?;
+        recv_verdicts(&sock2, 0)?;
+        Ok(())
     })
     .await
-    .map_err(io::Error::other)?
+    .map_err(io::Error::other)??;
+    let total = started.elapsed();
+    let (p50, p99, max) = (
+        stats.percentile(0.50),
+        stats.percentile(0.99),
+        stats.percentile(1.0),
+    );
+    tracing::info!(
+        sessions = stats.taken,
+        stayed = stats.stayed,
+        total_ms = total.as_secs_f64() * 1000.0,
+        pause_p50_us = p50,
+        pause_p99_us = p99,
+        pause_max_us = max,
+        "hand-over: sessions handed over"
+    );
+    Ok(export)
+}
+
+/// Sends the listening sockets and waits for the new process's [`ACK`].
+fn send_listeners(
+    stream: &UnixStream,
+    export: &crate::proxy::Export,
+    ack_timeout: std::time::Duration,
+) -> Result<(), HandoverError> {
+    let mut entries = Vec::new();
+    let mut fds = Vec::new();
+    for (name, l) in &export.listeners {
+        match l.handover_fd() {
+            Some(fd) => {
+                entries.push(Entry {
+                    kind: Kind::Listener,
+                    name: name.clone(),
+                    endpoint: l.local_endpoint().to_string(),
+                });
+                fds.push(fd);
+            }
+            None => {
+                tracing::warn!(listener = %name, "a resume-protocol listener cannot be handed over yet")
+            }
+        }
+    }
+    if let Some(fd) = &export.admin {
+        entries.push(Entry {
+            kind: Kind::Admin,
+            name: String::new(),
+            endpoint: String::new(),
+        });
+        use std::os::fd::AsFd;
+        fds.push(fd.as_fd());
+    }
+    let manifest = Manifest {
+        version: VERSION,
+        pid: std::process::id(),
+        entries,
+    };
+    send(stream, &manifest, &fds)?;
+    tracing::info!(
+        descriptors = fds.len(),
+        "hand-over: listeners sent; waiting for the new process"
+    );
+    stream.set_read_timeout(Some(ack_timeout))?;
+    wait_ack(stream)
+}
+
+/// Asks each session of `chunk` to export itself, sends those that did as
+/// one batch, and tells each whether the new process took it. Any failure
+/// gives every session of the batch back to its task here.
+async fn export_batch(
+    sock: &std::sync::Arc<UnixStream>,
+    chunk: &[std::sync::Arc<crate::session::status::SessionStatus>],
+    ack_timeout: std::time::Duration,
+    stats: &mut ExportStats,
+) -> Result<(), HandoverError> {
+    let asked = std::time::Instant::now();
+    let mut replies = Vec::with_capacity(chunk.len());
+    for s in chunk {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if s.request_export(tx) {
+            replies.push(rx);
+        } else {
+            stats.stayed += 1;
+        }
+    }
+    let mut exported = Vec::with_capacity(replies.len());
+    for rx in replies {
+        match tokio::time::timeout(EXPORT_REPLY_TIMEOUT, rx).await {
+            Ok(Ok(Ok(e))) => exported.push(e),
+            Ok(Ok(Err(why))) => {
+                tracing::debug!(reason = why, "hand-over: a session stays in this process");
+                stats.stayed += 1;
+            }
+            _ => stats.stayed += 1,
+        }
+    }
+    if exported.is_empty() {
+        return Ok(());
+    }
+    let n = exported.len();
+    let replied = asked.elapsed();
+    let (verdicts, exported) = {
+        let sock = sock.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = send_exported(&sock, &exported, ack_timeout);
+            (r, exported)
+        })
+        .await
+        .map_err(io::Error::other)?
+    };
+    let verdicts = match verdicts {
+        Ok(v) => v,
+        Err(e) => {
+            // Dropping the verdict senders resumes every session here.
+            drop(exported);
+            return Err(e);
+        }
+    };
+    for (e, taken) in exported.into_iter().zip(verdicts) {
+        if taken {
+            stats.taken += 1;
+            stats.pauses.push(e.paused_at.elapsed());
+        } else {
+            stats.stayed += 1;
+        }
+        let _ = e.verdict.send(taken);
+    }
+    tracing::debug!(
+        sessions = n,
+        replies_us = replied.as_micros() as u64,
+        answered_us = asked.elapsed().as_micros() as u64,
+        "hand-over: batch sent"
+    );
+    Ok(())
+}
+
+/// Sends one batch of exported sessions and reads the verdicts.
+fn send_exported(
+    sock: &UnixStream,
+    exported: &[crate::session::driver::Exported],
+    ack_timeout: std::time::Duration,
+) -> Result<Vec<bool>, HandoverError> {
+    use std::os::fd::AsFd;
+    let mut fds = Vec::with_capacity(2 * exported.len());
+    let mut blob = Vec::with_capacity(2 * exported.len());
+    let mut sessions = Vec::with_capacity(exported.len());
+    for e in exported {
+        fds.push(e.client.as_fd());
+        blob.push(IoSlice::new(&e.snapshot));
+        if let Some(leg) = &e.server {
+            fds.push(leg.fd.as_fd());
+            blob.push(IoSlice::new(&leg.rbuf));
+        }
+        sessions.push(SessionEntry {
+            id: e.id.to_string(),
+            listener: e.listener.clone(),
+            peer: e.peer.clone(),
+            client: e.client_kind,
+            server: e.server.as_ref().map(|l| LegEntry {
+                gen: l.gen,
+                kind: l.kind,
+                rbuf: l.rbuf.len() as u32,
+                written: l.written,
+            }),
+            snapshot: e.snapshot.len() as u32,
+            client_eof: e.client_eof,
+            age_ms: e.age.as_millis() as u64,
+            legs: e.legs,
+            replayed: e.replayed,
+            ack: e.ack.clone(),
+        });
+    }
+    let batch = Batch {
+        version: VERSION,
+        sessions,
+        done: false,
+    };
+    send_batch(sock, &batch, &blob, &fds)?;
+    sock.set_read_timeout(Some(ack_timeout))?;
+    recv_verdicts(sock, exported.len())
+}
+
+/// Sessions per batch message (two descriptors each at most, well under
+/// the kernel's 253 per message). Small batches keep each session's pause
+/// short: a session waits, paused, for its own batch's round trip only.
+pub const BATCH: usize = 16;
+/// Most descriptors in one batch message.
+const MAX_BATCH_FDS: usize = 2 * BATCH;
+/// Largest batch header (JSON) accepted.
+const MAX_BATCH_HEADER: usize = 1 << 20;
+/// Largest batch payload (snapshots and undecoded server bytes) accepted.
+const MAX_BATCH_BLOB: u64 = 1 << 32;
+
+/// One session of a batch. Its descriptors travel in order (client, then
+/// server when `server` is set); its bytes in the batch's payload, in order
+/// (`snapshot` bytes of [`SessionCore::export`](crate::session::core::SessionCore::export),
+/// then the leg's `rbuf` bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEntry {
+    /// The session id, for logs.
+    pub id: String,
+    /// The listener it came through, by name.
+    pub listener: String,
+    /// The client's address, for logs.
+    pub peer: String,
+    pub client: crate::session::driver::SockKind,
+    pub server: Option<LegEntry>,
+    /// Bytes of the core's snapshot.
+    pub snapshot: u32,
+    /// The client closed its side (read EOF).
+    pub client_eof: bool,
+    /// How long the session has been open, in milliseconds.
+    pub age_ms: u64,
+    pub legs: u64,
+    pub replayed: u64,
+    /// The backend's ack mode ([`crate::proxy::ack_kind`]): the new process
+    /// takes the session only if its backend of that name keeps it.
+    pub ack: String,
+}
+
+/// The leg (server connection) of a [`SessionEntry`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegEntry {
+    pub gen: u64,
+    pub kind: crate::session::driver::SockKind,
+    /// Bytes read from the server, not yet decoded.
+    pub rbuf: u32,
+    /// Bytes written on the leg.
+    pub written: u64,
+}
+
+/// A batch of sessions; `done` (with no sessions) ends the hand-over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub version: u32,
+    pub sessions: Vec<SessionEntry>,
+    pub done: bool,
+}
+
+/// A session as the new process receives it.
+#[derive(Debug)]
+pub struct IncomingSession {
+    pub entry: SessionEntry,
+    pub snapshot: bytes::Bytes,
+    pub rbuf: bytes::Bytes,
+    pub client: OwnedFd,
+    pub server: Option<OwnedFd>,
+}
+
+impl Batch {
+    /// Descriptors the batch carries.
+    pub fn fds(&self) -> usize {
+        self.sessions
+            .iter()
+            .map(|s| 1 + usize::from(s.server.is_some()))
+            .sum()
+    }
+
+    /// Payload bytes the batch carries.
+    pub fn blob(&self) -> u64 {
+        self.sessions
+            .iter()
+            .map(|s| u64::from(s.snapshot) + s.server.as_ref().map_or(0, |l| u64::from(l.rbuf)))
+            .sum()
+    }
+
+    /// Parses a batch header and checks it against what arrived: version,
+    /// descriptor count and payload size. Pure (fuzzed).
+    pub fn decode(json: &[u8], fds: usize, blob: u64) -> Result<Batch, HandoverError> {
+        if json.len() > MAX_BATCH_HEADER {
+            return Err(HandoverError::TooLarge(json.len()));
+        }
+        let batch: Batch = serde_json::from_slice(json)?;
+        if batch.version != VERSION {
+            return Err(HandoverError::Version { got: batch.version });
+        }
+        if batch.sessions.len() > BATCH || (batch.done && !batch.sessions.is_empty()) {
+            return Err(HandoverError::TooLarge(batch.sessions.len()));
+        }
+        if batch.fds() != fds {
+            return Err(HandoverError::FdCount {
+                expected: batch.fds(),
+                got: fds,
+            });
+        }
+        if batch.blob() != blob {
+            return Err(HandoverError::Blob {
+                expected: batch.blob(),
+                got: blob,
+            });
+        }
+        Ok(batch)
+    }
+
+    /// Splits what arrived into sessions.
+    pub fn split(self, blob: Vec<u8>, fds: Vec<OwnedFd>) -> Vec<IncomingSession> {
+        let blob = bytes::Bytes::from(blob);
+        let mut fds = fds.into_iter();
+        let mut at = 0usize;
+        let mut take = |n: u32| {
+            let b = blob.slice(at..at + n as usize);
+            at += n as usize;
+            b
+        };
+        let mut out = Vec::with_capacity(self.sessions.len());
+        for entry in self.sessions {
+            // `decode` checked the counts: these cannot run out.
+            let client = fds.next().expect("descriptor count checked");
+            let server = entry
+                .server
+                .as_ref()
+                .map(|_| fds.next().expect("descriptor count checked"));
+            let snapshot = take(entry.snapshot);
+            let rbuf = take(entry.server.as_ref().map_or(0, |l| l.rbuf));
+            out.push(IncomingSession {
+                entry,
+                snapshot,
+                rbuf,
+                client,
+                server,
+            });
+        }
+        out
+    }
+}
+
+/// Sends a batch: `[u32 header length][u64 payload length][header][payload]`,
+/// with `fds` attached to the first bytes.
+pub fn send_batch(
+    sock: &UnixStream,
+    batch: &Batch,
+    blob: &[IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), HandoverError> {
+    let json = serde_json::to_vec(batch)?;
+    let blob_len: u64 = blob.iter().map(|b| b.len() as u64).sum();
+    if fds.len() != batch.fds() || fds.len() > MAX_BATCH_FDS || blob_len != batch.blob() {
+        return Err(HandoverError::FdCount {
+            expected: batch.fds(),
+            got: fds.len(),
+        });
+    }
+    let mut head = Vec::with_capacity(12 + json.len());
+    head.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    head.extend_from_slice(&blob_len.to_be_bytes());
+    head.extend_from_slice(&json);
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(HandoverError::TooLarge(fds.len()));
+    }
+    let sent = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(&head)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .map_err(io::Error::from)?;
+    let mut w = sock;
+    w.write_all(&head[sent..])?;
+    for part in blob {
+        w.write_all(part)?;
+    }
+    Ok(())
+}
+
+/// Receives a batch; descriptors are wrapped as `OwnedFd` at once.
+pub fn recv_batch(sock: &UnixStream) -> Result<(Batch, Vec<u8>, Vec<OwnedFd>), HandoverError> {
+    let mut head = [0u8; 12];
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_BATCH_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    // Only the fixed header with the descriptors: the rest is read plainly.
+    let msg = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut head)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = m {
+            fds.extend(received);
+        }
+    }
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(HandoverError::Truncated);
+    }
+    if msg.bytes == 0 {
+        return Err(HandoverError::NoAck);
+    }
+    let mut r = sock;
+    r.read_exact(&mut head[msg.bytes..])?;
+    let json_len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    let blob_len = u64::from_be_bytes(head[4..].try_into().expect("8 bytes"));
+    if json_len > MAX_BATCH_HEADER {
+        return Err(HandoverError::TooLarge(json_len));
+    }
+    if blob_len > MAX_BATCH_BLOB {
+        return Err(HandoverError::Blob {
+            expected: MAX_BATCH_BLOB,
+            got: blob_len,
+        });
+    }
+    let mut json = vec![0u8; json_len];
+    r.read_exact(&mut json)?;
+    let batch = Batch::decode(&json, fds.len(), blob_len)?;
+    let mut blob = vec![0u8; blob_len as usize];
+    r.read_exact(&mut blob)?;
+    Ok((batch, blob, fds))
+}
+
+/// The new process's answer to a batch: one byte per session, 1 when it
+/// took the session (it serves it from now on), 0 when the old process
+/// keeps it.
+pub fn send_verdicts(sock: &UnixStream, taken: &[bool]) -> Result<(), HandoverError> {
+    let mut msg = Vec::with_capacity(4 + taken.len());
+    msg.extend_from_slice(&(taken.len() as u32).to_be_bytes());
+    msg.extend(taken.iter().map(|&t| u8::from(t)));
+    let mut w = sock;
+    w.write_all(&msg)?;
+    Ok(())
+}
+
+/// Reads the answer to a batch of `n` sessions.
+pub fn recv_verdicts(sock: &UnixStream, n: usize) -> Result<Vec<bool>, HandoverError> {
+    let mut len = [0u8; 4];
+    let mut r = sock;
+    r.read_exact(&mut len).map_err(|_| HandoverError::NoAck)?;
+    let got = u32::from_be_bytes(len) as usize;
+    if got != n {
+        return Err(HandoverError::FdCount { expected: n, got });
+    }
+    let mut v = vec![0u8; n];
+    r.read_exact(&mut v).map_err(|_| HandoverError::NoAck)?;
+    Ok(v.into_iter().map(|b| b == 1).collect())
 }
 
 #[cfg(test)]

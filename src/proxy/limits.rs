@@ -213,6 +213,34 @@ impl Admission<'_> {
     }
 }
 
+impl Admission<'_> {
+    /// Counts a session taken over from the old process, whatever the
+    /// limits say: it is open already, and refusing it would close it.
+    pub fn count(&self, ip: Option<IpAddr>) -> Slot {
+        let client = match (ip, self.per_client_max) {
+            (Some(ip), Some(_)) => {
+                let mut map = self
+                    .listener
+                    .per_client
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                *map.entry(ip).or_insert(0) += 1;
+                Some(ip)
+            }
+            _ => None,
+        };
+        self.fds.admitted();
+        self.global_open.fetch_add(1, Ordering::Relaxed);
+        self.listener.open.fetch_add(1, Ordering::Relaxed);
+        self.listener.admitted();
+        Slot {
+            global_open: self.global_open.clone(),
+            listener: self.listener.clone(),
+            client,
+        }
+    }
+}
+
 /// A session's place under the limits; dropping it gives the place back.
 #[derive(Debug)]
 pub struct Slot {

@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{Config, Endpoint, ListenerConfig};
+use crate::config::{Config, Endpoint, ListenerConfig, ListenerProtocol};
 use crate::lifecycle::{Phase, Shutdown};
 use crate::metrics::{Metrics, REJECT_TLS_HANDSHAKE, REJECT_TLS_TIMEOUT};
-use crate::session::driver::{Driver, SessionCtx, Shared};
+use crate::session::driver::{Driver, Ended, SessionCtx, Shared};
 use crate::session::{SessionCore, SessionId};
 use crate::transport::{self, BindError, Conn, Listener};
 
@@ -63,7 +63,7 @@ async fn bind_listener(l: &ListenerConfig) -> Result<Listener, BindError> {
     match &l.protocol {
         crate::config::ListenerProtocol::Tcp => Listener::bind(&l.listen).await,
         crate::config::ListenerProtocol::Resume(settings) => {
-            Listener::bind_resume(&l.listen, settings).await
+            Listener::bind_resume(&l.listen, settings, l.tls.as_ref()).await
         }
     }
 }
@@ -173,9 +173,23 @@ pub struct ReloadRequest {
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
-/// A hand-over asks the running proxy for its listening sockets.
-pub struct ExportRequest {
-    pub reply: oneshot::Sender<Export>,
+/// What a hand-over asks of the running proxy.
+pub enum Control {
+    /// The listening sockets and the session registry (old process).
+    Export { reply: oneshot::Sender<Export> },
+    /// Stop accepting: the new process accepts on the same sockets now
+    /// (old process, once the new one confirmed its listeners).
+    StopAccepting { reply: oneshot::Sender<()> },
+    /// Accept again: the hand-over failed after `StopAccepting`.
+    ResumeAccepting,
+    /// Sessions taken over (new process): prepare them and answer which
+    /// were taken; each starts when `go` says `Some(true)` (once the old
+    /// process has the answer) and is dropped untouched on `Some(false)`.
+    Import {
+        sessions: Vec<crate::handover::IncomingSession>,
+        go: watch::Receiver<Option<bool>>,
+        reply: oneshot::Sender<Vec<bool>>,
+    },
 }
 
 /// The listening sockets of a running proxy, for a hand-over. Holding it
@@ -186,6 +200,20 @@ pub struct Export {
     pub listeners: Vec<(String, Arc<Listener>)>,
     /// A duplicate of the admin endpoint's socket.
     pub admin: Option<std::os::fd::OwnedFd>,
+    /// Every open session, to export one by one.
+    pub shared: Arc<Shared>,
+}
+
+/// The ack mode of a backend as a hand-over compares it: a session moves
+/// only to a backend that keeps the same mode and framing.
+pub fn ack_kind(ack: &crate::config::AckMode) -> String {
+    use crate::config::AckMode;
+    match ack {
+        AckMode::None => "none".into(),
+        AckMode::Tcp => "tcp".into(),
+        AckMode::Response(f) => format!("response {f:?}"),
+        AckMode::Resume(_) => "resume".into(),
+    }
 }
 
 /// [`run`] with a given [`Runtime`] (metrics registry and session registry),
@@ -199,8 +227,8 @@ pub async fn run_with(
     rt: Runtime,
     reloads: mpsc::Receiver<ReloadRequest>,
 ) -> io::Result<()> {
-    let (_keep, exports) = mpsc::channel(1);
-    run_full(config, bound, shutdown, phase, rt, reloads, exports).await
+    let (_keep, control) = mpsc::channel(1);
+    run_full(config, bound, shutdown, phase, rt, reloads, control).await
 }
 
 /// [`run_with`] that also answers hand-over requests for its listening
@@ -212,7 +240,7 @@ pub async fn run_full(
     phase: watch::Sender<Phase>,
     rt: Runtime,
     mut reloads: mpsc::Receiver<ReloadRequest>,
-    mut exports: mpsc::Receiver<ExportRequest>,
+    mut control: mpsc::Receiver<Control>,
 ) -> io::Result<()> {
     let shared = if rt.shared.buffer_limit() == config.limits.buffer_memory {
         rt.shared.clone()
@@ -267,17 +295,37 @@ pub async fn run_full(
         tokio::select! {
             _ = shutdown.drain.cancelled() => break,
             _ = shutdown.stop.cancelled() => break,
-            Some(req) = exports.recv() => {
-                let export = Export {
-                    listeners: proxy
-                        .listeners
-                        .iter()
-                        .map(|l| (l.name.clone(), l.listener.clone()))
-                        .collect(),
-                    admin: admin_fd.as_ref().and_then(|fd| fd.try_clone().ok()),
-                };
-                let _ = req.reply.send(export);
-            }
+            Some(req) = control.recv() => match req {
+                Control::Export { reply } => {
+                    let export = Export {
+                        listeners: proxy
+                            .listeners
+                            .iter()
+                            .map(|l| (l.name.clone(), l.listener.clone()))
+                            .collect(),
+                        admin: admin_fd.as_ref().and_then(|fd| fd.try_clone().ok()),
+                        shared: proxy.shared.clone(),
+                    };
+                    let _ = reply.send(export);
+                }
+                Control::StopAccepting { reply } => {
+                    proxy.stop_accepting().await;
+                    let _ = reply.send(());
+                }
+                Control::ResumeAccepting => proxy.resume_accepting(),
+                Control::Import { sessions, go, reply } => {
+                    let taken = sessions
+                        .into_iter()
+                        .map(|s| {
+                            let (id, listener) = (s.entry.id.clone(), s.entry.listener.clone());
+                            proxy.import(s, go.clone()).inspect_err(|e| {
+                                tracing::warn!(session.id = %id, listener = %listener, error = %e, "hand-over: cannot take this session; the old process keeps it");
+                            }).is_ok()
+                        })
+                        .collect();
+                    let _ = reply.send(taken);
+                }
+            },
             Some(req) = reloads.recv() => {
                 let res = proxy.reload(req.config).await;
                 match &res {
@@ -301,7 +349,9 @@ pub async fn run_full(
     let open = proxy.open.clone();
     for l in proxy.listeners.drain(..) {
         l.stop.cancel();
-        let _ = l.join.await;
+        if let Some(join) = l.join {
+            let _ = join.await;
+        }
     }
     let sessions = proxy.sessions.clone();
     sessions.close();
@@ -378,7 +428,8 @@ struct RunningListener {
     /// Its open sessions (total and per client), kept across reloads.
     limits: Arc<ListenerLimits>,
     stop: CancellationToken,
-    join: tokio::task::JoinHandle<()>,
+    /// The accept loop (None while a hand-over stopped it).
+    join: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -417,8 +468,13 @@ impl Running {
             shared: self.shared.clone(),
         };
         // Certificates were read and checked when the config was loaded: a
-        // reload builds a new acceptor, which new handshakes use.
-        let tls = cfg.tls.as_ref().map(|t| ListenerTlsCtx {
+        // reload builds a new acceptor, which new handshakes use. A resume
+        // listener's TLS is the server library's (`set_resume_tls`).
+        let tls = cfg
+            .tls
+            .as_ref()
+            .filter(|_| cfg.protocol == ListenerProtocol::Tcp);
+        let tls = tls.map(|t| ListenerTlsCtx {
             acceptor: tokio_rustls::TlsAcceptor::from(t.server.0.clone()),
             handshake_timeout: t.handshake_timeout,
             routes: cfg
@@ -459,6 +515,12 @@ impl Running {
         let limits = Arc::new(ListenerLimits::default());
         let (ctx, ctx_rx) = watch::channel(self.accept_ctx(cfg, config, backends, limits.clone()));
         let stop = CancellationToken::new();
+        if let Some(resume) = listener.resume() {
+            // TLS handshakes run inside the server library: count its
+            // refusals as a TLS listener's.
+            let lm = self.metrics.listener(&cfg.name);
+            resume.set_on_reject(Some(Arc::new(move |why| lm.rejected(why.as_str()))));
+        }
         let listener = Arc::new(listener);
         let join = tokio::spawn(accept_loop(listener.clone(), ctx_rx, stop.clone()));
         self.listeners.push(RunningListener {
@@ -469,8 +531,134 @@ impl Running {
             ctx,
             limits,
             stop,
-            join,
+            join: Some(join),
         });
+    }
+
+    /// Stops every accept loop (the listening sockets stay open).
+    async fn stop_accepting(&mut self) {
+        for l in &mut self.listeners {
+            l.stop.cancel();
+            if let Some(join) = l.join.take() {
+                let _ = join.await;
+            }
+        }
+    }
+
+    /// Restarts the accept loops `stop_accepting` stopped.
+    fn resume_accepting(&mut self) {
+        for l in &mut self.listeners {
+            if l.stop.is_cancelled() {
+                l.stop = CancellationToken::new();
+                l.join = Some(tokio::spawn(accept_loop(
+                    l.listener.clone(),
+                    l.ctx.subscribe(),
+                    l.stop.clone(),
+                )));
+                tracing::info!(listener = %l.name, "accepting again");
+            }
+        }
+    }
+
+    /// Prepares a session taken over from the old process: its sockets,
+    /// its core, its place under the limits. It starts on `go`.
+    fn import(
+        &self,
+        s: crate::handover::IncomingSession,
+        mut go: watch::Receiver<Option<bool>>,
+    ) -> Result<(), String> {
+        let crate::handover::IncomingSession {
+            entry,
+            snapshot,
+            rbuf,
+            client,
+            server,
+        } = s;
+        let Some(l) = self.listeners.iter().find(|l| l.name == entry.listener) else {
+            return Err(format!("no listener {:?} in this config", entry.listener));
+        };
+        let ctx = l.ctx.borrow().clone();
+        let now = tokio::time::Instant::now().into_std();
+        let core = SessionCore::import(
+            &snapshot,
+            |name| self.backends.get(name).map(|b| b.config.clone()),
+            now,
+        )
+        .map_err(|e| format!("session state: {e}"))?;
+        let backend = self.backends[&core.backend().name].clone();
+        if ack_kind(&backend.config.ack) != entry.ack {
+            return Err(format!(
+                "backend {:?} changed its ack mode ({} here, {} there)",
+                backend.config.name,
+                ack_kind(&backend.config.ack),
+                entry.ack
+            ));
+        }
+        let client = entry
+            .client
+            .wrap(client)
+            .map_err(|e| format!("client socket: {e}"))?;
+        let server = match (&entry.server, server) {
+            (Some(leg), Some(fd)) => Some((
+                crate::session::core::Generation(leg.gen),
+                leg.kind
+                    .wrap(fd)
+                    .map_err(|e| format!("server socket: {e}"))?,
+                bytes::BytesMut::from(&rbuf[..]),
+                leg.written,
+            )),
+            _ => None,
+        };
+        let ip = entry
+            .peer
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip());
+        let slot = Admission {
+            global_open: &ctx.open,
+            global_max: ctx.max_sessions,
+            listener: &ctx.limits,
+            listener_max: ctx.cfg.max_sessions,
+            per_client_max: ctx.cfg.max_sessions_per_client,
+            fds: &ctx.fds,
+        }
+        .count(ip);
+        let session = SessionCtx {
+            backend,
+            listener: ctx.session.listener.clone(),
+            shared: self.shared.clone(),
+        };
+        let id = core.id();
+        let backend_name = core.backend().name.clone();
+        let driver = Driver::restored(
+            core,
+            client,
+            entry.peer.clone(),
+            session.clone(),
+            ctx.close_sessions.child_token(),
+            crate::session::driver::Restored {
+                client_eof: entry.client_eof,
+                age: std::time::Duration::from_millis(entry.age_ms),
+                legs: entry.legs,
+                replayed: entry.replayed,
+                server,
+            },
+        );
+        let start = async move {
+            // Only once the old process knows we took it.
+            go.wait_for(Option::is_some).await.ok().and_then(|g| *g) == Some(true)
+        };
+        spawn_session(
+            &ctx,
+            &session,
+            driver,
+            id,
+            backend_name,
+            entry.peer,
+            slot,
+            Some(Box::pin(start)),
+        );
+        Ok(())
     }
 
     /// Applies a new configuration: listeners present in both (same name and
@@ -513,7 +701,9 @@ impl Running {
                 l.stop.cancel();
                 // Its socket is closed once its accept loop has returned:
                 // when the reload reports success, nobody connects there.
-                let _ = l.join.await;
+                if let Some(join) = l.join {
+                    let _ = join.await;
+                }
             }
         }
         self.listeners = kept;
@@ -525,6 +715,7 @@ impl Running {
                 .expect("kept listeners are in the new config");
             l.ctx
                 .send_replace(self.accept_ctx(cfg, &config, &backends, l.limits.clone()));
+            l.listener.set_resume_tls(cfg.tls.as_ref());
         }
         for (cfg, listener) in fresh {
             self.start_listener(listener, &cfg, &config, &backends);
@@ -715,15 +906,70 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
         session.clone(),
         ctx.close_sessions.child_token(),
     );
-    let lm = lm.clone();
+    let _ = lm;
+    spawn_session(
+        ctx,
+        session,
+        driver,
+        id,
+        backend.name.clone(),
+        peer,
+        slot,
+        None,
+    );
+}
+
+type StartGate = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+/// Spawns a session's task. A session taken over from the old process
+/// passes `start`: it runs only if that says true, else it is dropped
+/// without touching its sockets (the old process kept it).
+#[allow(clippy::too_many_arguments)]
+fn spawn_session(
+    ctx: &AcceptCtx,
+    session: &SessionCtx,
+    driver: Driver,
+    id: SessionId,
+    backend_name: String,
+    peer: String,
+    slot: Slot,
+    start: Option<StartGate>,
+) {
+    let lm = session.listener.clone();
     let access = ctx.access.clone();
     let listener_name = ctx.listener_name.clone();
-    let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend.name);
+    let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend_name);
     ctx.sessions.spawn(
         async move {
-            tracing::info!(client.addr = %peer, "session opened");
+            let taken_over = start.is_some();
+            if let Some(start) = start {
+                if !start.await {
+                    drop(slot);
+                    return;
+                }
+                tracing::debug!(client.addr = %peer, "session taken over");
+            } else {
+                tracing::info!(client.addr = %peer, "session opened");
+            }
             lm.sessions.inc();
-            let s = driver.run().await;
+            let s = match driver.run().await {
+                Ended::Closed(s) => s,
+                Ended::HandedOver(h) => {
+                    drop(slot);
+                    lm.sessions.dec();
+                    lm.closed("handed_over");
+                    tracing::info!(
+                        reason = "handed_over",
+                        bytes_up = h.bytes_up,
+                        bytes_down = h.bytes_down,
+                        legs = h.legs,
+                        duration_ms = h.duration.as_millis() as u64,
+                        "session handed over to the new process"
+                    );
+                    return;
+                }
+            };
+            let _ = taken_over;
             drop(slot);
             lm.sessions.dec();
             lm.closed(s.reason.as_str());
@@ -745,7 +991,7 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
                 "session closed"
             );
             if let Some(log) = access {
-                log.record(&id.to_string(), &peer, &listener_name, &backend.name, &s);
+                log.record(&id.to_string(), &peer, &listener_name, &backend_name, &s);
             }
         }
         .instrument(span),

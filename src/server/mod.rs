@@ -3,11 +3,13 @@
 //! **acceptor**), so that a broken transport, or a restart of the service
 //! process, loses nothing.
 //!
-//! [`ResumeListener`] listens on TCP or a Unix socket, runs each
-//! connection's handshake and yields each new (or restored) session once as
-//! a [`ResumableSession`], which is `AsyncRead + AsyncWrite`. A resume of a
-//! session still alive in this process is routed to it internally: the
-//! application never sees transports come and go.
+//! [`ResumeListener`] listens on TCP or a Unix socket, optionally with TLS
+//! ([`TlsConfig`]: a certificate, and client certificates checked against a
+//! CA for mutual TLS), runs each connection's handshake and yields each new
+//! (or restored) session once as a [`ResumableSession`], which is
+//! `AsyncRead + AsyncWrite`. A resume of a session still alive in this
+//! process is routed to it internally, whether it comes over plain TCP or a
+//! new TLS connection: the application never sees transports come and go.
 //!
 //! Exactly-once needs [`AckPolicy::Manual`]: the application acknowledges
 //! up-stream bytes with [`ResumableSession::ack`] only once it has durably
@@ -47,13 +49,39 @@
 //! }
 //! # }
 //! ```
+//!
+//! Over mutual TLS (the initiator, such as an edge holdfast with backend
+//! `tls = { ca, cert, key }`, must present a certificate signed by
+//! `client-ca.pem`):
+//!
+//! ```no_run
+//! use holdfast::server::{ResumeListener, ServerConfig, TlsConfig};
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let key = std::fs::read("/etc/holdfast/resume.key")?;
+//! let mut cfg = ServerConfig::new(key);
+//! cfg.tls = Some(TlsConfig::from_pem_files(
+//!     "/etc/holdfast/server.pem".as_ref(),
+//!     "/etc/holdfast/server-key.pem".as_ref(),
+//!     Some("/etc/holdfast/client-ca.pem".as_ref()),
+//! )?);
+//! let listener = ResumeListener::bind("0.0.0.0:7001", cfg).await?;
+//! // ... accept as above. After rotating the certificate files:
+//! listener.set_tls(Some(TlsConfig::from_pem_files(
+//!     "/etc/holdfast/server.pem".as_ref(),
+//!     "/etc/holdfast/server-key.pem".as_ref(),
+//!     Some("/etc/holdfast/client-ca.pem".as_ref()),
+//! )?));
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -100,6 +128,95 @@ pub enum AckPolicy {
     Manual,
 }
 
+/// TLS on a [`ResumeListener`]: every accepted connection completes this
+/// handshake, in its own task and within `handshake_timeout`, before its
+/// HELLO is read. A resume arrives over a new connection and so makes a new
+/// handshake; the session itself does not change.
+#[derive(Clone)]
+pub struct TlsConfig {
+    /// The rustls server side: certificate(s), and a client certificate
+    /// verifier for mutual TLS. Use holdfast's crypto provider
+    /// ([`crate::transport::tls::provider`], ring) or any other.
+    pub server: Arc<rustls::ServerConfig>,
+    /// A connection whose TLS handshake has not completed by then is
+    /// closed ([`Rejection::TlsTimeout`]).
+    pub handshake_timeout: Duration,
+}
+
+/// Default [`TlsConfig::handshake_timeout`].
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsConfig {
+    /// TLS with `server` and the default handshake timeout (10 s).
+    pub fn new(server: Arc<rustls::ServerConfig>) -> TlsConfig {
+        TlsConfig {
+            server,
+            handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    /// TLS 1.2 and 1.3 with the certificate chain `cert` and its private
+    /// key `key` (PEM files), and, with `client_ca`, mutual TLS: an
+    /// initiator must present a certificate that chains to one of the CA
+    /// certificates in that PEM file. Fails ([`ServerError::Tls`]) on a
+    /// missing or bad file, or a key that does not fit the certificate.
+    pub fn from_pem_files(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<TlsConfig, ServerError> {
+        use crate::transport::tls;
+        let pair = tls::load_cert_key(cert, key).map_err(|(_, e)| ServerError::Tls(e))?;
+        let client_ca = client_ca
+            .map(tls::load_ca)
+            .transpose()
+            .map_err(ServerError::Tls)?;
+        let server = tls::server_config(&tls::ServerSettings {
+            default: &pair,
+            sni_certs: Vec::new(),
+            client_ca,
+            tls12: true,
+            alpn: &[],
+        })
+        .map_err(ServerError::Tls)?;
+        Ok(TlsConfig::new(server))
+    }
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`ResumeListener`] closed a connection before reading its HELLO
+/// (refusals of a HELLO are answered with REFUSE and logged instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The TLS handshake failed: no or a bad client certificate, a
+    /// plaintext client, no common version or cipher suite.
+    TlsHandshake,
+    /// The TLS handshake did not complete within its timeout.
+    TlsTimeout,
+}
+
+impl Rejection {
+    /// `tls_handshake` or `tls_timeout` (holdfast's metric reasons).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::TlsHandshake => "tls_handshake",
+            Rejection::TlsTimeout => "tls_timeout",
+        }
+    }
+}
+
+/// Told of every [`Rejection`] (to count them). It runs in the
+/// connection's task: it must be quick and must not block.
+pub type RejectFn = Arc<dyn Fn(Rejection) + Send + Sync>;
+
 /// How a [`ResumeListener`] behaves.
 #[derive(Clone)]
 pub struct ServerConfig {
@@ -121,12 +238,18 @@ pub struct ServerConfig {
     /// For a restarted process: see [`RestoreFn`]. It is called with the
     /// session table locked: it must be quick and must not block.
     pub restore: Option<RestoreFn>,
+    /// TLS for every accepted connection; `None` for plain TCP or Unix.
+    /// [`ResumeListener::set_tls`] replaces it (certificate rotation).
+    pub tls: Option<TlsConfig>,
+    /// Told of connections closed before their HELLO; see
+    /// [`ResumeListener::set_on_reject`].
+    pub on_reject: Option<RejectFn>,
 }
 
 impl ServerConfig {
     /// Defaults for everything but the key: `LinkConfig::default()`,
     /// [`AckPolicy::Auto`], a 5 s handshake timeout, a 30 s resume timeout,
-    /// no restore callback.
+    /// no restore callback, no TLS.
     pub fn new(key: Vec<u8>) -> ServerConfig {
         ServerConfig {
             key,
@@ -135,6 +258,8 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(5),
             resume_timeout: Duration::from_secs(30),
             restore: None,
+            tls: None,
+            on_reject: None,
         }
     }
 
@@ -165,6 +290,8 @@ impl fmt::Debug for ServerConfig {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("resume_timeout", &self.resume_timeout)
             .field("restore", &self.restore.as_ref().map(|_| "Fn"))
+            .field("tls", &self.tls)
+            .field("on_reject", &self.on_reject.as_ref().map(|_| "Fn"))
             .finish()
     }
 }
@@ -182,6 +309,9 @@ pub enum ServerError {
     /// Local: `addr` is neither `host:port` nor `unix:/path`.
     #[error("bad listen address {0:?}: use host:port or unix:/path")]
     BadAddress(String),
+    /// Local: a TLS certificate, key or CA file could not be used.
+    #[error("tls: {0}")]
+    Tls(String),
     /// Peer: the initiator ended the session with ABORT.
     #[error("the initiator aborted the session: {code}: {reason}")]
     PeerAborted { code: ErrorCode, reason: String },
@@ -210,6 +340,7 @@ impl ServerError {
             ServerError::KeyTooShort { .. }
             | ServerError::BadLink { .. }
             | ServerError::BadAddress(_)
+            | ServerError::Tls(_)
             | ServerError::AckBeyondRead { .. } => io::ErrorKind::InvalidInput,
             ServerError::PeerAborted { .. } => io::ErrorKind::ConnectionAborted,
             ServerError::Protocol(_) => io::ErrorKind::InvalidData,
@@ -230,6 +361,21 @@ pub(crate) struct Ctx {
     pub(crate) cfg: ServerConfig,
     pub(crate) table: Mutex<Table>,
     new_tx: mpsc::Sender<ResumableSession>,
+    /// The TLS of new connections (`cfg.tls` at first; `set_tls`).
+    tls: RwLock<Option<TlsConfig>>,
+    /// `cfg.on_reject` at first; `set_on_reject`.
+    on_reject: RwLock<Option<RejectFn>>,
+    /// The bound address, for logs.
+    local: String,
+}
+
+impl Ctx {
+    fn reject(&self, why: Rejection) {
+        let f = self.on_reject.read().expect("on_reject lock").clone();
+        if let Some(f) = f {
+            f(why);
+        }
+    }
 }
 
 /// Session id → session, plus recently completed sessions (§4).
@@ -322,6 +468,7 @@ impl Listening {
 /// already yielded keep running on their current transport.
 pub struct ResumeListener {
     local: String,
+    ctx: Arc<Ctx>,
     rx: tokio::sync::Mutex<mpsc::Receiver<ResumableSession>>,
     task: JoinHandle<()>,
     unix_path: Option<PathBuf>,
@@ -331,6 +478,7 @@ impl fmt::Debug for ResumeListener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResumeListener")
             .field("local", &self.local)
+            .field("tls", &self.is_tls())
             .finish()
     }
 }
@@ -365,13 +513,17 @@ impl ResumeListener {
         };
         let (new_tx, rx) = mpsc::channel(1024);
         let ctx = Arc::new(Ctx {
+            tls: RwLock::new(cfg.tls.clone()),
+            on_reject: RwLock::new(cfg.on_reject.clone()),
             cfg,
             table: Mutex::new(Table::default()),
             new_tx,
+            local: local.clone(),
         });
-        let task = tokio::spawn(accept_loop(listening, ctx));
+        let task = tokio::spawn(accept_loop(listening, ctx.clone()));
         Ok(ResumeListener {
             local,
+            ctx,
             rx: tokio::sync::Mutex::new(rx),
             task,
             unix_path,
@@ -382,6 +534,25 @@ impl ResumeListener {
     /// or `unix:/path`.
     pub fn local_addr(&self) -> &str {
         &self.local
+    }
+
+    /// Replaces the TLS settings (or turns TLS on or off) for connections
+    /// accepted from now on: a certificate rotation. Connections already
+    /// accepted finish their handshake with the settings they started with;
+    /// live sessions are untouched until they resume, when the new
+    /// connection's handshake uses the new settings.
+    pub fn set_tls(&self, tls: Option<TlsConfig>) {
+        *self.ctx.tls.write().expect("tls lock") = tls;
+    }
+
+    /// Whether new connections must speak TLS.
+    pub fn is_tls(&self) -> bool {
+        self.ctx.tls.read().expect("tls lock").is_some()
+    }
+
+    /// Replaces [`ServerConfig::on_reject`].
+    pub fn set_on_reject(&self, f: Option<RejectFn>) {
+        *self.ctx.on_reject.write().expect("on_reject lock") = f;
     }
 
     /// The next new or restored session. A session is yielded once, however
@@ -411,7 +582,10 @@ async fn accept_loop(l: Listening, ctx: Arc<Ctx>) {
         match l.accept().await {
             Ok((conn, peer)) => {
                 logged = false;
-                tokio::spawn(handshake_task(ctx.clone(), conn, peer));
+                // The TLS settings at accept time; the handshake itself
+                // runs in the connection's task.
+                let tls = ctx.tls.read().expect("tls lock").clone();
+                tokio::spawn(handshake_task(ctx.clone(), conn, peer, tls));
             }
             Err(e) => {
                 // EMFILE and friends: back off, log once, keep accepting.
@@ -495,7 +669,40 @@ fn welcome(
     w.encode(&cfg.key, &hello.token)
 }
 
-async fn handshake_task(ctx: Arc<Ctx>, mut conn: Conn, peer: String) {
+/// The server side of a TLS handshake; `None` (after a log line and a
+/// [`Rejection`]) when it failed.
+async fn tls_accept(ctx: &Ctx, conn: Conn, peer: &str, tls: &TlsConfig) -> Option<Conn> {
+    use crate::transport::tls::{accept, HandshakeError};
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let (why, error) = match accept(&acceptor, conn, tls.handshake_timeout).await {
+        Ok(conn) => return Some(conn),
+        Err(HandshakeError::Failed(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            // Closed before a ClientHello: a port probe, not a refusal.
+            tracing::debug!(listener.addr = %ctx.local, client.addr = %peer, error = %e, "connection closed during the tls handshake");
+            return None;
+        }
+        Err(HandshakeError::Failed(e)) => (Rejection::TlsHandshake, e.to_string()),
+        Err(HandshakeError::Timeout) => (
+            Rejection::TlsTimeout,
+            format!(
+                "no handshake within {} ms",
+                tls.handshake_timeout.as_millis()
+            ),
+        ),
+    };
+    tracing::warn!(listener.addr = %ctx.local, client.addr = %peer, reason = why.as_str(), error = %error, "resume listener: tls handshake failed: closing the connection");
+    ctx.reject(why);
+    None
+}
+
+async fn handshake_task(ctx: Arc<Ctx>, conn: Conn, peer: String, tls: Option<TlsConfig>) {
+    let mut conn = match &tls {
+        None => conn,
+        Some(tls) => match tls_accept(&ctx, conn, &peer, tls).await {
+            Some(conn) => conn,
+            None => return,
+        },
+    };
     let cfg = &ctx.cfg;
     let mut buf = BytesMut::with_capacity(1024);
     let dec = Decoder::new(cfg.link.max_frame);

@@ -207,6 +207,11 @@ struct Leg {
     /// The WELCOME (or what is left of it) to write first.
     pre: Option<Bytes>,
     epoch: u64,
+    /// The transport buffers writes (TLS records): a write may return
+    /// before its bytes are on the socket, so it needs flushing.
+    buffered: bool,
+    /// Bytes written since the last flush (only when `buffered`).
+    unflushed: bool,
 }
 
 fn install(p: PendingLeg, g: &mut Inner, cfg: &ServerConfig, now: Instant) -> Leg {
@@ -221,8 +226,11 @@ fn install(p: PendingLeg, g: &mut Inner, cfg: &ServerConfig, now: Instant) -> Le
             .dead_peer_timeout
             .max(Duration::from_millis(u64::from(p.peer_heartbeat_ms) * 3))
     };
+    let buffered = p.conn.is_buffered();
     let (rd, wr) = tokio::io::split(p.conn);
     Leg {
+        buffered,
+        unflushed: false,
         rd,
         wr,
         rbuf: p.rbuf,
@@ -243,6 +251,7 @@ enum Event {
     Notified,
     Read(io::Result<usize>),
     Wrote(io::Result<usize>),
+    Flushed(io::Result<()>),
     Timer,
 }
 
@@ -256,12 +265,15 @@ async fn read_some(rd: Option<(&mut ReadHalf<Conn>, &mut BytesMut)>) -> io::Resu
     }
 }
 
-async fn write_some(wr: Option<&mut WriteHalf<Conn>>, chunks: &[Bytes]) -> io::Result<usize> {
+/// Writes some of `chunks`; with nothing to write, flushes what a buffering
+/// transport (TLS) still holds when `flush` says so.
+async fn write_some(wr: Option<&mut WriteHalf<Conn>>, chunks: &[Bytes], flush: bool) -> Event {
     match wr {
         Some(wr) if !chunks.is_empty() => {
             let slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
-            wr.write_vectored(&slices).await
+            Event::Wrote(wr.write_vectored(&slices).await)
         }
+        Some(wr) if flush => Event::Flushed(wr.flush().await),
         _ => std::future::pending().await,
     }
 }
@@ -330,15 +342,21 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: Arc<Ctx>) {
             read_ok = g.up_queued < shared.queue_limit;
         }
         let ev = {
-            let (rd, wr) = match leg.as_mut() {
-                Some(Leg { rd, wr, rbuf, .. }) => (Some((rd, rbuf)), Some(wr)),
-                None => (None, None),
+            let (rd, wr, unflushed) = match leg.as_mut() {
+                Some(Leg {
+                    rd,
+                    wr,
+                    rbuf,
+                    unflushed,
+                    ..
+                }) => (Some((rd, rbuf)), Some(wr), *unflushed),
+                None => (None, None, false),
             };
             let rd = if read_ok { rd } else { None };
             tokio::select! {
                 _ = shared.notify.notified() => Event::Notified,
                 r = read_some(rd) => Event::Read(r),
-                w = write_some(wr, &chunks) => Event::Wrote(w),
+                w = write_some(wr, &chunks, unflushed) => w,
                 _ = tokio::time::sleep_until(deadline.into()) => Event::Timer,
             }
         };
@@ -357,6 +375,16 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: Arc<Ctx>) {
                     }
                 }
                 l.link.on_written(n, now);
+                l.unflushed = l.buffered;
+            }
+            Event::Flushed(Ok(())) => {
+                let l = leg.as_mut().expect("flushed a leg");
+                l.unflushed = false;
+            }
+            Event::Flushed(Err(e)) => {
+                tracing::debug!(session.id = %id, error = %e, "leg lost: flush failed");
+                leg = None;
+                lost_at = now;
             }
             Event::Wrote(r) => {
                 tracing::debug!(session.id = %id, result = ?r, "leg lost: write failed");
@@ -434,6 +462,9 @@ async fn flush(l: &mut Leg) {
             }
             let n = chunks.iter().map(Bytes::len).sum();
             l.link.on_written(n, Instant::now());
+            if l.wr.flush().await.is_err() {
+                return;
+            }
         }
     })
     .await;

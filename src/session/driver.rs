@@ -21,7 +21,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::core::{Action, CloseReason, Event, Generation, LegFailure, SessionCore, SessionId};
-use super::status::SessionStatus;
+use super::status::{ExportReply, SessionStatus};
 use crate::config::{AckMode, BackendConfig};
 use crate::metrics::ListenerMetrics;
 use crate::proxy::Backend;
@@ -133,6 +133,111 @@ struct ServerConn {
     written: u64,
 }
 
+/// How a socket of a session travels in a hand-over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SockKind {
+    Tcp,
+    Unix,
+}
+
+impl SockKind {
+    fn of(conn: &Conn) -> Option<SockKind> {
+        match conn {
+            Conn::Tcp(_) => Some(SockKind::Tcp),
+            Conn::Unix(_) => Some(SockKind::Unix),
+            _ => None,
+        }
+    }
+
+    /// Wraps a received descriptor (inside a tokio runtime).
+    pub fn wrap(self, fd: std::os::fd::OwnedFd) -> io::Result<Conn> {
+        Ok(match self {
+            SockKind::Tcp => {
+                let s = std::net::TcpStream::from(fd);
+                s.set_nonblocking(true)?;
+                Conn::Tcp(tokio::net::TcpStream::from_std(s)?)
+            }
+            SockKind::Unix => {
+                let s = std::os::unix::net::UnixStream::from(fd);
+                s.set_nonblocking(true)?;
+                Conn::Unix(tokio::net::UnixStream::from_std(s)?)
+            }
+        })
+    }
+}
+
+/// A session exported for a hand-over: duplicates of its sockets and its
+/// core's state. The session task waits, paused, for `verdict`: true means
+/// the new process owns the session now (the task ends without touching
+/// the sockets); false or a dropped sender means it carries on here as if
+/// nothing happened (nothing moved while it was paused).
+#[derive(Debug)]
+pub struct Exported {
+    pub id: SessionId,
+    pub listener: String,
+    pub peer: String,
+    pub client: std::os::fd::OwnedFd,
+    pub client_kind: SockKind,
+    pub server: Option<ExportedLeg>,
+    /// [`SessionCore::export`]'s bytes.
+    pub snapshot: Vec<u8>,
+    pub client_eof: bool,
+    pub age: Duration,
+    pub legs: u64,
+    pub replayed: u64,
+    /// The backend's ack mode ([`crate::proxy::ack_kind`]).
+    pub ack: String,
+    /// When the session paused (its pause ends with the verdict).
+    pub paused_at: std::time::Instant,
+    pub verdict: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// The server connection of an exported session's leg.
+#[derive(Debug)]
+pub struct ExportedLeg {
+    pub gen: u64,
+    pub fd: std::os::fd::OwnedFd,
+    pub kind: SockKind,
+    /// Bytes read from the server and not yet decoded (a partial frame of
+    /// the resume protocol).
+    pub rbuf: Bytes,
+    /// Bytes written on this leg (Unix-socket acks count from it).
+    pub written: u64,
+}
+
+/// What a session taken over from another process brings besides its core.
+pub struct Restored {
+    pub client_eof: bool,
+    pub age: Duration,
+    pub legs: u64,
+    pub replayed: u64,
+    /// The leg's server connection, when one was up.
+    pub server: Option<(Generation, Conn, BytesMut, u64)>,
+}
+
+/// How a session task ended.
+#[derive(Debug)]
+pub enum Ended {
+    Closed(Summary),
+    /// Handed over to a new process, which carries it on.
+    HandedOver(HandedOver),
+}
+
+/// A session handed over to a new process, for the log.
+#[derive(Debug)]
+pub struct HandedOver {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub legs: u64,
+    pub duration: Duration,
+}
+
+enum Outcome {
+    Closed(CloseReason),
+    Export(ExportReply),
+}
+
 /// Drives one session to its end.
 pub struct Driver {
     core: SessionCore,
@@ -167,7 +272,12 @@ pub struct Driver {
     /// Bytes of this session counted in `shared.buffer_used`.
     mem_counted: u64,
     iov: Vec<Bytes>,
+    /// The process's close token; `close` waits on a child of it, which a
+    /// hand-over also cancels to ask for an export.
+    close_parent: CancellationToken,
     close: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// A hand-over asked for this session.
+    export_req: Option<ExportReply>,
     closing_since: Option<Instant>,
     started: Instant,
     legs: u64,
@@ -188,11 +298,13 @@ impl Driver {
     ) -> Driver {
         let backend = core.backend().clone();
         let up_rx = Some(ctx.backend.subscribe());
+        let wake = close.child_token();
         let status = Arc::new(SessionStatus::new(
             core.id(),
             ctx.listener.name(),
             &backend.name,
             client_addr,
+            wake.clone(),
         ));
         if let Ok(mut m) = ctx.shared.sessions.lock() {
             m.insert(core.id(), status.clone());
@@ -224,7 +336,9 @@ impl Driver {
             mem_timer_armed: false,
             mem_counted: 0,
             iov: Vec::with_capacity(MAX_IOV),
-            close: Box::pin(close.cancelled_owned()),
+            close_parent: close,
+            close: Box::pin(wake.cancelled_owned()),
+            export_req: None,
             closing_since: None,
             started: Instant::now(),
             legs: 0,
@@ -233,9 +347,55 @@ impl Driver {
         }
     }
 
-    /// Runs the session until it ends.
-    pub async fn run(mut self) -> Summary {
-        let reason = std::future::poll_fn(|cx| self.poll(cx)).await;
+    /// A session taken over from another process: its core (imported), its
+    /// client connection and, when a leg was up, that leg's server
+    /// connection with the bytes read from it and not yet decoded.
+    pub fn restored(
+        core: SessionCore,
+        client: Conn,
+        client_addr: String,
+        ctx: SessionCtx,
+        close: CancellationToken,
+        restored: Restored,
+    ) -> Driver {
+        let mut d = Driver::new(core, client, client_addr, ctx, close);
+        d.client_eof = restored.client_eof;
+        d.legs = restored.legs;
+        d.replayed = restored.replayed;
+        d.started = Instant::now()
+            .checked_sub(restored.age)
+            .unwrap_or_else(Instant::now);
+        if let Some((gen, conn, rbuf, written)) = restored.server {
+            d.server = Some(ServerConn {
+                gen,
+                conn,
+                rbuf,
+                read_size: READ_MIN,
+                decoder: d
+                    .core
+                    .framed_legs()
+                    .then(|| crate::proto::Decoder::new(d.core.max_frame_in())),
+                written,
+            });
+        }
+        d
+    }
+
+    /// Runs the session until it ends here: closed, or handed over.
+    pub async fn run(mut self) -> Ended {
+        let reason = loop {
+            match std::future::poll_fn(|cx| self.poll(cx)).await {
+                Outcome::Closed(reason) => {
+                    self.status.mark_closing();
+                    break reason;
+                }
+                Outcome::Export(reply) => {
+                    if let Some(summary) = self.export(reply).await {
+                        return Ended::HandedOver(summary);
+                    }
+                }
+            }
+        };
         self.release_memory();
         if self.held {
             self.shared_backend.set_held(false);
@@ -253,6 +413,10 @@ impl Driver {
         if let Ok(mut m) = self.shared.sessions.lock() {
             m.remove(&self.core.id());
         }
+        Ended::Closed(self.summary(reason, client_reset))
+    }
+
+    fn summary(&self, reason: CloseReason, client_reset: bool) -> Summary {
         Summary {
             reason,
             replayed: self.replayed,
@@ -263,6 +427,103 @@ impl Driver {
             legs: self.legs,
             duration: self.started.elapsed(),
         }
+    }
+
+    /// Whether the session can be exported now, and if not why. Called at a
+    /// quiescent point (see `poll`).
+    fn exportable(&self) -> Result<(), &'static str> {
+        if self.closing_since.is_some() || self.core.done().is_some() {
+            return Err("closing");
+        }
+        if self.server_shutdown.is_some() || self.client_shutdown {
+            return Err("shutting down a connection");
+        }
+        if SockKind::of(&self.client).is_none() {
+            return Err("client connection is not plain TCP or Unix (TLS or resume protocol)");
+        }
+        if let Some(s) = &self.server {
+            if SockKind::of(&s.conn).is_none() {
+                return Err("server connection is TLS");
+            }
+        }
+        Ok(())
+    }
+
+    /// Exports the session on `reply` and waits, paused, for the verdict.
+    /// Returns the summary when the new process took it; None when it stays.
+    async fn export(&mut self, reply: ExportReply) -> Option<HandedOver> {
+        let (verdict_tx, verdict) = tokio::sync::oneshot::channel();
+        let bundle = self.exportable().and_then(|()| {
+            self.bundle(verdict_tx)
+                .map_err(|_| "cannot duplicate a socket")
+        });
+        let taken = match bundle {
+            Err(why) => {
+                let _ = reply.send(Err(why));
+                false
+            }
+            Ok(b) => reply.send(Ok(b)).is_ok() && verdict.await == Ok(true),
+        };
+        if !taken {
+            // Still ours: listen for close (or another export) again.
+            let wake = self.close_parent.child_token();
+            self.status.rearm(wake.clone());
+            self.close = Box::pin(wake.cancelled_owned());
+            return None;
+        }
+        // The new process owns the sockets now: drop our duplicates without
+        // a shutdown, and give back what this process counted.
+        self.release_memory();
+        if self.held {
+            self.shared_backend.set_held(false);
+        }
+        if let Some(b) = self.holding.take() {
+            b.stop_holding();
+        }
+        if let Ok(mut m) = self.shared.sessions.lock() {
+            m.remove(&self.core.id());
+        }
+        self.server = None;
+        self.connecting = None;
+        Some(HandedOver {
+            bytes_up: self.core.stream(Dir::Up).read(),
+            bytes_down: self.core.stream(Dir::Down).sent(),
+            legs: self.legs,
+            duration: self.started.elapsed(),
+        })
+    }
+
+    fn bundle(&self, verdict: tokio::sync::oneshot::Sender<bool>) -> io::Result<Exported> {
+        let client_kind = SockKind::of(&self.client).ok_or(io::ErrorKind::Unsupported)?;
+        let client = self.client.fd()?.try_clone_to_owned()?;
+        let server = match &self.server {
+            None => None,
+            Some(s) => Some(ExportedLeg {
+                gen: s.gen.0,
+                fd: s.conn.fd()?.try_clone_to_owned()?,
+                kind: SockKind::of(&s.conn).ok_or(io::ErrorKind::Unsupported)?,
+                rbuf: Bytes::copy_from_slice(&s.rbuf),
+                written: s.written,
+            }),
+        };
+        let mut snapshot = Vec::new();
+        self.core.export(Self::now(), &mut snapshot);
+        Ok(Exported {
+            id: self.core.id(),
+            listener: self.status.listener.clone(),
+            peer: self.status.client.clone(),
+            client,
+            client_kind,
+            server,
+            snapshot,
+            client_eof: self.client_eof,
+            age: self.started.elapsed(),
+            legs: self.legs,
+            replayed: self.replayed,
+            ack: crate::proxy::ack_kind(&self.backend.ack),
+            paused_at: std::time::Instant::now(),
+            verdict,
+        })
     }
 
     /// After the session ended: make sure the client has our FIN, then read
@@ -303,7 +564,7 @@ impl Driver {
         Instant::now().into_std()
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         for _ in 0..TURNS_PER_POLL {
             let mut progress = false;
             progress |= self.poll_close(cx);
@@ -311,7 +572,21 @@ impl Driver {
             progress |= self.poll_shutdowns(cx);
             if let Some(reason) = self.core.done() {
                 self.drain_events();
-                return Poll::Ready(reason);
+                if let Some(reply) = self.export_req.take() {
+                    let _ = reply.send(Err("closing"));
+                }
+                return Poll::Ready(Outcome::Closed(reason));
+            }
+            if self.export_req.is_some() {
+                // Quiescent: every action the core asked for is carried out
+                // and every event drained, so its state is all there is.
+                while self.run_actions() | self.poll_shutdowns(cx) {}
+                self.drain_events();
+                if self.core.done().is_none() {
+                    let reply = self.export_req.take().expect("checked");
+                    return Poll::Ready(Outcome::Export(reply));
+                }
+                continue;
             }
             progress |= self.poll_connect(cx);
             progress |= self.poll_write_server(cx);
@@ -333,8 +608,14 @@ impl Driver {
     /// Shutdown: the first time, ask the core for a graceful end; after
     /// `CLOSE_GRACE`, give up on the client.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.closing_since.is_none() {
+        if self.closing_since.is_none() && self.export_req.is_none() {
             if self.close.as_mut().poll(cx).is_ready() {
+                if let Some(reply) = self.status.take_export() {
+                    // A hand-over asks for this session, not a close.
+                    self.export_req = Some(reply);
+                    return true;
+                }
+                self.status.mark_closing();
                 self.closing_since = Some(Instant::now());
                 self.core.on_shutdown(Self::now());
                 return true;

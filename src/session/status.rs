@@ -5,9 +5,11 @@
 //! the task. It owns nothing else.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::core::{SessionCore, SessionId};
 use crate::stream::Dir;
@@ -59,6 +61,23 @@ pub struct SessionStatus {
     up: [AtomicU64; 3],
     down: [AtomicU64; 3],
     buffered: AtomicU64,
+    /// How a hand-over reaches the session task (see [`Self::request_export`]).
+    handover: Mutex<Handover>,
+}
+
+/// Where a session task answers a hand-over's request to export it: the
+/// exported session, or why it stays in this process.
+pub type ExportReply = tokio::sync::oneshot::Sender<Result<super::driver::Exported, &'static str>>;
+
+#[derive(Debug)]
+struct Handover {
+    /// The session task's own wake-up token (a child of the process's
+    /// close token): cancelled to close the session, or to ask for an export.
+    wake: CancellationToken,
+    /// A pending export request.
+    reply: Option<ExportReply>,
+    /// The session is ending: no export.
+    closing: bool,
 }
 
 /// A snapshot, as JSON.
@@ -84,7 +103,13 @@ pub struct StreamView {
 }
 
 impl SessionStatus {
-    pub fn new(id: SessionId, listener: &str, backend: &str, client: String) -> SessionStatus {
+    pub fn new(
+        id: SessionId,
+        listener: &str,
+        backend: &str,
+        client: String,
+        wake: CancellationToken,
+    ) -> SessionStatus {
         SessionStatus {
             id,
             listener: listener.to_string(),
@@ -96,7 +121,50 @@ impl SessionStatus {
             up: Default::default(),
             down: Default::default(),
             buffered: AtomicU64::new(0),
+            handover: Mutex::new(Handover {
+                wake,
+                reply: None,
+                closing: false,
+            }),
         }
+    }
+
+    fn handover(&self) -> std::sync::MutexGuard<'_, Handover> {
+        self.handover.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the session task to export itself for a hand-over: it answers on
+    /// `reply` at its next quiescent point. Returns false (and drops `reply`)
+    /// when a request is already pending.
+    pub fn request_export(&self, reply: ExportReply) -> bool {
+        let mut h = self.handover();
+        if h.reply.is_some() || h.closing {
+            return false;
+        }
+        h.reply = Some(reply);
+        h.wake.cancel();
+        true
+    }
+
+    /// The session task's side: the pending export request, if its wake-up
+    /// token was cancelled for one (None: it was cancelled to close).
+    pub(crate) fn take_export(&self) -> Option<ExportReply> {
+        self.handover().reply.take()
+    }
+
+    /// The session is ending: a pending export request is answered, later
+    /// ones are refused at once.
+    pub(crate) fn mark_closing(&self) {
+        let mut h = self.handover();
+        h.closing = true;
+        if let Some(reply) = h.reply.take() {
+            let _ = reply.send(Err("closing"));
+        }
+    }
+
+    /// After an export that did not happen: a fresh wake-up token.
+    pub(crate) fn rearm(&self, wake: CancellationToken) {
+        self.handover().wake = wake;
     }
 
     /// Publishes the core's current offsets and state.

@@ -415,10 +415,13 @@ impl Listener {
         }
     }
 
-    /// Binds a resume-protocol listener (`protocol = "resume"`).
+    /// Binds a resume-protocol listener (`protocol = "resume"`), with TLS
+    /// on every connection when `tls` is given (the server library runs the
+    /// handshake, before the HELLO).
     pub async fn bind_resume(
         endpoint: &Endpoint,
         settings: &crate::config::ResumeSettings,
+        tls: Option<&crate::config::ListenerTls>,
     ) -> Result<Listener, BindError> {
         let io_err = |source| BindError::Io {
             endpoint: endpoint.to_string(),
@@ -430,6 +433,7 @@ impl Listener {
         cfg.link.heartbeat = settings.heartbeat_interval;
         cfg.link.dead_peer_timeout = settings.dead_peer_timeout;
         cfg.resume_timeout = settings.resume_timeout;
+        cfg.tls = resume_tls(tls);
         let addr = match endpoint {
             Endpoint::Tcp(a) => a.clone(),
             Endpoint::Unix(p) => {
@@ -454,6 +458,23 @@ impl Listener {
             listener: Box::new(listener),
             endpoint,
         })
+    }
+
+    /// The server library's listener of a resume-protocol listener.
+    pub fn resume(&self) -> Option<&crate::server::ResumeListener> {
+        match self {
+            Listener::Resume { listener, .. } => Some(listener),
+            _ => None,
+        }
+    }
+
+    /// A resume-protocol listener's TLS for new connections (a reload:
+    /// certificates rotate, live sessions are untouched). Other listeners
+    /// take their TLS from the proxy's accept context: nothing to do here.
+    pub fn set_resume_tls(&self, tls: Option<&crate::config::ListenerTls>) {
+        if let Some(l) = self.resume() {
+            l.set_tls(resume_tls(tls));
+        }
     }
 
     /// The bound address: for TCP the real port (useful with port 0).
@@ -498,6 +519,14 @@ impl Drop for Listener {
             }
         }
     }
+}
+
+/// A listener's checked `tls` settings as the server library takes them.
+fn resume_tls(tls: Option<&crate::config::ListenerTls>) -> Option<crate::server::TlsConfig> {
+    tls.map(|t| crate::server::TlsConfig {
+        server: t.server.0.clone(),
+        handshake_timeout: t.handshake_timeout,
+    })
 }
 
 async fn remove_stale_socket(endpoint: &Endpoint, path: &Path) -> Result<(), BindError> {

@@ -2,6 +2,7 @@
 //! processes, and byte-exact checkers. Shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod relay;
 
 use std::process::Stdio;

@@ -1,0 +1,276 @@
+//! Benchmark of the live hand-over (`kill -USR2`): per-session pause and
+//! total time, for many idle sessions and for a few busy ones.
+//!
+//! ```sh
+//! cargo build --release
+//! cargo run --release --example handover_bench -- --idle 9000 --busy 0 --rounds 3
+//! cargo run --release --example handover_bench -- --idle 0 --busy 100 --rounds 3
+//! ```
+//!
+//! It starts `holdfast example-server --mode echo` and `holdfast run` (the
+//! binary given by `--holdfast`, default `target/release/holdfast`) with one
+//! listener (`ack = "tcp"`), opens the sessions, and upgrades holdfast
+//! `--rounds` times with SIGUSR2. For each upgrade it prints what the old
+//! process measured (sessions handed over, total time, per-session pause
+//! p50/p99/max: from the export request to the new process's answer) and
+//! what the clients saw: every idle session echoes again afterwards; busy
+//! sessions (each streaming 16 KiB echo round trips) report the longest gap
+//! between two round trips during the upgrade and check every byte.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+struct Opts {
+    idle: usize,
+    busy: usize,
+    rounds: usize,
+    holdfast: String,
+}
+
+fn parse() -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        idle: 9000,
+        busy: 0,
+        rounds: 3,
+        holdfast: "target/release/holdfast".into(),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).context("a value after each flag")?;
+        match args[i].as_str() {
+            "--idle" => o.idle = v.parse()?,
+            "--busy" => o.busy = v.parse()?,
+            "--rounds" => o.rounds = v.parse()?,
+            "--holdfast" => o.holdfast = v.clone(),
+            f => bail!("unknown flag {f}"),
+        }
+        i += 2;
+    }
+    Ok(o)
+}
+
+fn field(line: &str, name: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+/// Lines of holdfast's stderr (every generation shares it).
+struct Log(mpsc::Receiver<String>);
+
+impl Log {
+    fn until(&self, needle: &str, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        loop {
+            let line = self
+                .0
+                .recv_timeout(Duration::from_secs(120))
+                .with_context(|| format!("no {needle:?} line"))?;
+            if line.contains(needle) && pred(&line) {
+                return Ok(line);
+            }
+        }
+    }
+}
+
+fn echo(c: &mut TcpStream, msg: &[u8]) -> anyhow::Result<()> {
+    c.write_all(msg)?;
+    let mut buf = vec![0u8; msg.len()];
+    c.read_exact(&mut buf)?;
+    if buf != msg {
+        bail!("echo mismatch");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = parse()?;
+    let mut server = Command::new(&o.holdfast)
+        .args([
+            "example-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--mode",
+            "echo",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start the echo server")?;
+    let mut first = String::new();
+    BufReader::new(server.stdout.take().context("stdout")?).read_line(&mut first)?;
+    let server_addr = first
+        .trim()
+        .strip_prefix("listening ")
+        .context("echo server address")?
+        .to_string();
+
+    let dir = std::env::temp_dir().join(format!("holdfast-handover-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[limits]
+max_sessions = 20000
+
+[lifecycle]
+drain_timeout = "5s"
+
+[handover]
+socket = "{}"
+
+[[listener]]
+name = "bench"
+listen = "127.0.0.1:0"
+backend = "echo"
+
+[[backend]]
+name = "echo"
+servers = ["{server_addr}"]
+ack = "tcp"
+"#,
+            dir.join("run/handover.sock").display()
+        ),
+    )?;
+    let mut proxy: Child = Command::new(&o.holdfast)
+        .args(["run", "--config", cfg.to_str().context("path")?])
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start holdfast")?;
+    let (tx, rx) = mpsc::channel();
+    let stderr = proxy.stderr.take().context("stderr")?;
+    // HANDOVER_BENCH_LOG=FILE keeps holdfast's log (RUST_LOG=debug shows
+    // each batch's timings).
+    let mut keep = match std::env::var("HANDOVER_BENCH_LOG") {
+        Ok(path) => Some(std::fs::File::create(path)?),
+        Err(_) => None,
+    };
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(f) = keep.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let log = Log(rx);
+    let listening = log.until("listening", |l| l.contains("addr="))?;
+    let addr = field(&listening, "addr").context("listener address")?;
+    let mut pid = proxy.id();
+    log.until("hand-over socket listening", |_| true)?;
+
+    // Idle sessions: each with its leg up (one echo), then silent.
+    let started = Instant::now();
+    let mut idle = Vec::with_capacity(o.idle);
+    for _ in 0..o.idle {
+        let mut c = TcpStream::connect(&addr)?;
+        echo(&mut c, b"x")?;
+        idle.push(c);
+    }
+    if o.idle > 0 {
+        println!("{} idle sessions open in {:?}", o.idle, started.elapsed());
+    }
+
+    // Busy sessions: 16 KiB echo round trips, checked, as fast as they go.
+    let stop = Arc::new(AtomicBool::new(false));
+    let upgrading = Arc::new(AtomicBool::new(false));
+    let worst_gap_us = Arc::new(AtomicU64::new(0));
+    let mut busy = Vec::new();
+    for id in 0..o.busy {
+        let mut c = TcpStream::connect(&addr)?;
+        let (stop, upgrading, worst) = (stop.clone(), upgrading.clone(), worst_gap_us.clone());
+        busy.push(thread::spawn(move || -> anyhow::Result<u64> {
+            let mut n = 0u64;
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let msg: Vec<u8> = (0..16384u32)
+                    .map(|i| (i as u64 * 31 + n * 7 + id as u64) as u8)
+                    .collect();
+                echo(&mut c, &msg)?;
+                let gap = last.elapsed().as_micros() as u64;
+                if upgrading.load(Ordering::Relaxed) {
+                    worst.fetch_max(gap, Ordering::Relaxed);
+                }
+                last = Instant::now();
+                n += 1;
+            }
+            Ok(n)
+        }));
+    }
+
+    println!("| round | sessions | total ms | pause p50 µs | pause p99 µs | pause max µs | client worst gap µs |");
+    println!("|---|---|---|---|---|---|---|");
+    for round in 0..o.rounds {
+        thread::sleep(Duration::from_millis(300));
+        worst_gap_us.store(0, Ordering::Relaxed);
+        upgrading.store(true, Ordering::Relaxed);
+        let old = pid;
+        // SAFETY: kill(2) with a pid we started (or that our child started).
+        if unsafe { libc::kill(old as i32, libc::SIGUSR2) } != 0 {
+            bail!("kill -USR2 {old}: {}", std::io::Error::last_os_error());
+        }
+        let running = log.until("holdfast running", |l| {
+            field(l, "pid").is_some_and(|p| p != old.to_string())
+        })?;
+        pid = field(&running, "pid").context("pid")?.parse()?;
+        let done = log.until("sessions handed over", |_| true)?;
+        log.until("holdfast stopped", |l| {
+            field(l, "pid") == Some(old.to_string())
+        })?;
+        thread::sleep(Duration::from_millis(100));
+        upgrading.store(false, Ordering::Relaxed);
+        let f = |k: &str| field(&done, k).unwrap_or_default();
+        println!(
+            "| {round} | {} | {:.1} | {} | {} | {} | {} |",
+            f("sessions"),
+            f("total_ms").parse::<f64>().unwrap_or(0.0),
+            f("pause_p50_us"),
+            f("pause_p99_us"),
+            f("pause_max_us"),
+            if o.busy > 0 {
+                worst_gap_us.load(Ordering::Relaxed).to_string()
+            } else {
+                "-".into()
+            }
+        );
+        // Every idle session is still there, on the same connection.
+        for c in &mut idle {
+            echo(c, b"y").context("an idle session after the upgrade")?;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut trips = 0;
+    for b in busy {
+        trips += b
+            .join()
+            .map_err(|_| anyhow::anyhow!("busy client panicked"))??;
+    }
+    if o.busy > 0 {
+        println!("busy sessions: {trips} round trips of 16 KiB, all verified");
+    }
+    println!("all {} idle sessions echoed after every upgrade", o.idle);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let _ = log.until("holdfast stopped", |l| {
+        field(l, "pid") == Some(pid.to_string())
+    });
+    let _ = proxy.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
