@@ -26,19 +26,23 @@
 //! - [`proxy`]: binding, accept loops, per-backend state (round robin, the
 //!   prober), reload, the access log, draining.
 //! - [`admin`] and [`metrics`]: `/metrics`, `/healthz`, `/ready`, `/sessions`.
+//! - [`failover`]: host failover with TCP_REPAIR: a client connection's
+//!   kernel state captured at accept and rebuilt on a standby, and the claim
+//!   of the service address.
 //! - [`handover`]: listening sockets to a new process (upgrades), over
 //!   SCM_RIGHTS.
 //! - [`lifecycle`]: phases and shutdown triggers; [`systemd`]: readiness
 //!   notification and socket activation.
 //! - [`demo`]: `holdfast demo` and the example server.
 //!
-//! `unsafe` is denied here and allowed only in `transport::sockopt` and
-//! `systemd`, each block with a `SAFETY` note.
+//! `unsafe` is denied here and allowed only in `transport::sockopt`,
+//! `failover::sys` and `systemd`, each block with a `SAFETY` note.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod failover;
 pub mod framing;
 pub mod handover;
 pub mod lifecycle;

@@ -136,6 +136,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            if cfg.failover.is_some() {
+                // The kernel side (holdfast::failover) and the config exist;
+                // the replication link and the takeover are not wired into
+                // the proxy yet. Refuse rather than run without a standby.
+                tracing::error!(
+                    "{}: [failover] is not served by this build yet (docs/failover.md); remove it to run",
+                    config.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
             // Before any thread starts: it unsets LISTEN_* in our environment.
             if let Err(e) = take_systemd_sockets() {
                 tracing::error!(error = %e, "cannot use the sockets systemd passed");

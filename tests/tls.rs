@@ -1133,13 +1133,30 @@ async fn tls_sessions_stay_with_the_old_process_in_a_hand_over() {
         .args(["-USR2", &old_pid.to_string()])
         .status()
         .unwrap();
-    let running = until(&mut log, "holdfast running").await;
-    let new_pid = running
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("pid="))
-        .unwrap()
-        .to_string();
-    assert_ne!(new_pid, old_pid.to_string());
+    // The new process's "holdfast running" (the old one's may come late).
+    let new_pid = loop {
+        let running = until(&mut log, "holdfast running").await;
+        let pid = running
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pid="))
+            .unwrap()
+            .to_string();
+        if pid != old_pid.to_string() {
+            break pid;
+        }
+    };
+    // The new process is not our child: kill it if the test fails.
+    struct KillOnPanic(String);
+    impl Drop for KillOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &self.0])
+                    .status();
+            }
+        }
+    }
+    let _guard = KillOnPanic(new_pid.clone());
     let done = until(&mut log, "sessions handed over").await;
     assert!(done.contains("sessions=1 stayed=1"), "{done}");
     // The plain session moved; the TLS one is still served by the old process.
@@ -1163,8 +1180,15 @@ async fn tls_sessions_stay_with_the_old_process_in_a_hand_over() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     echo(&mut plain, b"plain at the end").await;
+    drop((plain, fresh, secure));
     std::process::Command::new("kill")
         .args(["-INT", &new_pid])
         .status()
         .unwrap();
+    loop {
+        let line = until(&mut log, "holdfast stopped").await;
+        if line.contains(&format!("pid={new_pid}")) {
+            break;
+        }
+    }
 }

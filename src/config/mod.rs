@@ -36,6 +36,9 @@ pub struct Config {
     /// `[handover]`: where a running holdfast hands its listeners to a new
     /// process; `None` when the table is absent (no hand-over).
     pub handover: Option<HandoverConfig>,
+    /// `[failover]`: host failover to a standby holdfast (docs/failover.md);
+    /// `None` when the table is absent.
+    pub failover: Option<FailoverConfig>,
     /// `[[listener]]` tables, in file order.
     pub listeners: Vec<ListenerConfig>,
     /// `[[backend]]` tables, in file order.
@@ -53,6 +56,44 @@ pub struct HandoverConfig {
     /// `socket`: path of the Unix socket a running holdfast listens on for
     /// `holdfast run --takeover` (mode 0600, in a directory only we can use).
     pub socket: std::path::PathBuf,
+}
+
+/// `[failover]`, validated: the secret read, the addresses parsed, the
+/// covered listeners resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailoverConfig {
+    pub role: FailoverRole,
+    /// `secret_file`: the key both ends prove on the replication link (at
+    /// least 32 bytes, as for the resume protocol).
+    pub key: Secret,
+    /// `heartbeat_interval` (default 10 ms): the active sends a heartbeat
+    /// (with the acknowledged offsets) at least this often.
+    pub heartbeat_interval: Duration,
+    /// `dead_peer_timeout` (default 100 ms): the standby takes over when the
+    /// active was silent this long. Longer than `heartbeat_interval`.
+    pub dead_peer_timeout: Duration,
+    /// `listeners`: indexes into [`Config::listeners`] of the listeners whose
+    /// client connections a standby takes over (default: every plain TCP
+    /// listener).
+    pub listeners: Vec<usize>,
+}
+
+/// Which end of the replication link this holdfast is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailoverRole {
+    /// Serves clients and streams session state to `peer` (`host:port`, the
+    /// standby's `listen`).
+    Active { peer: String },
+    /// Listens for the active on `listen` (`host:port`) and claims
+    /// `service_address` on `interface` when it dies.
+    Standby {
+        listen: String,
+        service_address: std::net::Ipv4Addr,
+        /// The prefix length the address is added with (`/24` in
+        /// `service_address = "10.0.0.100/24"`; 32 when none is written).
+        prefix: u8,
+        interface: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -254,6 +254,7 @@ pub(super) struct RawConfig {
     pub lifecycle: RawLifecycle,
     pub log: RawLog,
     pub handover: Option<RawHandover>,
+    pub failover: Option<RawFailover>,
     /// `[[listener]]`, in file order.
     pub listeners: Vec<RawListener>,
     pub backends: Vec<RawBackend>,
@@ -285,6 +286,21 @@ pub(super) struct RawLifecycle {
 pub(super) struct RawHandover {
     pub at: Sp<()>,
     pub socket: Option<Sp<String>>,
+}
+
+/// `[failover]`
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RawFailover {
+    pub at: Sp<()>,
+    pub role: Option<Sp<String>>,
+    pub listen: Option<Sp<String>>,
+    pub peer: Option<Sp<String>>,
+    pub secret_file: Option<Sp<String>>,
+    pub heartbeat_interval: Option<Sp<String>>,
+    pub dead_peer_timeout: Option<Sp<String>>,
+    pub service_address: Option<Sp<String>>,
+    pub interface: Option<Sp<String>>,
+    pub listeners: Option<Sp<Vec<Option<Sp<String>>>>>,
 }
 
 /// `[log]`
@@ -444,6 +460,21 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
     if let Some(mut t) = top.table("handover", report) {
         raw.handover = Some(RawHandover {
             socket: t.string("socket", report),
+            at: t.at(),
+        });
+        t.finish(report);
+    }
+    if let Some(mut t) = top.table("failover", report) {
+        raw.failover = Some(RawFailover {
+            role: t.string("role", report),
+            listen: t.string("listen", report),
+            peer: t.string("peer", report),
+            secret_file: t.string("secret_file", report),
+            heartbeat_interval: t.duration("heartbeat_interval", report),
+            dead_peer_timeout: t.duration("dead_peer_timeout", report),
+            service_address: t.string("service_address", report),
+            interface: t.string("interface", report),
+            listeners: t.strings("listeners", report),
             at: t.at(),
         });
         t.finish(report);

@@ -66,6 +66,7 @@ fn minimal_file_gets_every_default() {
         },
         log: LogConfig { access: None },
         handover: None,
+        failover: None,
         listeners: vec![ListenerConfig {
             name: "orders".into(),
             listen: Endpoint::Tcp("127.0.0.1:7000".into()),
@@ -781,4 +782,123 @@ fn handover_errors() {
         "{MINIMAL}\n[handover]\nsocket = \"/a\"\npath = 1\n"
     ))
     .contains("handover.path"));
+}
+
+/// The example failover key, by absolute path.
+fn failover_key() -> String {
+    format!("{}/config/example-failover.key", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn failover_active_and_standby() {
+    let key = failover_key();
+    let c = ok(&format!(
+        "[failover]\nrole = \"active\"\npeer = \"10.0.0.2:7100\"\nsecret_file = \"{key}\"\n{MINIMAL}"
+    ));
+    let f = c.failover.expect("failover");
+    assert_eq!(
+        f.role,
+        FailoverRole::Active {
+            peer: "10.0.0.2:7100".into()
+        }
+    );
+    assert_eq!(f.heartbeat_interval, Duration::from_millis(10));
+    assert_eq!(f.dead_peer_timeout, Duration::from_millis(100));
+    assert_eq!(f.listeners, [0], "every plain tcp listener by default");
+    assert_eq!(f.key.0.as_ref(), std::fs::read(&key).unwrap().as_slice());
+
+    let c = ok(&format!(
+        "[failover]\nrole = \"standby\"\nlisten = \"0.0.0.0:7100\"\nsecret_file = \"{key}\"\n\
+         heartbeat_interval = \"5ms\"\ndead_peer_timeout = \"20ms\"\n\
+         service_address = \"10.0.0.100/24\"\ninterface = \"eth1\"\nlisteners = [\"orders\"]\n{MINIMAL}"
+    ));
+    let f = c.failover.expect("failover");
+    assert_eq!(
+        f.role,
+        FailoverRole::Standby {
+            listen: "0.0.0.0:7100".into(),
+            service_address: std::net::Ipv4Addr::new(10, 0, 0, 100),
+            prefix: 24,
+            interface: "eth1".into(),
+        }
+    );
+    assert_eq!(f.heartbeat_interval, Duration::from_millis(5));
+    assert_eq!(f.dead_peer_timeout, Duration::from_millis(20));
+    assert_eq!(f.listeners, [0]);
+    assert!(
+        !format!("{f:?}").contains("NOT SECRET"),
+        "the key never prints"
+    );
+}
+
+#[test]
+fn failover_errors_name_key_and_line() {
+    let key = failover_key();
+    assert_eq!(
+        errors(&format!(
+            "[failover]\nrole = \"primary\"\nsecret_file = \"{key}\"\n{MINIMAL}"
+        )),
+        [r#"failover.role (line 2, col 8): unknown role "primary" (use active or standby)"#]
+    );
+    assert_eq!(
+        errors(&format!(
+            "[failover]\nrole = \"active\"\nsecret_file = \"{key}\"\nlisten = \"1.2.3.4:1\"\n\
+             peer = \"unix:/x\"\ndead_peer_timeout = \"10ms\"\n{MINIMAL}"
+        )),
+        [
+            r#"failover.listen (line 4, col 10): listen applies to role = "standby" only"#,
+            r#"failover.peer (line 5, col 8): the replication link is tcp only (use host:port)"#,
+            r#"failover.dead_peer_timeout (line 6, col 21): dead_peer_timeout (10ms) must be longer than heartbeat_interval (10ms)"#,
+        ]
+    );
+    assert_eq!(
+        errors(&format!(
+            "[failover]\nrole = \"standby\"\nsecret_file = \"{key}\"\nlisten = \"1.2.3.4:1\"\n\
+             service_address = \"10.0.0.1/33\"\ninterface = \"a/b\"\nlisteners = [\"orders\", \"orders\"]\n{MINIMAL}"
+        )),
+        [
+            r#"failover.service_address (line 5, col 19): "10.0.0.1/33" is not an IPv4 address with an optional prefix length (like "10.0.0.100/24")"#,
+            r#"failover.interface (line 6, col 13): "a/b" is not an interface name"#,
+            r#"failover.listeners[1] (line 7, col 24): listener "orders" is named twice"#,
+        ]
+    );
+    assert_eq!(
+        errors(&format!(
+            "[failover]\nrole = \"active\"\npeer = \"h:1\"\n{MINIMAL}"
+        )),
+        [
+            r#"failover.secret_file (line 1, col 1): missing key "secret_file" (a file with at least 32 random bytes)"#
+        ]
+    );
+    let short = std::env::temp_dir().join(format!("holdfast-short-{}.key", std::process::id()));
+    std::fs::write(&short, b"short").unwrap();
+    let errs = errors(&format!(
+        "[failover]\nrole = \"active\"\npeer = \"h:1\"\nsecret_file = {:?}\n{MINIMAL}",
+        short.display().to_string()
+    ));
+    std::fs::remove_file(&short).unwrap();
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].contains("holds 5 bytes; a failover key needs at least 32"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn failover_needs_a_repairable_listener() {
+    let key = failover_key();
+    let tls_free_unix = r#"
+[[listener]]
+name = "local"
+listen = "unix:/tmp/holdfast-failover-test.sock"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["127.0.0.1:7001"]
+"#;
+    assert_eq!(
+        errors(&format!("[failover]\nrole = \"active\"\npeer = \"h:1\"\nsecret_file = \"{key}\"\n{tls_free_unix}")),
+        [r#"failover.listeners (line 1, col 1): no listener can fail over: only plain tcp listeners can (no tls, no unix socket, no resume protocol)"#]
+    );
 }

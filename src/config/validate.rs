@@ -12,14 +12,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::raw::{
-    self, RawBackend, RawBackendTls, RawConfig, RawFraming, RawListenerTls, RawSize, RawSni,
-    RawSocket, Sp, Span,
+    self, RawBackend, RawBackendTls, RawConfig, RawFailover, RawFraming, RawListenerTls, RawSize,
+    RawSni, RawSocket, Sp, Span,
 };
 use super::units::{fmt_duration, fmt_size, parse_duration, parse_size, Endpoint};
 use super::{
-    AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, Framing,
-    HandoverConfig, Keepalive, LengthPrefixed, Lifecycle, Limits, ListenerConfig, ListenerProtocol,
-    LogConfig, OnServerClose, ResumeSettings, Secret, SocketOptions,
+    AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, FailoverConfig,
+    FailoverRole, Framing, HandoverConfig, Keepalive, LengthPrefixed, Lifecycle, Limits,
+    ListenerConfig, ListenerProtocol, LogConfig, OnServerClose, ResumeSettings, Secret,
+    SocketOptions,
 };
 use super::{BackendTls, Built, CertKey, ListenerTls, SniName, SniRoute, TlsVersion};
 use crate::transport::tls;
@@ -401,6 +402,11 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         });
     }
 
+    let failover = raw
+        .failover
+        .as_ref()
+        .and_then(|f| failover(r, f, &raw.listeners, &listeners));
+
     Config {
         admin,
         limits: Limits {
@@ -413,6 +419,7 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         },
         log: LogConfig { access },
         handover,
+        failover,
         listeners,
         backends,
     }
@@ -445,6 +452,42 @@ fn read_small_file(path: &str) -> std::io::Result<Vec<u8>> {
     std::fs::read(path)
 }
 
+/// `secret_file` of `table`: required, a regular file of at least
+/// `MIN_SECRET` bytes, read now.
+fn secret_file(
+    r: &mut Report,
+    table: &Sp<()>,
+    f: &Option<Sp<String>>,
+    what: &str,
+) -> Option<Secret> {
+    let Some(f) = f else {
+        r.error(
+            &format!("{}.secret_file", table.key),
+            &table.span,
+            "missing key \"secret_file\" (a file with at least 32 random bytes)",
+        );
+        return None;
+    };
+    match read_small_file(&f.value) {
+        Err(e) => {
+            r.at(f, format!("cannot read {:?}: {e}", f.value));
+            None
+        }
+        Ok(bytes) if bytes.len() < MIN_SECRET => {
+            r.at(
+                f,
+                format!(
+                    "{:?} holds {} bytes; {what} needs at least {MIN_SECRET}",
+                    f.value,
+                    bytes.len()
+                ),
+            );
+            None
+        }
+        Ok(bytes) => Some(Secret(bytes.into())),
+    }
+}
+
 /// `resume = { ... }`: required with protocol = "resume", an error otherwise.
 /// Reads the secret file (every file a config names is checked before
 /// anything is bound).
@@ -473,34 +516,7 @@ fn resume_settings(
         );
         return None;
     }
-    let key = match &raw.secret_file {
-        None => {
-            r.error(
-                &format!("{}.secret_file", raw.at.key),
-                &raw.at.span,
-                "missing key \"secret_file\" (a file with at least 32 random bytes)",
-            );
-            None
-        }
-        Some(f) => match read_small_file(&f.value) {
-            Err(e) => {
-                r.at(f, format!("cannot read {:?}: {e}", f.value));
-                None
-            }
-            Ok(bytes) if bytes.len() < MIN_SECRET => {
-                r.at(
-                    f,
-                    format!(
-                        "{:?} holds {} bytes; a resume key needs at least {MIN_SECRET}",
-                        f.value,
-                        bytes.len()
-                    ),
-                );
-                None
-            }
-            Ok(bytes) => Some(Secret(bytes.into())),
-        },
-    };
+    let key = secret_file(r, &raw.at, &raw.secret_file, "a resume key");
     let heartbeat_interval = positive(r, &raw.heartbeat_interval, Duration::from_secs(1));
     let dead_peer_timeout = positive(r, &raw.dead_peer_timeout, Duration::from_secs(3));
     if let (Some(h), Some(d), Some(f)) = (
@@ -1420,4 +1436,188 @@ fn integer(
         return None;
     }
     Some(f.value)
+}
+
+/// `[failover]`: the role's keys, the secret, the timers, and the listeners
+/// a standby can take over (plain TCP over IPv4: a TLS session or a Unix
+/// socket cannot be rebuilt with TCP_REPAIR).
+fn failover(
+    r: &mut Report,
+    f: &RawFailover,
+    raw_listeners: &[raw::RawListener],
+    listeners: &[ListenerConfig],
+) -> Option<FailoverConfig> {
+    let key = secret_file(r, &f.at, &f.secret_file, "a failover key");
+    let heartbeat_interval = positive(r, &f.heartbeat_interval, Duration::from_millis(10));
+    let dead_peer_timeout = positive(r, &f.dead_peer_timeout, Duration::from_millis(100));
+    if let (Some(h), Some(d)) = (heartbeat_interval, dead_peer_timeout) {
+        if d <= h {
+            let field = f
+                .dead_peer_timeout
+                .as_ref()
+                .or(f.heartbeat_interval.as_ref());
+            if let Some(field) = field {
+                r.at(
+                    field,
+                    format!(
+                        "dead_peer_timeout ({}) must be longer than heartbeat_interval ({})",
+                        fmt_duration(d),
+                        fmt_duration(h)
+                    ),
+                );
+            }
+        }
+    }
+    let tcp_address = |r: &mut Report, field: &Sp<String>| match Endpoint::parse(&field.value) {
+        Ok(Endpoint::Tcp(a)) => Some(a),
+        Ok(_) => {
+            r.at(field, "the replication link is tcp only (use host:port)");
+            None
+        }
+        Err(e) => {
+            r.at(field, e);
+            None
+        }
+    };
+    let only_for = |r: &mut Report, field: &Option<Sp<String>>, role: &str| {
+        if let Some(field) = field {
+            let name = field.key.rsplit('.').next().unwrap_or_default();
+            r.at(field, format!("{name} applies to role = \"{role}\" only"));
+        }
+    };
+    let role = match f.role.as_ref().map(|s| s.value.as_str()) {
+        None => {
+            required(r, &f.at, &f.role, "role");
+            None
+        }
+        Some("active") => {
+            only_for(r, &f.listen, "standby");
+            only_for(r, &f.service_address, "standby");
+            only_for(r, &f.interface, "standby");
+            let peer = required(r, &f.at, &f.peer, "peer").and_then(|p| tcp_address(r, p));
+            peer.map(|peer| FailoverRole::Active { peer })
+        }
+        Some("standby") => {
+            only_for(r, &f.peer, "active");
+            let listen = required(r, &f.at, &f.listen, "listen").and_then(|l| tcp_address(r, l));
+            let service = required(r, &f.at, &f.service_address, "service_address")
+                .and_then(|s| service_address(r, s));
+            let interface = required(r, &f.at, &f.interface, "interface").and_then(|i| {
+                let ok = !i.value.is_empty()
+                    && i.value.len() < 16
+                    && !i.value.contains(['/', ' ', '\0']);
+                if !ok {
+                    r.at(i, format!("{:?} is not an interface name", i.value));
+                }
+                ok.then(|| i.value.clone())
+            });
+            match (listen, service, interface) {
+                (Some(listen), Some((service_address, prefix)), Some(interface)) => {
+                    Some(FailoverRole::Standby {
+                        listen,
+                        service_address,
+                        prefix,
+                        interface,
+                    })
+                }
+                _ => None,
+            }
+        }
+        Some(_) => {
+            if let Some(field) = &f.role {
+                r.at(
+                    field,
+                    format!("unknown role {:?} (use active or standby)", field.value),
+                );
+            }
+            None
+        }
+    };
+    let covered = covered_listeners(r, f, raw_listeners, listeners);
+    Some(FailoverConfig {
+        role: role?,
+        key: key?,
+        heartbeat_interval: heartbeat_interval?,
+        dead_peer_timeout: dead_peer_timeout?,
+        listeners: covered?,
+    })
+}
+
+/// `service_address = "a.b.c.d/len"` (or without `/len`: 32).
+fn service_address(r: &mut Report, f: &Sp<String>) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (ip, prefix) = match f.value.split_once('/') {
+        Some((ip, len)) => (ip, len.parse::<u8>().ok().filter(|l| (1..=32).contains(l))),
+        None => (f.value.as_str(), Some(32)),
+    };
+    match (ip.parse::<std::net::Ipv4Addr>(), prefix) {
+        (Ok(ip), Some(prefix)) if !ip.is_unspecified() => Some((ip, prefix)),
+        _ => {
+            r.at(
+                f,
+                format!(
+                    "{:?} is not an IPv4 address with an optional prefix length (like \"10.0.0.100/24\")",
+                    f.value
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// The listeners a standby takes over: named in `listeners`, or every plain
+/// TCP listener when the key is absent.
+fn covered_listeners(
+    r: &mut Report,
+    f: &RawFailover,
+    raw_listeners: &[raw::RawListener],
+    listeners: &[ListenerConfig],
+) -> Option<Vec<usize>> {
+    let repairable = |l: &ListenerConfig| {
+        matches!(l.listen, Endpoint::Tcp(_))
+            && l.tls.is_none()
+            && l.protocol == ListenerProtocol::Tcp
+    };
+    let Some(names) = &f.listeners else {
+        let all: Vec<usize> = (0..listeners.len())
+            .filter(|&i| repairable(&listeners[i]))
+            .collect();
+        if all.is_empty() && !listeners.is_empty() {
+            r.error(
+                &format!("{}.listeners", f.at.key),
+                &f.at.span,
+                "no listener can fail over: only plain tcp listeners can (no tls, no unix socket, no resume protocol)",
+            );
+            return None;
+        }
+        return Some(all);
+    };
+    let mut out = Vec::new();
+    let mut ok = true;
+    for name in names.value.iter().flatten() {
+        let found = raw_listeners
+            .iter()
+            .position(|l| l.name.as_ref().is_some_and(|n| n.value == name.value));
+        match found.and_then(|i| listeners.get(i).map(|l| (i, l))) {
+            None => {
+                r.at(name, format!("no listener named {:?}", name.value));
+                ok = false;
+            }
+            Some((_, l)) if !repairable(l) => {
+                r.at(
+                    name,
+                    format!(
+                        "listener {:?} cannot fail over: only plain tcp listeners can (no tls, no unix socket, no resume protocol)",
+                        name.value
+                    ),
+                );
+                ok = false;
+            }
+            Some((i, _)) if out.contains(&i) => {
+                r.at(name, format!("listener {:?} is named twice", name.value));
+                ok = false;
+            }
+            Some((i, _)) => out.push(i),
+        }
+    }
+    ok.then_some(out)
 }

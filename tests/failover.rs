@@ -1,0 +1,606 @@
+//! Host failover of a live client connection, over real network namespaces
+//! that the test builds (client, active and standby hosts on a service
+//! network, active and standby also on a replication network).
+//!
+//! The active echoes: it captures the connection's kernel state at accept
+//! and streams the session over the authenticated replication link
+//! (`failover::link`): bytes read (before echoing them), bytes written,
+//! the client's acks (SIOCOUTQ), windows, the timestamp clock and
+//! heartbeats. The host then fails: its service link is cut, it drains what
+//! its kernel had received onto the replication link (a killed holdfast does
+//! until the kill; bytes its kernel acknowledged and it never read are the
+//! residual gap of docs/failover.md), its replication link is cut, and it
+//! dies. The standby notices the silence (`dead_peer_timeout`), rebuilds the
+//! socket from its mirror (`failover::takeover`: restore, claim + gratuitous
+//! ARP, leave repair and re-send) and echoes on. The client must get every
+//! line back exactly once, in order, with no reset; its neighbour entry must
+//! point at the standby; and a new connection must reach the standby.
+
+mod netlab;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use holdfast::failover::announce::Announcer;
+use holdfast::failover::codec::{NewSession, Record};
+use holdfast::failover::gap::{GapWatch, Verdict};
+use holdfast::failover::link::{self, RecordReader, RecordWriter};
+use holdfast::failover::mirror::Mirror;
+use holdfast::failover::{repair, standby as follow_active, takeover};
+use holdfast::session::SessionId;
+use netlab::Lab;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+const PORT: u16 = 7000;
+const REPLICATION: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 77, 1, 2), 7100);
+const KEY: &[u8] = b"holdfast failover test key, 32 bytes or more";
+const HEARTBEAT: Duration = Duration::from_millis(10);
+const LINE: usize = 32;
+/// Echoed lines before the cut, and lines sent after the takeover.
+const CUT_AT: u64 = 1000;
+const AFTER: u64 = 1000;
+/// Lines the client sends ahead of the echoes it has read.
+const AHEAD: u64 = 8;
+const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long out-of-order arrivals without in-order progress are tolerated
+/// after a takeover before the session counts as across a gap.
+const GAP_PATIENCE: Duration = Duration::from_secs(1);
+
+/// The standby's dead-peer timeout: generous by default so that a loaded
+/// machine never starves the active into a false takeover;
+/// `HOLDFAST_FAILOVER_DEAD_MS` sets it for measurements.
+fn dead_peer_timeout() -> Duration {
+    let ms = std::env::var("HOLDFAST_FAILOVER_DEAD_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_millis(ms)
+}
+
+fn line(i: u64) -> [u8; LINE] {
+    let mut l = [b'.'; LINE];
+    let head = format!("line {i:010} ");
+    l[..head.len()].copy_from_slice(head.as_bytes());
+    l[LINE - 1] = b'\n';
+    l
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The active host. Returns the accept-time capture pause.
+/// With `hold` set, the active stops reading its client (its kernel still
+/// receives and acknowledges) and does not drain after the cut: the bytes
+/// it holds are the residual gap.
+async fn active(
+    listener: TcpListener,
+    stop: oneshot::Receiver<()>,
+    drained: oneshot::Sender<()>,
+    die: oneshot::Receiver<()>,
+    hold: Arc<AtomicBool>,
+) -> Duration {
+    let mut link = tokio::net::TcpStream::connect(REPLICATION)
+        .await
+        .expect("active: connect the replication link");
+    link.set_nodelay(true).unwrap();
+    link::handshake_active(&mut link, KEY)
+        .await
+        .expect("active: handshake");
+    let mut w = RecordWriter::new(link);
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let (mut conn, client) = listener.accept().await.expect("accept");
+    let t0 = Instant::now();
+    let state = repair::capture(conn.as_fd()).expect("capture at accept");
+    let pause = t0.elapsed();
+    let id = SessionId::random();
+    w.send(&Record::Session(Box::new(NewSession {
+        id,
+        listener: "echo".into(),
+        backend: "echo".into(),
+        client,
+        local: conn.local_addr().unwrap(),
+        state,
+        read_from: 0,
+        written_from: 0,
+    })))
+    .await
+    .expect("replicate the session");
+
+    let (mut read, mut written, mut acked) = (0u64, 0u64, 0u64);
+    let mut seq = 0;
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    tokio::pin!(stop);
+    loop {
+        let holding = hold.load(Ordering::SeqCst);
+        tokio::select! {
+            n = conn.read_buf(&mut buf), if !holding => {
+                let n = n.expect("active: read");
+                assert!(n > 0, "active: client closed before the cut");
+                let data = buf.split().freeze();
+                // Replicate before writing: the echo carries the ACK.
+                w.push(&Record::Read { id, offset: read, data: data.clone() });
+                w.push(&Record::Written { id, offset: written, data: data.clone() });
+                w.flush().await.expect("replicate");
+                conn.write_all(&data).await.expect("active: echo");
+                read += n as u64;
+                written += n as u64;
+                // The "server" (this echo) consumed it.
+                w.push(&Record::ServerAcked { id, offset: read });
+                // Sampled with every write: a stale client-acked offset makes
+                // the standby re-send more, and more than its initial
+                // congestion window goes the slow way (docs/failover.md).
+                client_acked(&conn, id, written, &mut acked, &mut w);
+            }
+            _ = tick.tick() => {
+                client_acked(&conn, id, written, &mut acked, &mut w);
+                seq += 1;
+                w.push(&Record::Heartbeat { seq });
+                w.flush().await.expect("replicate");
+            }
+            _ = &mut stop => break,
+        }
+    }
+    // Cut off from the clients: replicate whatever the kernel took in.
+    while !hold.load(Ordering::SeqCst) {
+        buf.reserve(64 * 1024);
+        match conn.try_read_buf(&mut buf) {
+            Ok(0) => panic!("active: client closed during the drain"),
+            Ok(_) => {
+                let data = buf.split().freeze();
+                w.push(&Record::Read {
+                    id,
+                    offset: read,
+                    data: data.clone(),
+                });
+                w.push(&Record::Written {
+                    id,
+                    offset: written,
+                    data: data.clone(),
+                });
+                read += data.len() as u64;
+                written += data.len() as u64;
+                let _ = conn.try_write(&data); // into the void
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("active: drain: {e}"),
+        }
+    }
+    w.flush().await.expect("replicate the drain");
+    // Written is not delivered: wait until the standby's kernel has
+    // acknowledged every replication byte (SIOCOUTQ 0), then report.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while holdfast::transport::sockopt::outq(w.get_ref().as_fd()).expect("SIOCOUTQ") > 0 {
+        assert!(Instant::now() < deadline, "replication never drained");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drained.send(()).unwrap();
+    // Killed once the replication link is cut too: what it sends then
+    // (FIN, RST) goes nowhere.
+    let _ = die.await;
+    pause
+}
+
+/// Queues a `ClientAcked` record when the client acknowledged more.
+fn client_acked(
+    conn: &tokio::net::TcpStream,
+    id: SessionId,
+    written: u64,
+    acked: &mut u64,
+    w: &mut RecordWriter<tokio::net::TcpStream>,
+) {
+    let now = repair::acked(conn.as_fd(), written).expect("SIOCOUTQ");
+    if now != *acked {
+        *acked = now;
+        let (snd_wnd, rcv_wnd) = repair::windows(conn.as_fd()).expect("windows");
+        let timestamp = repair::timestamp_now(conn.as_fd()).expect("timestamp");
+        w.push(&Record::ClientAcked {
+            id,
+            offset: now,
+            snd_wnd,
+            rcv_wnd,
+            timestamp,
+        });
+    }
+}
+
+struct Takeover {
+    silence: Duration,
+    report: String,
+    live_at: Instant,
+    detected_at: Instant,
+}
+
+/// The standby host: mirrors the active, takes over when it falls silent,
+/// then echoes until the client closes; afterwards a new connection must
+/// reach it.
+/// A session found across a gap after the takeover is aborted and reported
+/// on `gap`.
+async fn standby(ready: mpsc::Sender<()>, done: mpsc::Sender<Takeover>, gap: mpsc::Sender<()>) {
+    let mut announcer = Announcer::open("eth0").expect("open the announcer in advance");
+    let l = tokio::net::TcpListener::bind(REPLICATION)
+        .await
+        .expect("standby: replication listener");
+    ready.send(()).unwrap();
+    let (mut link, _) = l.accept().await.expect("accept the active");
+    link::handshake_standby(&mut link, KEY)
+        .await
+        .expect("standby: handshake");
+    let mut reader = RecordReader::new(link);
+    let mut mirror = Mirror::new();
+    let silence = match follow_active::follow(&mut reader, &mut mirror, dead_peer_timeout()).await {
+        follow_active::Ended::Silent(d) => d,
+        other => panic!("the replication link ended without silence: {other:?}"),
+    };
+    let detected_at = Instant::now();
+    assert_eq!(mirror.len(), 1, "one live session mirrored");
+    let mut report = takeover::take_over(mirror.into_sessions(), &mut announcer, SERVICE, 24)
+        .expect("claim the service address");
+    let live_at = Instant::now();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let taken = report.taken.pop().expect("the session");
+    let s = &taken.session;
+    let text = format!(
+        "session read {} written {} client_acked {} snd_wnd {} rcv_wnd {} state {:?}; \
+         restore {:?}, claim + GARP {:?}, leave repair + re-send {:?} ({} bytes due, {} did not fit)",
+        s.read,
+        s.written,
+        s.client_acked,
+        s.snd_wnd,
+        s.rcv_wnd,
+        s.new.state,
+        report.restore,
+        report.claim,
+        report.live,
+        taken.session.unacked_down().iter().map(|b| b.len()).sum::<usize>(),
+        taken.unsent.iter().map(|b| b.len()).sum::<usize>(),
+    );
+    let std_conn = std::net::TcpStream::from(taken.conn);
+    std_conn.set_nonblocking(true).unwrap();
+    let mut conn = tokio::net::TcpStream::from_std(std_conn).unwrap();
+    for chunk in &taken.unsent {
+        conn.write_all(chunk)
+            .await
+            .expect("standby: the rest of the re-send");
+    }
+    done.send(Takeover {
+        silence,
+        report: text,
+        live_at,
+        detected_at,
+    })
+    .unwrap();
+    // The sk_reuse trap: a listener on the service port must open now.
+    let listener = tokio::net::TcpListener::bind((SERVICE, PORT))
+        .await
+        .expect("listener after takeover (SO_REUSEADDR)");
+    let mut buf = vec![0u8; 64 * 1024];
+    let (received, ooo) = repair::receive_progress(conn.as_fd()).expect("tcp_info");
+    let mut watch = GapWatch::new(received, ooo, Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            n = conn.read(&mut buf) => {
+                let n = n.expect("standby: read");
+                if n == 0 {
+                    break;
+                }
+                conn.write_all(&buf[..n]).await.expect("standby: echo");
+            }
+            _ = tick.tick() => {
+                let (received, ooo) = repair::receive_progress(conn.as_fd()).expect("tcp_info");
+                if watch.check(received, ooo, Instant::now(), GAP_PATIENCE) == Verdict::Gap {
+                    // Closed deliberately: the client gets a reset now.
+                    let fd = std::os::fd::OwnedFd::from(conn.into_std().unwrap());
+                    repair::abort(fd).expect("abort");
+                    gap.send(()).unwrap();
+                    return;
+                }
+            }
+        }
+    }
+    conn.shutdown().await.unwrap();
+    let (mut fresh, _) = listener.accept().await.expect("accept a new client");
+    let mut hello = [0u8; 5];
+    fresh.read_exact(&mut hello).await.unwrap();
+    fresh.write_all(&hello).await.unwrap();
+}
+
+/// The client: lines, at most `AHEAD` unanswered, each echo checked byte
+/// for byte, until `AFTER` more lines once `taken_over` is set. Returns the
+/// longest time between two echoes.
+fn client(progress: Arc<AtomicU64>, taken_over: Arc<AtomicBool>) -> Duration {
+    let mut conn = TcpStream::connect((SERVICE, PORT)).expect("connect");
+    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    conn.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut next_send = 0u64;
+    let mut got = 0u64;
+    let mut echo = [0u8; LINE];
+    let mut last = Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut end = u64::MAX;
+    while got < end {
+        if end == u64::MAX && taken_over.load(Ordering::SeqCst) {
+            end = next_send + AFTER;
+        }
+        while next_send < end && next_send < got + AHEAD {
+            conn.write_all(&line(next_send))
+                .unwrap_or_else(|e| panic!("client send {next_send}: {e}"));
+            next_send += 1;
+        }
+        if let Err(e) = conn.read_exact(&mut echo) {
+            panic!("client: reading echo of line {got}: {e}");
+        }
+        assert_eq!(
+            echo,
+            line(got),
+            "echo {got} is {:?}",
+            String::from_utf8_lossy(&echo)
+        );
+        got += 1;
+        longest = longest.max(last.elapsed());
+        last = Instant::now();
+        progress.store(got, Ordering::SeqCst);
+    }
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest)
+        .expect("client: clean EOF after the last echo, no reset");
+    assert!(rest.is_empty(), "{} bytes after the last echo", rest.len());
+    let mut fresh = TcpStream::connect((SERVICE, PORT)).expect("new connection after takeover");
+    fresh.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    fresh.write_all(b"hello").unwrap();
+    let mut back = [0u8; 5];
+    fresh.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello");
+    longest
+}
+
+/// The gap client: streams like [`client`] until the active holds its
+/// input; then waits (short reads) and sets `acked` once its TCP saw every
+/// line acknowledged although no echo came; after the takeover it sends one
+/// more line, which reveals the gap to the standby. Returns the error its
+/// next read ends with.
+fn gap_client(
+    progress: Arc<AtomicU64>,
+    hold: Arc<AtomicBool>,
+    acked: Arc<AtomicBool>,
+    taken_over: Arc<AtomicBool>,
+) -> std::io::Error {
+    let mut conn = TcpStream::connect((SERVICE, PORT)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    conn.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (mut next_send, mut got) = (0u64, 0u64);
+    let mut echo = [0u8; LINE];
+    let mut have = 0;
+    while !taken_over.load(Ordering::SeqCst) {
+        while next_send < got + AHEAD {
+            conn.write_all(&line(next_send)).expect("client send");
+            next_send += 1;
+        }
+        match conn.read(&mut echo[have..]) {
+            Ok(0) => panic!("gap client: EOF before the takeover"),
+            Ok(n) => {
+                have += n;
+                if have == LINE {
+                    assert_eq!(echo, line(got), "echo {got}");
+                    got += 1;
+                    have = 0;
+                    progress.store(got, Ordering::SeqCst);
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                let outq = holdfast::transport::sockopt::outq(conn.as_fd()).expect("SIOCOUTQ");
+                if hold.load(Ordering::SeqCst) && outq == 0 {
+                    acked.store(true, Ordering::SeqCst);
+                }
+            }
+            Err(e) => panic!("gap client: read before the takeover: {e}"),
+        }
+    }
+    conn.write_all(&line(next_send))
+        .expect("client send after the takeover");
+    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    match conn.read(&mut echo[have..]) {
+        Ok(0) => panic!("gap client: EOF, expected a reset"),
+        Ok(n) => panic!("gap client: {n} bytes came across the gap"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("gap client: stalled for {IO_TIMEOUT:?}, no reset")
+        }
+        Err(e) => e,
+    }
+}
+
+#[derive(PartialEq)]
+enum Mode {
+    /// The active replicated everything its client's TCP saw acknowledged.
+    Exact,
+    /// It held back client bytes its kernel acknowledged: the residual gap.
+    Gap,
+}
+
+fn fail_over(mode: Mode) {
+    let name = format!(
+        "fail_over({})",
+        if mode == Mode::Exact { "exact" } else { "gap" }
+    );
+    let Some(mut lab) = Lab::new(&name) else {
+        return;
+    };
+    lab.host("client", &["10.77.0.10/24"]);
+    lab.host("active", &["10.77.0.1/24", "10.77.0.100/24"]);
+    lab.host("standby", &["10.77.0.2/24"]);
+    lab.attach("active", "eth1", "br1", &["10.77.1.1/24"]);
+    lab.attach("standby", "eth1", "br1", &["10.77.1.2/24"]);
+
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let (gap_tx, gap_rx) = mpsc::channel();
+    let standby_thread = lab.spawn("standby", move || {
+        runtime().block_on(standby(ready_tx, done_tx, gap_tx))
+    });
+    ready_rx.recv().expect("standby listening");
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (drained_tx, drained_rx) = oneshot::channel();
+    let (die_tx, die_rx) = oneshot::channel();
+    let (listening_tx, listening_rx) = mpsc::channel();
+    let hold = Arc::new(AtomicBool::new(false));
+    let active_thread = {
+        let hold = hold.clone();
+        lab.spawn("active", move || {
+            let l = TcpListener::bind((SERVICE, PORT)).expect("active listens");
+            listening_tx.send(()).unwrap();
+            runtime().block_on(active(l, stop_rx, drained_tx, die_rx, hold))
+        })
+    };
+    listening_rx.recv().expect("active listening");
+    let progress = Arc::new(AtomicU64::new(0));
+    let taken_over = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicBool::new(false));
+    let (client_thread, gap_thread) = {
+        let (p, t) = (progress.clone(), taken_over.clone());
+        if mode == Mode::Exact {
+            (Some(lab.spawn("client", move || client(p, t))), None)
+        } else {
+            let (h, a) = (hold.clone(), acked.clone());
+            (
+                None,
+                Some(lab.spawn("client", move || gap_client(p, h, a, t))),
+            )
+        }
+    };
+
+    // CUT_AT echoed lines (the client's counter, polled: it is in another
+    // thread), then the host fails while the client streams.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while progress.load(Ordering::SeqCst) < CUT_AT {
+        assert!(
+            !active_thread.is_finished() && Instant::now() < deadline,
+            "no progress before the cut"
+        );
+        std::thread::yield_now();
+    }
+    if mode == Mode::Gap {
+        hold.store(true, Ordering::SeqCst);
+        while !acked.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the held lines were never acknowledged"
+            );
+            std::thread::yield_now();
+        }
+    }
+    lab.cut("active", "eth0");
+    let failed_at = Instant::now();
+    let before = progress.load(Ordering::SeqCst);
+    stop_tx.send(()).unwrap();
+    drained_rx.blocking_recv().expect("the active drained");
+    lab.cut("active", "eth1");
+    die_tx.send(()).unwrap();
+    let pause = active_thread.join().expect("active thread");
+    let t = done_rx.recv_timeout(IO_TIMEOUT).expect("takeover");
+    taken_over.store(true, Ordering::SeqCst);
+    let diagnose = || {
+        for host in ["client", "standby"] {
+            eprintln!("{host}: {}", lab.exec(host, &["ss", "-tinoe"]));
+            eprintln!("{host}: {}", lab.exec(host, &["nstat", "-az", "Tcp*"]));
+        }
+        eprintln!("takeover: {}", t.report);
+    };
+
+    if let Some(gap_thread) = gap_thread {
+        let err = gap_thread.join().unwrap_or_else(|e| {
+            diagnose();
+            std::panic::resume_unwind(e)
+        });
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+        gap_rx
+            .recv_timeout(IO_TIMEOUT)
+            .expect("the standby reported the gap");
+        standby_thread.join().expect("standby thread");
+        eprintln!(
+            "gap: the client got {err} after the takeover (patience {GAP_PATIENCE:?}); {}",
+            t.report
+        );
+        return;
+    }
+    let longest = client_thread.expect("client").join().unwrap_or_else(|e| {
+        diagnose();
+        std::panic::resume_unwind(e)
+    });
+    standby_thread.join().expect("standby thread");
+    assert!(
+        gap_rx.try_recv().is_err(),
+        "a gap reported in an exact takeover"
+    );
+
+    let neigh = lab.ip("client", &["neigh", "show", &SERVICE.to_string()]);
+    assert!(
+        neigh.contains(&lab.mac("standby")),
+        "client's neighbour entry for the service address: {neigh}"
+    );
+    eprintln!(
+        "capture pause {pause:?}; service link cut after {before} echoed lines; standby live \
+         {:?} after the cut (detection: {:?} of silence, dead_peer_timeout {:?}); {}; \
+         detected → live {:?}; longest gap between echoes at the client {longest:?}",
+        t.live_at - failed_at,
+        t.silence,
+        dead_peer_timeout(),
+        t.report,
+        t.live_at - t.detected_at,
+    );
+}
+
+#[test]
+fn standby_takes_over_a_live_connection_over_the_replication_link() {
+    fail_over(Mode::Exact);
+}
+
+/// Client bytes the dead active's kernel acknowledged and nobody replicated:
+/// the standby must not leave the client stalled for minutes; it closes the
+/// session with a reset once it sees the gap.
+#[test]
+fn a_session_across_a_gap_is_reset_not_left_to_stall() {
+    fail_over(Mode::Gap);
+}
+
+#[test]
+fn run_refuses_a_failover_config_until_the_proxy_serves_it() {
+    for file in [
+        "config/failover-active.toml",
+        "config/failover-standby.toml",
+    ] {
+        let check = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["check", "--config", file])
+            .output()
+            .expect("run holdfast check");
+        assert!(
+            check.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["run", "--config", file])
+            .output()
+            .expect("run holdfast run");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(64), "{file}: {stderr}");
+        assert!(
+            stderr.contains("[failover] is not served by this build yet"),
+            "{stderr}"
+        );
+    }
+}
