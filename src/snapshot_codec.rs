@@ -143,18 +143,20 @@ impl<'a> Writer<'a> {
 }
 
 /// Reads encoded values from a snapshot, checking every bound. Byte strings
-/// come out as slices of one shared copy of the snapshot (no copy each).
-pub(crate) struct Reader {
-    buf: Bytes,
+/// come out as copies of their own (a replay chunk rebuilt from a snapshot
+/// is an allocation of its own, as one read from a socket is: it pins no
+/// other session's or chunk's memory).
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
     pos: usize,
     now: Instant,
 }
 
 pub(crate) type Result<T> = std::result::Result<T, SnapshotError>;
 
-impl Reader {
+impl<'a> Reader<'a> {
     /// A reader whose instants are rebased on `now`.
-    pub(crate) fn new(buf: Bytes, now: Instant) -> Reader {
+    pub(crate) fn new(buf: &'a [u8], now: Instant) -> Reader<'a> {
         Reader { buf, pos: 0, now }
     }
 
@@ -175,14 +177,15 @@ impl Reader {
         Ok(())
     }
 
-    fn take(&mut self, n: usize, what: &str) -> Result<&[u8]> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         if n > self.remaining() {
             return Err(self.error(format!(
                 "{what}: truncated ({n} bytes needed, {} left)",
                 self.remaining()
             )));
         }
-        let s = &self.buf[self.pos..self.pos + n];
+        let buf: &'a [u8] = self.buf;
+        let s = &buf[self.pos..self.pos + n];
         self.pos += n;
         Ok(s)
     }
@@ -267,8 +270,13 @@ impl Reader {
         Ok(u128::from_be_bytes(self.array(what)?))
     }
 
-    /// A length-prefixed byte string, shared with the snapshot's copy.
+    /// A length-prefixed byte string.
     pub(crate) fn bytes(&mut self, what: &str) -> Result<Bytes> {
+        self.slice(what).map(Bytes::copy_from_slice)
+    }
+
+    /// A length-prefixed byte string, borrowed from the snapshot.
+    pub(crate) fn slice(&mut self, what: &str) -> Result<&'a [u8]> {
         let n = self.usize(what)?;
         if n > self.remaining() {
             return Err(self.error(format!(
@@ -276,14 +284,15 @@ impl Reader {
                 self.remaining()
             )));
         }
-        let b = self.buf.slice(self.pos..self.pos + n);
-        self.pos += n;
-        Ok(b)
+        self.take(n, what)
     }
 
     pub(crate) fn string(&mut self, what: &str) -> Result<String> {
-        let b = self.bytes(what)?;
-        String::from_utf8(b.to_vec()).map_err(|_| self.error(format!("{what}: not UTF-8")))
+        let b = self.slice(what)?;
+        match std::str::from_utf8(b) {
+            Ok(s) => Ok(s.to_owned()),
+            Err(_) => Err(self.error(format!("{what}: not UTF-8"))),
+        }
     }
 
     /// A count of items that take at least `min_size` bytes each: never more
@@ -360,7 +369,7 @@ mod tests {
         w.instant(now - Duration::from_millis(5));
         w.option(Some(9u64), |w, v| w.u64(v));
         w.option(None::<u64>, |w, v| w.u64(v));
-        let mut r = Reader::new(Bytes::from(buf), now);
+        let mut r = Reader::new(&buf, now);
         for v in ints {
             assert_eq!(r.u64("int").unwrap(), v);
         }
@@ -383,8 +392,9 @@ mod tests {
 
     #[test]
     fn hostile_input_is_an_error() {
-        let now = Instant::now();
-        let r = |b: &[u8]| Reader::new(Bytes::copy_from_slice(b), now);
+        fn r(b: &[u8]) -> Reader<'_> {
+            Reader::new(b, Instant::now())
+        }
         assert!(r(&[0x80; 11]).u64("x").is_err(), "too long");
         assert!(r(&[0xff; 9]).u64("x").is_err(), "truncated");
         let mut over = vec![0xff; 9];

@@ -14,7 +14,7 @@ use holdfast::proto::{self, ClientAddr, ErrorCode, Frame};
 
 mod fuzz_checks;
 
-use fuzz_checks::{handshake, KEY, TARGETS};
+use fuzz_checks::{handshake, snapshot_backends, KEY, TARGETS};
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -272,4 +272,201 @@ protocol = "resume"
 resume = { secret_file = "/nonexistent/holdfast-fuzz.key", heartbeat_interval = "1s", dead_peer_timeout = "3s" }
 "#,
     );
+}
+
+/// The `snapshot` seeds `write_snapshot_seeds` writes (the rest of the
+/// corpus is what the fuzzer kept).
+const SNAPSHOT_SEEDS: [&str; 11] = [
+    "tcp-connecting",
+    "tcp-held-waiting",
+    "tcp-up-data-both-ways",
+    "tcp-half-closed",
+    "tcp-ending",
+    "none-server-closed",
+    "lines-mid-frame",
+    "length-mid-frame",
+    "resp-mid-frame",
+    "resume-handshake",
+    "resume-link",
+];
+
+/// Every seed `write_snapshot_seeds` wrote is a valid snapshot of this
+/// version: the target's baseline is real, and a format change that forgot
+/// the seeds fails here.
+#[test]
+fn snapshot_seeds_import() {
+    let backends = snapshot_backends();
+    for name in SNAPSHOT_SEEDS {
+        let path = corpus_dir("snapshot").join(name);
+        let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let r = holdfast::session::SessionCore::import(
+            &data,
+            |n| backends.iter().find(|b| b.name == n).cloned(),
+            std::time::Instant::now(),
+        );
+        assert!(r.is_ok(), "{}: {}", path.display(), r.unwrap_err());
+    }
+}
+
+/// Writes the `snapshot` seeds: sessions of every backend of
+/// `fuzz_checks::snapshot_backends`, exported in many states. Deterministic
+/// (instants are relative); run after a change of the format:
+/// `cargo test --test fuzz_corpus -- --ignored write_snapshot_seeds`.
+#[test]
+#[ignore]
+fn write_snapshot_seeds() {
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use holdfast::proto::{Decoder, Welcome};
+    use holdfast::session::{LegFailure, SessionCore, SessionId};
+
+    let t0 = Instant::now();
+    let backends = snapshot_backends();
+    let backend = |name: &str| backends.iter().find(|b| b.name == name).unwrap().clone();
+    let new = |name: &str| SessionCore::new(SessionId(0x0123_4567_89ab_cdef), backend(name), 0, t0);
+    // Carries out the actions (a connect is answered by `connect`).
+    let drain = |core: &mut SessionCore| {
+        while core.poll_event().is_some() {}
+        while let Some(a) = core.poll_action() {
+            if a == holdfast::session::Action::ShutdownClient {
+                core.on_client_shutdown(t0);
+            }
+        }
+    };
+    let connect = |core: &mut SessionCore| {
+        drain(core);
+        core.on_connected(holdfast::session::Generation(0), t0);
+        drain(core);
+    };
+    // Writes up to `max` bytes towards the server; returns them.
+    let write_up = |core: &mut SessionCore, max: usize| -> Vec<u8> {
+        let mut out = Vec::new();
+        core.next_writes_up(8, &mut out);
+        let all: Vec<u8> = out.concat();
+        let n = all.len().min(max);
+        if let Some(gen) = core.leg_gen() {
+            core.on_server_written(gen, n, t0);
+        }
+        drain(core);
+        all[..n].to_vec()
+    };
+    let client = |core: &mut SessionCore, b: &[u8]| {
+        core.on_client_data(Bytes::copy_from_slice(b), t0);
+        drain(core);
+    };
+    let server = |core: &mut SessionCore, b: &[u8]| {
+        let gen = core.leg_gen().unwrap();
+        core.on_server_data(gen, Bytes::copy_from_slice(b), t0);
+        drain(core);
+    };
+    let save = |name: &str, core: &SessionCore| {
+        assert!(SNAPSHOT_SEEDS.contains(&name), "{name} is listed");
+        let mut out = Vec::new();
+        core.export(t0, &mut out);
+        write("snapshot", name, &out);
+    };
+
+    let mut c = new("tcp");
+    drain(&mut c);
+    save("tcp-connecting", &c);
+    c.on_connect_failed(
+        holdfast::session::Generation(0),
+        LegFailure::ConnectRefused,
+        t0,
+    );
+    drain(&mut c);
+    c.on_connect_failed(
+        holdfast::session::Generation(1),
+        LegFailure::ConnectRefused,
+        t0,
+    );
+    drain(&mut c);
+    save("tcp-held-waiting", &c);
+
+    let mut c = new("tcp");
+    connect(&mut c);
+    client(&mut c, b"hello ");
+    client(&mut c, b"world");
+    write_up(&mut c, 8);
+    c.on_server_acked(c.leg_gen().unwrap(), 3, t0);
+    server(&mut c, b"echo");
+    save("tcp-up-data-both-ways", &c);
+    c.on_client_eof(t0);
+    drain(&mut c);
+    save("tcp-half-closed", &c);
+    c.on_shutdown(t0 + Duration::from_millis(5));
+    drain(&mut c);
+    save("tcp-ending", &c);
+
+    let mut c = new("none");
+    connect(&mut c);
+    client(&mut c, b"GET / HTTP/1.0\r\n\r\n");
+    write_up(&mut c, 100);
+    server(&mut c, b"HTTP/1.0 200 OK\r\n");
+    c.on_server_eof(c.leg_gen().unwrap(), t0);
+    drain(&mut c);
+    save("none-server-closed", &c);
+
+    let mut c = new("lines");
+    connect(&mut c);
+    server(&mut c, b"WELCOME\n");
+    client(&mut c, b"GET a\nSET b 1\nINC");
+    write_up(&mut c, 100);
+    server(&mut c, b"a=1\nOK");
+    save("lines-mid-frame", &c);
+
+    let mut c = new("length");
+    connect(&mut c);
+    server(&mut c, &[0, 0, 0, 2, b'h', b'i']);
+    client(&mut c, &[0, 0, 0, 3, b'a', b'b', b'c', 0, 0]);
+    write_up(&mut c, 5);
+    server(&mut c, &[0, 0, 0, 3, b'x']);
+    save("length-mid-frame", &c);
+
+    let mut c = new("resp");
+    connect(&mut c);
+    server(&mut c, b"+HELLO\r\n");
+    client(
+        &mut c,
+        b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*3\r\n$3\r\nSET\r\n$1\r\nb",
+    );
+    write_up(&mut c, 100);
+    server(&mut c, b"*2\r\n*1\r\n:1\r\n$3\r\nab");
+    save("resp-mid-frame", &c);
+
+    let mut c = new("resume");
+    c.set_client_addr(holdfast::proto::ClientAddr::Ip(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7)),
+        40000,
+    ));
+    connect(&mut c);
+    client(&mut c, b"before the welcome");
+    let hello_bytes = write_up(&mut c, 1 << 20);
+    save("resume-handshake", &c);
+    let mut buf = bytes::BytesMut::from(&hello_bytes[..]);
+    let Some(Frame::Hello(h)) = Decoder::new(1 << 20).decode(&mut buf).unwrap() else {
+        panic!("a HELLO first");
+    };
+    let mut w = Welcome {
+        version: 1,
+        resumed: false,
+        restored: false,
+        session_id: h.session_id,
+        recv_offset: 0,
+        max_frame: 4096,
+        window: 1 << 16,
+        heartbeat_ms: 100,
+        token: [0; 32],
+    };
+    w.encode(&KEY, &h.token);
+    let gen = c.leg_gen().unwrap();
+    c.on_server_frame(gen, Frame::Welcome(w), t0);
+    drain(&mut c);
+    c.on_server_frame(gen, Frame::Data(Bytes::from_static(b"from the server")), t0);
+    drain(&mut c);
+    write_up(&mut c, 20);
+    c.on_timeout(t0 + Duration::from_millis(2));
+    drain(&mut c);
+    save("resume-link", &c);
 }

@@ -35,7 +35,7 @@ impl ClientAddr {
         }
     }
 
-    pub(crate) fn read_snapshot(r: &mut Reader, what: &str) -> Result<ClientAddr> {
+    pub(crate) fn read_snapshot(r: &mut Reader<'_>, what: &str) -> Result<ClientAddr> {
         let ip = match r.u8(what)? {
             0 => return Ok(ClientAddr::Unknown),
             4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>(what)?)),
@@ -61,7 +61,7 @@ impl Hello {
         w.raw(&self.token);
     }
 
-    pub(crate) fn read_snapshot(r: &mut Reader, what: &str) -> Result<Hello> {
+    pub(crate) fn read_snapshot(r: &mut Reader<'_>, what: &str) -> Result<Hello> {
         Ok(Hello {
             version_min: r.u8(what)?,
             version_max: r.u8(what)?,
@@ -104,7 +104,7 @@ impl Link {
 
     /// Fails unless the offsets agree: the ACK sent is at most what was
     /// received (plus one for the peer's FIN), which ends at `received`.
-    pub(crate) fn read_snapshot(r: &mut Reader, what: &str) -> Result<Link> {
+    pub(crate) fn read_snapshot(r: &mut Reader<'_>, what: &str) -> Result<Link> {
         let cfg = LinkConfig {
             max_frame: r.u32(what)?,
             window: r.u32(what)?,
@@ -176,13 +176,13 @@ mod tests {
     /// Reads `bytes` back (at `now`), and checks that every truncation fails.
     fn read<T>(bytes: &[u8], now: Instant, read: impl Fn(&mut Reader) -> Result<T>) -> T {
         for len in 0..bytes.len() {
-            let mut r = Reader::new(Bytes::copy_from_slice(&bytes[..len]), now);
+            let mut r = Reader::new(&bytes[..len], now);
             assert!(
                 read(&mut r).and_then(|_| r.finish()).is_err(),
                 "cut at {len}"
             );
         }
-        let mut r = Reader::new(Bytes::copy_from_slice(bytes), now);
+        let mut r = Reader::new(bytes, now);
         let v = read(&mut r).unwrap();
         r.finish().unwrap();
         v
@@ -282,16 +282,16 @@ mod tests {
         let now = Instant::now();
         let l = Link::new(LinkConfig::default(), 4096, 8192, 5, now);
         let good = snapshot(&l, now, Link::write_snapshot);
-        let mut r = Reader::new(Bytes::from(good.clone()), now);
+        let mut r = Reader::new(&good, now);
         Link::read_snapshot(&mut r, "link").unwrap();
         // ack_sent (the byte after received) set past received + 1.
         let mut bad = good.clone();
         let at = good.windows(2).position(|w| w == [5, 5]).unwrap();
         bad[at + 1] = 7;
-        let mut r = Reader::new(Bytes::from(bad), now);
+        let mut r = Reader::new(&bad, now);
         assert!(Link::read_snapshot(&mut r, "link").is_err());
         // An unknown address family.
-        let mut r = Reader::new(Bytes::from_static(&[9, 0, 0]), now);
+        let mut r = Reader::new(&[9, 0, 0], now);
         assert!(ClientAddr::read_snapshot(&mut r, "client").is_err());
     }
 }

@@ -21,7 +21,7 @@ impl ReplayBuffer {
     }
 
     /// Fails on an empty chunk or an end past 2^62.
-    pub(crate) fn read_snapshot(r: &mut Reader, what: &str) -> Result<ReplayBuffer> {
+    pub(crate) fn read_snapshot(r: &mut Reader<'_>, what: &str) -> Result<ReplayBuffer> {
         let start = r.counter(what)?;
         // Each chunk takes at least its length byte and one byte.
         let n = r.count(2, what)?;
@@ -47,7 +47,7 @@ impl Stream {
     }
 
     /// Fails unless `acked <= sent <= read`.
-    pub(crate) fn read_snapshot(r: &mut Reader, what: &str) -> Result<Stream> {
+    pub(crate) fn read_snapshot(r: &mut Reader<'_>, what: &str) -> Result<Stream> {
         let buf = ReplayBuffer::read_snapshot(r, what)?;
         let sent = r.counter(what)?;
         let fin_read = r.bool(what)?;
@@ -79,12 +79,12 @@ mod tests {
         let now = Instant::now();
         let mut out = Vec::new();
         s.write_snapshot(&mut Writer::new(&mut out, now));
-        let mut r = Reader::new(Bytes::from(out.clone()), now);
+        let mut r = Reader::new(&out, now);
         let back = Stream::read_snapshot(&mut r, "stream").unwrap();
         r.finish().unwrap();
         // Truncated at every length: an error, never a panic.
         for len in 0..out.len() {
-            let mut r = Reader::new(Bytes::copy_from_slice(&out[..len]), now);
+            let mut r = Reader::new(&out[..len], now);
             assert!(
                 Stream::read_snapshot(&mut r, "stream")
                     .and_then(|_| r.finish())
@@ -136,7 +136,7 @@ mod tests {
             w.bytes(chunk);
             w.u64(sent);
             w.bool(false);
-            Stream::read_snapshot(&mut Reader::new(Bytes::from(out), now), "up")
+            Stream::read_snapshot(&mut Reader::new(&out, now), "up")
         };
         assert!(bad(12, b"abc").is_ok());
         assert!(bad(9, b"abc").is_err(), "sent before acked");

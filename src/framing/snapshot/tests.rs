@@ -3,8 +3,6 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
-
 use super::*;
 use crate::config::{Framing, LengthPrefixed};
 
@@ -15,7 +13,7 @@ fn encode(s: &Scanner) -> Vec<u8> {
 }
 
 fn decode(b: &[u8]) -> Result<Scanner> {
-    let mut r = Reader::new(Bytes::copy_from_slice(b), Instant::now());
+    let mut r = Reader::new(b, Instant::now());
     let s = Scanner::read_snapshot(&mut r, "scanner")?;
     r.finish().map(|_| s)
 }

@@ -14,6 +14,9 @@ use crate::proto::{Decoder, Welcome};
 
 const KEY: [u8; 32] = [7; 32];
 
+#[path = "resume_sim.rs"]
+mod sim;
+
 pub(super) fn resume_backend() -> Arc<BackendConfig> {
     let mut b = backend(
         AckMode::Resume(ResumeSettings {
@@ -192,6 +195,14 @@ impl Rig {
         self.core.on_timeout(self.now);
         self.pump();
     }
+}
+
+/// A session whose resume leg is established (and idle), for measuring.
+pub(super) fn established() -> (SessionCore, Instant) {
+    let mut r = Rig::new();
+    r.welcome(0, false);
+    while r.core.poll_event().is_some() {}
+    (r.core, r.now)
 }
 
 #[test]

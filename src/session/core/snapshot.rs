@@ -97,7 +97,7 @@ fn write_reason(w: &mut Writer, r: Option<CloseReason>) {
     });
 }
 
-fn read_reason(r: &mut Reader, what: &str) -> Result<Option<CloseReason>> {
+fn read_reason(r: &mut Reader<'_>, what: &str) -> Result<Option<CloseReason>> {
     r.option(what, |r| {
         let i = r.tag(CloseReason::ALL.len() as u8, what)?;
         Ok(CloseReason::ALL[i as usize])
@@ -111,7 +111,7 @@ fn write_chunks<'a>(w: &mut Writer, chunks: impl ExactSizeIterator<Item = &'a By
     }
 }
 
-fn read_chunks(r: &mut Reader, what: &str) -> Result<VecDeque<Bytes>> {
+fn read_chunks(r: &mut Reader<'_>, what: &str) -> Result<VecDeque<Bytes>> {
     let n = r.count(1, what)?;
     let mut out = VecDeque::with_capacity(n);
     for _ in 0..n {
@@ -249,8 +249,7 @@ impl SessionCore {
         resolve: impl Fn(&str) -> Option<Arc<BackendConfig>>,
         now: Instant,
     ) -> std::result::Result<SessionCore, SnapshotError> {
-        // One copy of the whole snapshot: replay chunks are slices of it.
-        let r = &mut Reader::new(Bytes::copy_from_slice(buf), now);
+        let r = &mut Reader::new(buf, now);
         let magic: [u8; 4] = r.array("magic")?;
         r.check(magic == MAGIC, || "not a session snapshot (magic)".into())?;
         let version = r.u32("version")?;
@@ -353,6 +352,10 @@ impl SessionCore {
         for _ in 0..n {
             preamble.push((r.bytes("preamble")?, r.bytes("preamble")?));
         }
+        r.check(
+            framing.is_some() || (req_ends.is_empty() && req_last_end == 0 && preamble.is_empty()),
+            || "request state of response mode in another ack mode".into(),
+        )?;
         let greeting_delivered = r.small("greeting_delivered")?;
         let client_fin_queued = r.bool("client_fin_queued")?;
         let client_fin_sent = r.bool("client_fin_sent")?;
@@ -453,7 +456,7 @@ impl Leg {
 
     /// `framing`: a scanner of the backend's framing in response mode;
     /// `resume`: whether the backend speaks the resume protocol.
-    fn read_snapshot(r: &mut Reader, framing: Option<&Scanner>, resume: bool) -> Result<Leg> {
+    fn read_snapshot(r: &mut Reader<'_>, framing: Option<&Scanner>, resume: bool) -> Result<Leg> {
         let what = "up leg";
         let gen = Generation(r.counter(what)?);
         let server = r.usize(what)?;

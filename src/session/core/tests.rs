@@ -20,7 +20,7 @@ use crate::config::{
 use crate::stream::Dir;
 
 #[path = "sim.rs"]
-mod sim;
+pub(super) mod sim;
 
 // ---- configs ----
 

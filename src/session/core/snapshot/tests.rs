@@ -234,23 +234,23 @@ pub(crate) fn poke(core: &mut SessionCore, mut now: Instant) {
 #[test]
 #[ignore]
 fn snapshot_cost() {
-    fn measure(label: &str, h: &Harness) {
+    fn measure(label: &str, core: &SessionCore, now: Instant) {
         let iters = 200;
         let mut bytes = Vec::new();
-        h.core.export(h.now, &mut bytes);
-        let b = h.core.backend().clone();
+        core.export(now, &mut bytes);
+        let b = core.backend().clone();
         let t = Instant::now();
         for _ in 0..iters {
             let mut out = Vec::with_capacity(bytes.len());
-            h.core.export(h.now, &mut out);
-            let core = import(&out, &b, h.now).unwrap();
+            core.export(now, &mut out);
+            let core = import(&out, &b, now).unwrap();
             std::hint::black_box(core);
         }
         let per = t.elapsed() / iters;
         let t = Instant::now();
         for _ in 0..iters {
             let mut out = Vec::with_capacity(bytes.len());
-            h.core.export(h.now, &mut out);
+            core.export(now, &mut out);
             std::hint::black_box(out);
         }
         let export_only = t.elapsed() / iters;
@@ -259,19 +259,27 @@ fn snapshot_cost() {
             bytes.len()
         );
     }
-    let mut h = Harness::new(backend(AckMode::Tcp, 1));
-    h.connect_last();
-    measure("idle tcp session", &h);
+    for mode in [AckMode::Tcp, super::super::tests::lines()] {
+        let mut h = Harness::new(backend(mode.clone(), 1));
+        h.connect_last();
+        measure(&format!("idle session, {mode:?}"), &h.core, h.now);
+    }
+    let (core, now) = super::super::resume_tests::established();
+    measure("idle session, resume protocol", &core, now);
     let mut h = Harness::new(backend(AckMode::Tcp, 1));
     h.connect_last();
     h.stall_up = true;
     for _ in 0..64 {
         h.client(&[0x5a; 16 * 1024]);
     }
-    measure("tcp session holding 1 MiB (64 chunks of 16 KiB)", &h);
+    measure(
+        "tcp session holding 1 MiB (64 chunks of 16 KiB)",
+        &h.core,
+        h.now,
+    );
     let mut h = Harness::new(backend(AckMode::Tcp, 1));
     h.connect_last();
     h.stall_up = true;
     h.client(&vec![0x5a; 1 << 20]);
-    measure("tcp session holding 1 MiB (one chunk)", &h);
+    measure("tcp session holding 1 MiB (one chunk)", &h.core, h.now);
 }
