@@ -1253,6 +1253,23 @@ impl SessionCore {
             // nothing the client will see.
             return;
         }
+        if leg.server_eof {
+            // The server's close was taken as the end of the session (its
+            // FIN is queued for the client): a reset after it ends the leg,
+            // and no new leg is made, whose bytes would follow that FIN.
+            // What the client still sends has nowhere to go.
+            let (gen, server) = (leg.gen, leg.server);
+            self.events.push_back(Event::LegFailed {
+                gen,
+                server,
+                reason: LegFailure::Error,
+            });
+            self.actions.push_back(Action::CloseLeg { gen });
+            self.leg = LegState::None;
+            self.end_gracefully(CloseReason::ServerClosed, now);
+            self.step(now);
+            return;
+        }
         self.leg_failed(LegFailure::Error, now);
         self.step(now);
     }

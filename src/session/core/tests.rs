@@ -536,6 +536,40 @@ fn data_both_ways_server_closes_first() {
 }
 
 #[test]
+fn a_reset_after_the_servers_close_makes_no_new_leg() {
+    // `on_server_close = "close"`: the server's FIN is the end of the down
+    // direction. A reset that follows it (the server process dies after
+    // closing) must not start a new leg, whose bytes would follow the FIN.
+    for mode in all_modes() {
+        let mut cfg = backend(mode.clone(), 1);
+        cfg.on_server_close = OnServerClose::Close;
+        let mut h = Harness::new(cfg);
+        let g = h.connect_last();
+        let req = frame(&mode, b"ping");
+        h.client(&req);
+        let resp = frame(&mode, b"pong");
+        h.server(g, &resp);
+        if mode == AckMode::Tcp {
+            h.acked(g, req.len() as u64);
+        }
+        h.server_eof(g);
+        h.pump();
+        assert!(
+            h.client_fin,
+            "{mode:?}: the server's FIN reaches the client"
+        );
+        h.server_error(g);
+        h.pump();
+        assert_eq!(h.legs.len(), 1, "{mode:?}: no reconnect after the close");
+        assert_eq!(h.client_rx, resp, "{mode:?}");
+        // The client may still close its side; the session then ends.
+        h.client_eof();
+        h.pump();
+        assert!(h.core.done().is_some(), "{mode:?}: the session ends");
+    }
+}
+
+#[test]
 fn none_mode_server_close_ends_the_session_without_the_close_option() {
     let mut h = Harness::with_mode(AckMode::None);
     let g = h.connect_last();
@@ -1114,12 +1148,13 @@ fn idle_timeout_off_by_default_and_hold_refusal_ends_gracefully() {
 fn examples_with_a_snapshot_after_every_input() {
     assert_eq!(
         include_str!("tests.rs").matches("#[test]\n").count(),
-        20 + 1,
+        21 + 1,
         "a new example is listed here too"
     );
     super::tests::SNAPSHOTS.with(|s| s.set(true));
     data_both_ways_client_closes_first();
     data_both_ways_server_closes_first();
+    a_reset_after_the_servers_close_makes_no_new_leg();
     none_mode_server_close_ends_the_session_without_the_close_option();
     none_mode_refused_everywhere_is_server_unreachable();
     none_mode_server_reset_is_server_error_after_the_bytes();
