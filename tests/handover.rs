@@ -141,6 +141,51 @@ async fn echo_once(c: &mut tokio::net::TcpStream, msg: &[u8]) -> std::io::Result
     Ok(())
 }
 
+/// A client that connects, echoes one line and closes, in a tight loop.
+struct Looper {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl Looper {
+    fn start(addr: &str) -> Looper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            let addr = addr.to_string();
+            async move {
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let r = async {
+                        let mut c = tokio::net::TcpStream::connect(&addr).await?;
+                        echo_once(&mut c, format!("ping {ok}\n").as_bytes()).await
+                    };
+                    match tokio::time::timeout(STEP, r).await {
+                        Ok(Ok(())) => ok += 1,
+                        Ok(Err(e)) => errors.push(e.to_string()),
+                        Err(_) => errors.push("timed out".into()),
+                    }
+                }
+                (ok, errors)
+            }
+        });
+        Looper { stop, task }
+    }
+
+    /// Stops it: no connection may have been refused, reset or left
+    /// unanswered, and some must have been made.
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (ok, errors) = self.task.await.unwrap();
+        assert!(
+            errors.is_empty(),
+            "{} failed connections: {errors:?}",
+            errors.len()
+        );
+        assert!(ok > 0, "the looping client made no round trip");
+    }
+}
+
 /// A config with one listener on port 0, plus `extra` tables.
 fn config(socket: &std::path::Path, server: &str, extra: &str) -> String {
     format!(
@@ -191,28 +236,7 @@ async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
     echo_once(&mut long, b"before\n").await.unwrap();
 
     // A client connecting in a tight loop throughout.
-    let stop = Arc::new(AtomicBool::new(false));
-    let looper = tokio::spawn({
-        let stop = stop.clone();
-        let addr = addr.clone();
-        async move {
-            let mut ok = 0u64;
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let msg = format!("ping {ok}\n");
-                let r = async {
-                    let mut c = tokio::net::TcpStream::connect(&addr).await?;
-                    echo_once(&mut c, msg.as_bytes()).await
-                };
-                match tokio::time::timeout(STEP, r).await {
-                    Ok(Ok(())) => ok += 1,
-                    Ok(Err(e)) => errors.push(e.to_string()),
-                    Err(_) => errors.push("timed out".into()),
-                }
-            }
-            (ok, errors)
-        }
-    });
+    let looper = Looper::start(&addr);
 
     let mut generations = vec![pid];
     for round in 0..5 {
@@ -241,14 +265,7 @@ async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
         }
     }
 
-    stop.store(true, Ordering::Relaxed);
-    let (ok, errors) = looper.await.unwrap();
-    assert!(
-        errors.is_empty(),
-        "{} failed connections: {errors:?}",
-        errors.len()
-    );
-    assert!(ok > 0, "the looping client made no round trip");
+    looper.finish().await;
 
     // A takeover whose config is invalid exits with a config error, and the
     // running process keeps serving.
@@ -469,26 +486,7 @@ async fn a_hundred_live_sessions_survive_ten_upgrades() {
     let mut generations = vec![pid];
 
     // A client connecting in a tight loop throughout.
-    let looping = Arc::new(AtomicBool::new(true));
-    let looper = tokio::spawn({
-        let looping = looping.clone();
-        let addr = rig.addrs[0].clone();
-        async move {
-            let (mut ok, mut errors) = (0u64, Vec::new());
-            while looping.load(Ordering::Relaxed) {
-                let r = async {
-                    let mut c = tokio::net::TcpStream::connect(&addr).await?;
-                    echo_once(&mut c, format!("ping {ok}\n").as_bytes()).await
-                };
-                match tokio::time::timeout(STEP, r).await {
-                    Ok(Ok(())) => ok += 1,
-                    Ok(Err(e)) => errors.push(e.to_string()),
-                    Err(_) => errors.push("timed out".into()),
-                }
-            }
-            (ok, errors)
-        }
-    });
+    let looper = Looper::start(&rig.addrs[0]);
 
     let mut handed = Vec::new();
     for round in 0..10 {
@@ -511,14 +509,7 @@ async fn a_hundred_live_sessions_survive_ten_upgrades() {
             .await;
         rig.flowing(200, &format!("after upgrade {round}")).await;
     }
-    looping.store(false, Ordering::Relaxed);
-    let (ok, errors) = looper.await.unwrap();
-    assert!(
-        errors.is_empty(),
-        "{} failed connections: {errors:?}",
-        errors.len()
-    );
-    assert!(ok > 0, "the looping client made no round trip");
+    looper.finish().await;
     for line in &handed {
         eprintln!("{line}");
         let n: usize = field(line, "sessions").unwrap().parse().unwrap();

@@ -104,14 +104,12 @@ async fn echo_round_trip<S: AsyncReadExt + AsyncWriteExt + Unpin>(mut c: S) {
     assert_eq!(&buf, b"hello systemd\n");
 }
 
-#[tokio::test]
-async fn notify_socket_gets_ready_after_bind_and_stopping_on_sigterm() {
-    let server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = temp_dir("notify");
-    let cfg = write_config(&dir, "127.0.0.1:0", &server.addr);
+/// Runs `holdfast run --config cfg` with a notification socket in `dir`
+/// (as systemd would, without socket activation); returns that socket.
+fn spawn_notified(dir: &Path, cfg: &Path) -> (tokio::net::UnixDatagram, Child) {
     let notify_path = dir.join("notify.sock");
     let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["run", "--config", cfg.to_str().unwrap()])
         .env("NOTIFY_SOCKET", &notify_path)
         .env_remove("LISTEN_PID")
@@ -121,6 +119,15 @@ async fn notify_socket_gets_ready_after_bind_and_stopping_on_sigterm() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    (notify, child)
+}
+
+#[tokio::test]
+async fn notify_socket_gets_ready_after_bind_and_stopping_on_sigterm() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = temp_dir("notify");
+    let cfg = write_config(&dir, "127.0.0.1:0", &server.addr);
+    let (notify, mut child) = spawn_notified(&dir, &cfg);
 
     assert_eq!(recv_datagram(&notify).await, "READY=1");
     // READY=1 comes after the listener is bound: its log line is written.
@@ -255,18 +262,7 @@ async fn an_upgrade_tells_systemd_the_new_main_pid() {
         dir.join("run/handover.sock").display()
     ));
     std::fs::write(&cfg, toml).unwrap();
-    let notify_path = dir.join("notify.sock");
-    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
-    let mut old = Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_FDNAMES")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (notify, mut old) = spawn_notified(&dir, &cfg);
     assert_eq!(recv_datagram(&notify).await, "READY=1");
     let (addr, _log, mut stderr) = wait_running(&mut old).await;
     // The hand-over socket is in place once this line is logged.

@@ -133,25 +133,7 @@ pub fn send(
 /// `OwnedFd` at once (so they close on any error below).
 pub fn recv(sock: &UnixStream) -> Result<(Manifest, Vec<OwnedFd>), HandoverError> {
     let mut buf = vec![0u8; 4 + MAX_MANIFEST];
-    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = rustix::net::recvmsg(
-        sock,
-        &mut [IoSliceMut::new(&mut buf)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    let mut fds = Vec::new();
-    for m in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = m {
-            fds.extend(received);
-        }
-    }
-    if msg.flags.contains(ReturnFlags::CTRUNC) {
-        return Err(HandoverError::Truncated);
-    }
-    let mut got = msg.bytes;
+    let (mut got, fds) = recv_fds(sock, &mut buf, MAX_FDS)?;
     if got == 0 {
         return Err(HandoverError::NoAck);
     }
@@ -795,15 +777,19 @@ pub fn send_batch(
     Ok(())
 }
 
-/// Receives a batch; descriptors are wrapped as `OwnedFd` at once.
-pub fn recv_batch(sock: &UnixStream) -> Result<(Batch, Vec<u8>, Vec<OwnedFd>), HandoverError> {
-    let mut head = [0u8; 12];
-    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_BATCH_FDS))];
+/// One `recvmsg` into `buf` with room for `max_fds` descriptors, wrapped
+/// as `OwnedFd` at once (so they close on any error). A truncated control
+/// message (MSG_CTRUNC: descriptors were lost) is an error.
+fn recv_fds(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> Result<(usize, Vec<OwnedFd>), HandoverError> {
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(max_fds))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
-    // Only the fixed header with the descriptors: the rest is read plainly.
     let msg = rustix::net::recvmsg(
         sock,
-        &mut [IoSliceMut::new(&mut head)],
+        &mut [IoSliceMut::new(buf)],
         &mut control,
         RecvFlags::CMSG_CLOEXEC,
     )
@@ -817,11 +803,19 @@ pub fn recv_batch(sock: &UnixStream) -> Result<(Batch, Vec<u8>, Vec<OwnedFd>), H
     if msg.flags.contains(ReturnFlags::CTRUNC) {
         return Err(HandoverError::Truncated);
     }
-    if msg.bytes == 0 {
+    Ok((msg.bytes, fds))
+}
+
+/// Receives a batch; descriptors are wrapped as `OwnedFd` at once.
+pub fn recv_batch(sock: &UnixStream) -> Result<(Batch, Vec<u8>, Vec<OwnedFd>), HandoverError> {
+    let mut head = [0u8; 12];
+    // Only the fixed header with the descriptors: the rest is read plainly.
+    let (got, fds) = recv_fds(sock, &mut head, MAX_BATCH_FDS)?;
+    if got == 0 {
         return Err(HandoverError::NoAck);
     }
     let mut r = sock;
-    r.read_exact(&mut head[msg.bytes..])?;
+    r.read_exact(&mut head[got..])?;
     let json_len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
     let blob_len = u64::from_be_bytes(head[4..].try_into().expect("8 bytes"));
     if json_len > MAX_BATCH_HEADER {

@@ -614,15 +614,7 @@ impl Running {
             .parse::<std::net::SocketAddr>()
             .ok()
             .map(|a| a.ip());
-        let slot = Admission {
-            global_open: &ctx.open,
-            global_max: ctx.max_sessions,
-            listener: &ctx.limits,
-            listener_max: ctx.cfg.max_sessions,
-            per_client_max: ctx.cfg.max_sessions_per_client,
-            fds: &ctx.fds,
-        }
-        .count(ip);
+        let slot = ctx.admission().count(ip);
         let session = SessionCtx {
             backend,
             listener: ctx.session.listener.clone(),
@@ -809,16 +801,23 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+impl AcceptCtx {
+    /// The limits a client of this listener is counted against.
+    fn admission(&self) -> Admission<'_> {
+        Admission {
+            global_open: &self.open,
+            global_max: self.max_sessions,
+            listener: &self.limits,
+            listener_max: self.cfg.max_sessions,
+            per_client_max: self.cfg.max_sessions_per_client,
+            fds: &self.fds,
+        }
+    }
+}
+
 fn start_session(ctx: &Arc<AcceptCtx>, conn: Conn, peer: String) {
     let lm = &ctx.session.listener;
-    let admission = Admission {
-        global_open: &ctx.open,
-        global_max: ctx.max_sessions,
-        listener: &ctx.limits,
-        listener_max: ctx.cfg.max_sessions,
-        per_client_max: ctx.cfg.max_sessions_per_client,
-        fds: &ctx.fds,
-    };
+    let admission = ctx.admission();
     let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
     let slot = match admission.admit(ip) {
         Ok(slot) => slot,
