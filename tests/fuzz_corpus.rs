@@ -470,3 +470,31 @@ fn write_snapshot_seeds() {
     drain(&mut c);
     save("resume-link", &c);
 }
+
+/// The valid hand-over batch seeds decode (so the check's asserts run on
+/// them), and the broken ones are refused.
+#[test]
+fn handover_batch_seeds_decode_or_are_refused() {
+    for name in [
+        "valid-one-idle",
+        "valid-with-leg",
+        "valid-unix-two",
+        "done",
+        "done-with-sessions",
+        "fd-count-mismatch",
+        "blob-mismatch",
+        "version-2",
+        "unknown-kind",
+        "garbage",
+        "too-many",
+    ] {
+        let data = fs::read(corpus_dir("handover_batch").join(name)).unwrap();
+        let blob = u64::from(u32::from_be_bytes([data[1], data[2], data[3], data[4]]));
+        let decoded = holdfast::handover::Batch::decode(&data[5..], data[0] as usize, blob);
+        assert_eq!(
+            decoded.is_ok(),
+            name.starts_with("valid") || name == "done",
+            "{name}: {decoded:?}"
+        );
+    }
+}

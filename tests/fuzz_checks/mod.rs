@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("framing", framing),
     ("config_parse", config_parse),
     ("handover_manifest", handover_manifest),
+    ("handover_batch", handover_batch),
     ("snapshot", snapshot),
 ];
 
@@ -430,6 +431,34 @@ pub fn handover_manifest(data: &[u8]) {
         let back = holdfast::handover::Manifest::decode(&again, fds as usize)
             .expect("a re-encoded manifest decodes");
         assert_eq!(back, m);
+    }
+}
+
+// -------------------------------------------------------------- handover_batch
+
+/// Input: byte 0 is the number of descriptors that "arrived", bytes 1..5
+/// (big-endian) the payload length, the rest a session batch's JSON
+/// header. Decoding never panics; a batch it accepts names exactly those
+/// descriptors and payload bytes, the current version, at most
+/// `handover::BATCH` sessions (none when it is the final one), and
+/// round-trips through JSON.
+pub fn handover_batch(data: &[u8]) {
+    if data.len() < 5 {
+        return;
+    }
+    let fds = data[0] as usize;
+    let blob = u64::from(u32::from_be_bytes([data[1], data[2], data[3], data[4]]));
+    let json = &data[5..];
+    if let Ok(b) = holdfast::handover::Batch::decode(json, fds, blob) {
+        assert_eq!(b.fds(), fds);
+        assert_eq!(b.blob(), blob);
+        assert_eq!(b.version, holdfast::handover::VERSION);
+        assert!(b.sessions.len() <= holdfast::handover::BATCH);
+        assert!(!b.done || b.sessions.is_empty());
+        let again = serde_json::to_vec(&b).expect("a batch serializes");
+        let back = holdfast::handover::Batch::decode(&again, fds, blob)
+            .expect("a re-encoded batch decodes");
+        assert_eq!(back, b);
     }
 }
 
