@@ -264,18 +264,18 @@ async fn an_upgrade_tells_systemd_the_new_main_pid() {
     std::fs::write(&cfg, toml).unwrap();
     let (notify, mut old) = spawn_notified(&dir, &cfg);
     assert_eq!(recv_datagram(&notify).await, "READY=1");
-    let (addr, _log, mut stderr) = wait_running(&mut old).await;
-    // The hand-over socket is in place once this line is logged.
-    loop {
+    let (addr, log, mut stderr) = wait_running(&mut old).await;
+    // The hand-over socket is in place once this line is logged (before or
+    // after "holdfast running": they come from different tasks).
+    let mut placed = log.contains("hand-over socket listening");
+    while !placed {
         let mut line = String::new();
         let n = tokio::time::timeout(STEP, stderr.read_line(&mut line))
             .await
             .expect("a log line in time")
             .unwrap();
         assert!(n > 0, "holdfast exited early");
-        if line.contains("hand-over socket listening") {
-            break;
-        }
+        placed = line.contains("hand-over socket listening");
     }
     let mut session = connect(&addr).await;
     session.write_all(b"before\n").await.unwrap();
