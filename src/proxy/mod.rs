@@ -627,7 +627,7 @@ impl Running {
             client,
             entry.peer.clone(),
             session.clone(),
-            ctx.close_sessions.child_token(),
+            ctx.close_sessions.clone(),
             crate::session::driver::Restored {
                 client_eof: entry.client_eof,
                 age: std::time::Duration::from_millis(entry.age_ms),
@@ -903,7 +903,7 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
         conn,
         peer.clone(),
         session.clone(),
-        ctx.close_sessions.child_token(),
+        ctx.close_sessions.clone(),
     );
     let _ = lm;
     spawn_session(

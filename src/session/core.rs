@@ -261,13 +261,13 @@ struct Leg {
     /// The server closed its side (only kept when that ends the session).
     server_eof: bool,
     /// Response mode: server bytes not yet forming a whole frame.
-    resp: Option<RespLeg>,
+    resp: Option<Box<RespLeg>>,
     /// Resume protocol: the HELLO sent, until the WELCOME arrives.
-    hello: Option<Hello>,
+    hello: Option<Box<Hello>>,
     /// Resume protocol: when the HELLO was queued (handshake timeout).
     hello_at: Instant,
     /// Resume protocol: the established leg.
-    link: Option<Link>,
+    link: Option<Box<Link>>,
 }
 
 #[derive(Debug)]
@@ -825,8 +825,8 @@ impl SessionCore {
             greeting_seen: 0,
             fin_sent: false,
             server_eof: false,
-            resp,
-            hello,
+            resp: resp.map(Box::new),
+            hello: hello.map(Box::new),
             hello_at: now,
             link: None,
         }));
@@ -1059,7 +1059,13 @@ impl SessionCore {
                         dead_peer_timeout: settings.dead_peer_timeout,
                         ack_delay: ACK_DELAY,
                     };
-                    leg.link = Some(Link::new(cfg, w.max_frame, w.window, self.down.read(), now));
+                    leg.link = Some(Box::new(Link::new(
+                        cfg,
+                        w.max_frame,
+                        w.window,
+                        self.down.read(),
+                        now,
+                    )));
                     leg.hello = None;
                     self.resume_known = true;
                 }

@@ -444,7 +444,7 @@ impl Leg {
                 scanner,
                 pending,
                 deliver_to,
-            } = resp;
+            } = &**resp;
             scanner.write_snapshot(w);
             pending.write_snapshot(w);
             w.u64(*deliver_to);
@@ -514,10 +514,10 @@ impl Leg {
             greeting_seen,
             fin_sent,
             server_eof,
-            resp,
-            hello,
+            resp: resp.map(Box::new),
+            hello: hello.map(Box::new),
             hello_at,
-            link,
+            link: link.map(Box::new),
         })
     }
 }
