@@ -5,8 +5,8 @@
 //! all of them; a `--takeover` with an invalid config, and one that fails
 //! after receiving the sockets (both exit non-zero; the running process
 //! keeps serving and, for the second, logs why); 100 sessions streaming
-//! verified requests through every ack mode and the resume protocol across
-//! ten upgrades; and a new process that dies in the middle of the session
+//! verified requests through every ack mode, the resume protocol and a
+//! Unix listener and server across ten upgrades; and a new process that dies in the middle of the session
 //! hand-over, which leaves every session with the old one.
 mod common;
 
@@ -320,12 +320,16 @@ async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
 }
 
 /// An edge config for the load test: one listener per ack mode and one
-/// speaking the resume protocol to `core`, all in front of `server`.
+/// speaking the resume protocol to `core`, all in front of `server`, and a
+/// Unix listener in front of `unix_server` (`ack = "tcp"`, which counts
+/// Unix acks from the bytes written: carried in the hand-over).
 fn edge_config(
     socket: &std::path::Path,
     server: &str,
     core: &str,
     key: &std::path::Path,
+    unix_listen: &str,
+    unix_server: &str,
 ) -> String {
     let mut out = format!(
         "[lifecycle]\ndrain_timeout = \"5s\"\n\n[handover]\nsocket = \"{}\"\n",
@@ -349,6 +353,9 @@ fn edge_config(
             "\n[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nbackend = \"{name}\"\n\n[[backend]]\nname = \"{name}\"\nservers = [\"{to}\"]\n{ack}\n"
         ));
     }
+    out.push_str(&format!(
+        "\n[[listener]]\nname = \"unix\"\nlisten = \"{unix_listen}\"\nbackend = \"unix\"\n\n[[backend]]\nname = \"unix\"\nservers = [\"{unix_server}\"]\nack = \"tcp\"\n"
+    ));
     out
 }
 
@@ -371,6 +378,7 @@ async fn progress_past(progress: &AtomicU64, target: u64, what: &str) {
 /// verified requests until `stop`.
 struct LoadRig {
     _server: Server,
+    _unix_server: Server,
     _core: Running,
     dir: PathBuf,
     edge: tokio::process::Child,
@@ -406,11 +414,24 @@ framing = "lines"
             server.addr
         ))
         .await;
+        let unix_server = Server::start(
+            &format!("unix:{}", dir.join("lines.sock").display()),
+            "lines",
+        )
+        .await;
+        let unix_listen = format!("unix:{}", dir.join("edge.sock").display());
         let socket = dir.join("run").join("handover.sock");
         let cfg = dir.join("edge.toml");
         std::fs::write(
             &cfg,
-            edge_config(&socket, &server.addr, &core.addrs[0], &key),
+            edge_config(
+                &socket,
+                &server.addr,
+                &core.addrs[0],
+                &key,
+                &unix_listen,
+                &unix_server.addr,
+            ),
         )
         .unwrap();
         let (edge, mut log) = spawn_logged(&cfg);
@@ -421,6 +442,9 @@ framing = "lines"
                 .await;
             addrs.push(field(&l, "addr").unwrap().to_string());
         }
+        log.until("listening", |l| l.contains("listener=unix "))
+            .await;
+        addrs.push(unix_listen);
         let pid = edge.id().unwrap();
         log.until("hand-over socket listening", |l| pid_of(l) == pid)
             .await;
@@ -428,16 +452,22 @@ framing = "lines"
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for i in 0..clients * addrs.len() {
-            let stream = connect(&addrs[i % addrs.len()]).await;
-            tasks.push(tokio::spawn(verified_lines_until(
-                stream,
-                i,
-                progress.clone(),
-                stop.clone(),
-            )));
+            let addr = &addrs[i % addrs.len()];
+            let (progress, stop) = (progress.clone(), stop.clone());
+            tasks.push(match addr.strip_prefix("unix:") {
+                Some(path) => {
+                    let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+                    tokio::spawn(verified_lines_until(stream, i, progress, stop))
+                }
+                None => {
+                    let stream = connect(addr).await;
+                    tokio::spawn(verified_lines_until(stream, i, progress, stop))
+                }
+            });
         }
         LoadRig {
             _server: server,
+            _unix_server: unix_server,
             _core: core,
             dir,
             edge,
@@ -479,7 +509,7 @@ framing = "lines"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_live_sessions_survive_ten_upgrades() {
-    let mut rig = LoadRig::start("load", 25).await;
+    let mut rig = LoadRig::start("load", 20).await;
     rig.flowing(400, "before the upgrades").await;
     let mut pid = rig.edge.id().unwrap();
     let mut guard = KillOnDrop(pid);
