@@ -622,34 +622,29 @@ impl Running {
         };
         let id = core.id();
         let backend_name = core.backend().name.clone();
-        let driver = Driver::restored(
-            core,
-            client,
-            entry.peer.clone(),
-            session.clone(),
-            ctx.close_sessions.clone(),
-            crate::session::driver::Restored {
+        let start = async move {
+            // Only once the old process knows we took it.
+            go.wait_for(Option::is_some).await.ok().and_then(|g| *g) == Some(true)
+        };
+        // The session task is built only after the answer went out: the
+        // answer waits for the decoding above, not for this.
+        let (peer, close) = (entry.peer.clone(), ctx.close_sessions.clone());
+        let task_session = session.clone();
+        let make = move || -> RunFuture {
+            let restored = crate::session::driver::Restored {
                 client_eof: entry.client_eof,
                 age: std::time::Duration::from_millis(entry.age_ms),
                 legs: entry.legs,
                 replayed: entry.replayed,
                 server,
-            },
-        );
-        let start = async move {
-            // Only once the old process knows we took it.
-            go.wait_for(Option::is_some).await.ok().and_then(|g| *g) == Some(true)
+            };
+            Box::pin(Driver::restored(core, client, peer, task_session, close, restored).run())
         };
-        spawn_session(
-            &ctx,
-            &session,
-            driver,
-            id,
-            backend_name,
-            entry.peer,
-            slot,
-            Some(Box::pin(start)),
-        );
+        let run = SessionRun::TakenOver {
+            start: Box::pin(start),
+            make: Box::new(make),
+        };
+        spawn_session(&ctx, &session, id, backend_name, entry.peer, slot, run);
         Ok(())
     }
 
@@ -906,52 +901,58 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
         ctx.close_sessions.clone(),
     );
     let _ = lm;
-    spawn_session(
-        ctx,
-        session,
-        driver,
-        id,
-        backend.name.clone(),
-        peer,
-        slot,
-        None,
-    );
+    let run = SessionRun::Now(Box::pin(driver.run()));
+    spawn_session(ctx, session, id, backend.name.clone(), peer, slot, run);
 }
 
 type StartGate = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+/// A session's driver, running. Boxed once: awaiting a future captured by
+/// the task's own future would hold the driver twice in every session task.
+type RunFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Ended> + Send>>;
 
-/// Spawns a session's task. A session taken over from the old process
-/// passes `start`: it runs only if that says true, else it is dropped
-/// without touching its sockets (the old process kept it).
-#[allow(clippy::too_many_arguments)]
+/// What a session task runs.
+enum SessionRun {
+    /// A new session: at once.
+    Now(RunFuture),
+    /// A session taken over from the old process: only if `start` says
+    /// true (the old process knows we took it) is its driver built and run;
+    /// otherwise it is dropped without touching its sockets.
+    TakenOver {
+        start: StartGate,
+        make: Box<dyn FnOnce() -> RunFuture + Send>,
+    },
+}
+
+/// Spawns a session's task, which holds `slot` until it ends.
 fn spawn_session(
     ctx: &AcceptCtx,
     session: &SessionCtx,
-    driver: Driver,
     id: SessionId,
     backend_name: String,
     peer: String,
     slot: Slot,
-    start: Option<StartGate>,
+    run: SessionRun,
 ) {
     let lm = session.listener.clone();
     let access = ctx.access.clone();
     let listener_name = ctx.listener_name.clone();
-    // Boxed once, here: awaiting a future captured by the task's own
-    // future would hold the driver twice in every session task.
-    let run = Box::pin(driver.run());
     let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend_name);
     ctx.sessions.spawn(
         async move {
-            if let Some(start) = start {
-                if !start.await {
-                    drop(slot);
-                    return;
+            let run = match run {
+                SessionRun::Now(run) => {
+                    tracing::info!(client.addr = %peer, "session opened");
+                    run
                 }
-                tracing::debug!(client.addr = %peer, "session taken over");
-            } else {
-                tracing::info!(client.addr = %peer, "session opened");
-            }
+                SessionRun::TakenOver { start, make } => {
+                    if !start.await {
+                        drop(slot);
+                        return;
+                    }
+                    tracing::debug!(client.addr = %peer, "session taken over");
+                    make()
+                }
+            };
             lm.sessions.inc();
             let s = match run.await {
                 Ended::Closed(s) => s,
