@@ -136,12 +136,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            if cfg.failover.is_some() {
-                // The kernel side (holdfast::failover) and the config exist;
-                // the replication link and the takeover are not wired into
-                // the proxy yet. Refuse rather than run without a standby.
+            if cfg
+                .failover
+                .as_ref()
+                .is_some_and(|f| matches!(f.role, config::FailoverRole::Standby { .. }))
+            {
+                // The active side is wired into the proxy; the standby's
+                // takeover of live sessions is not yet. Refuse rather than
+                // run a standby that would not take over.
                 tracing::error!(
-                    "{}: [failover] is not served by this build yet (docs/failover.md); remove it to run",
+                    "{}: [failover] role = \"standby\" is not served by this build yet (docs/failover.md)",
                     config.display()
                 );
                 return ExitCode::from(EXIT_CONFIG);

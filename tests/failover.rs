@@ -16,6 +16,7 @@
 //! line back exactly once, in order, with no reset; its neighbour entry must
 //! point at the standby; and a new connection must reach the standby.
 
+mod common;
 mod netlab;
 
 use std::io::{ErrorKind, Read, Write};
@@ -578,7 +579,7 @@ fn a_session_across_a_gap_is_reset_not_left_to_stall() {
 }
 
 #[test]
-fn run_refuses_a_failover_config_until_the_proxy_serves_it() {
+fn run_refuses_a_standby_config_until_the_proxy_serves_it() {
     for file in [
         "config/failover-active.toml",
         "config/failover-standby.toml",
@@ -592,15 +593,239 @@ fn run_refuses_a_failover_config_until_the_proxy_serves_it() {
             "{file}: {}",
             String::from_utf8_lossy(&check.stderr)
         );
-        let run = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
-            .args(["run", "--config", file])
-            .output()
-            .expect("run holdfast run");
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert_eq!(run.status.code(), Some(64), "{file}: {stderr}");
-        assert!(
-            stderr.contains("[failover] is not served by this build yet"),
-            "{stderr}"
-        );
     }
+    let file = "config/failover-standby.toml";
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["run", "--config", file])
+        .output()
+        .expect("run holdfast run");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(64), "{file}: {stderr}");
+    assert!(
+        stderr.contains("role = \"standby\" is not served by this build yet"),
+        "{stderr}"
+    );
+}
+
+/// The active side wired into the proxy: holdfast (in this process) with
+/// `[failover] role = "active"` captures each client connection at accept
+/// and replicates the session to a standby (here the test's own end of the
+/// link, which applies the records to a `Mirror`): the mirror holds, byte
+/// for byte, the client bytes the server has not answered, the bytes written
+/// to the client it has not acknowledged, and forgets the session when it
+/// ends. Needs CAP_NET_ADMIN for the capture (SKIP without); loopback only.
+#[test]
+fn the_active_proxy_replicates_its_sessions() {
+    {
+        // Probe: can this process capture a connection's TCP state?
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _c = TcpStream::connect(l.local_addr().unwrap()).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        if let Err(e) = repair::capture(s.as_fd()) {
+            println!("SKIP the_active_proxy_replicates_its_sessions: no TCP_REPAIR here ({e})");
+            return;
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(active_replicates());
+}
+
+/// What the test's standby end saw.
+struct StandbyView {
+    mirror: Mirror,
+    sessions_seen: Vec<NewSession>,
+    closed: usize,
+}
+
+async fn active_replicates() {
+    use std::sync::Mutex;
+    use tokio::sync::watch;
+
+    let key_path = std::env::temp_dir().join(format!(
+        "holdfast-failover-test-{}-{}.key",
+        std::process::id(),
+        SessionId::random()
+    ));
+    std::fs::write(&key_path, KEY).expect("key");
+    // The standby's end of the link.
+    let link_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind link");
+    let peer = link_l.local_addr().unwrap();
+    let view = Arc::new(Mutex::new(StandbyView {
+        mirror: Mirror::new(),
+        sessions_seen: Vec::new(),
+        closed: 0,
+    }));
+    let (changed_tx, changed) = watch::channel(0u64);
+    {
+        let view = view.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = link_l.accept().await.expect("accept link");
+            link::handshake_standby(&mut s, KEY)
+                .await
+                .expect("handshake");
+            let mut r = RecordReader::new(s);
+            let mut n = 0;
+            while let Ok(Some(rec)) = r.next().await {
+                let mut v = view.lock().unwrap();
+                match &rec {
+                    Record::Session(new) => v.sessions_seen.push((**new).clone()),
+                    Record::Closed { .. } => v.closed += 1,
+                    _ => {}
+                }
+                v.mirror
+                    .apply(rec, Instant::now())
+                    .expect("records apply to the mirror");
+                drop(v);
+                n += 1;
+                changed_tx.send_replace(n);
+            }
+        });
+    }
+    let mut server = common::Server::start("127.0.0.1:0", "lines").await;
+    let toml = format!(
+        r#"
+[failover]
+role = "active"
+peer = "{peer}"
+secret_file = "{key}"
+heartbeat_interval = "10ms"
+dead_peer_timeout = "100ms"
+
+[[listener]]
+name = "svc"
+listen = "127.0.0.1:0"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["{server}"]
+ack = "response"
+framing = "lines"
+retry_initial = "5ms"
+retry_max = "20ms"
+"#,
+        key = key_path.display(),
+        server = server.addr,
+    );
+    let proxy = common::Proxy::start(&toml).await;
+    let wait = |what: &'static str, f: Box<dyn Fn(&StandbyView) -> bool>| {
+        wait_for(view.clone(), changed.clone(), what, f)
+    };
+    // Phase 1: pipelined lines, all answered.
+    let mut c = tokio::net::TcpStream::connect(proxy.addr(0))
+        .await
+        .expect("connect");
+    let client_addr = c.local_addr().unwrap();
+    let mut sent = Vec::new();
+    for i in 0..200u64 {
+        sent.extend_from_slice(&line(i));
+    }
+    c.write_all(&sent).await.expect("write");
+    let mut got = vec![0u8; sent.len()];
+    c.read_exact(&mut got).await.expect("answers");
+    assert_eq!(got, sent, "every line answered once, in order");
+    let total = sent.len() as u64;
+    wait(
+        "every line read, answered and written",
+        Box::new(move |v: &StandbyView| {
+            v.mirror
+                .sessions()
+                .any(|s| s.read == total && s.server_acked == total && s.written == total)
+        }),
+    )
+    .await;
+    {
+        let v = view.lock().unwrap();
+        assert_eq!(v.sessions_seen.len(), 1);
+        let new = &v.sessions_seen[0];
+        assert_eq!(new.client, client_addr);
+        assert_eq!(new.local.to_string(), proxy.addr(0));
+        assert_eq!((new.listener.as_str(), new.backend.as_str()), ("svc", "b"));
+        let s = v.mirror.sessions().next().unwrap();
+        assert!(s.unacked_up().is_empty());
+        // What the client has not acknowledged (as last sampled), byte for byte.
+        let down: Vec<u8> = s.unacked_down().concat();
+        assert_eq!(down, &got[s.client_acked as usize..]);
+    }
+
+    // Phase 2: the server is gone; the lines read now are unanswered.
+    server.kill().await;
+    let mut more = Vec::new();
+    for i in 200..230u64 {
+        more.extend_from_slice(&line(i));
+    }
+    c.write_all(&more).await.expect("write");
+    let total2 = total + more.len() as u64;
+    wait(
+        "the unanswered lines read",
+        Box::new(move |v: &StandbyView| v.mirror.sessions().any(|s| s.read == total2)),
+    )
+    .await;
+    {
+        let v = view.lock().unwrap();
+        let s = v.mirror.sessions().next().unwrap();
+        assert_eq!(s.server_acked, total, "nothing more answered");
+        assert_eq!(
+            s.unacked_up().concat(),
+            more,
+            "[A, R) is exactly the unanswered lines"
+        );
+        assert_eq!(s.written, total);
+    }
+
+    // Phase 3: the server is back; the replayed lines are answered once, the
+    // session ends, and the standby forgets it.
+    server.restart().await;
+    let mut got2 = vec![0u8; more.len()];
+    c.read_exact(&mut got2)
+        .await
+        .expect("answers after the restart");
+    assert_eq!(got2, more);
+    wait(
+        "the replayed lines answered",
+        Box::new(move |v: &StandbyView| {
+            v.mirror
+                .sessions()
+                .any(|s| s.server_acked == total2 && s.written == total2)
+        }),
+    )
+    .await;
+    c.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.expect("eof");
+    assert!(rest.is_empty());
+    wait(
+        "the session closed",
+        Box::new(|v: &StandbyView| v.closed == 1 && v.mirror.is_empty()),
+    )
+    .await;
+    proxy.stop().await;
+    server.kill().await;
+    let _ = std::fs::remove_file(&key_path);
+}
+
+/// Waits until `f` holds of what the standby end saw (checked after every
+/// record).
+async fn wait_for(
+    view: Arc<std::sync::Mutex<StandbyView>>,
+    mut changed: tokio::sync::watch::Receiver<u64>,
+    what: &'static str,
+    f: Box<dyn Fn(&StandbyView) -> bool>,
+) {
+    let ok = tokio::time::timeout(IO_TIMEOUT, async {
+        loop {
+            if f(&view.lock().unwrap()) {
+                return;
+            }
+            changed.changed().await.expect("link task alive");
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "standby never saw: {what}");
 }

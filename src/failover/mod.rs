@@ -22,5 +22,6 @@ pub mod repair;
 pub mod standby;
 mod sys;
 pub mod takeover;
+pub mod tap;
 
 pub use sys::RepairWindow;

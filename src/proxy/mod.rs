@@ -266,6 +266,26 @@ pub async fn run_full(
             stop_admin.clone(),
         ));
     }
+    // Host failover, active role: one replication task for the process.
+    let stop_replication = CancellationToken::new();
+    let replicator = match &config.failover {
+        Some(crate::config::FailoverConfig {
+            role: crate::config::FailoverRole::Active { peer },
+            key,
+            heartbeat_interval,
+            ..
+        }) => {
+            tracing::info!(peer = %peer, "failover: active, replicating sessions to the standby");
+            let (r, _task) = crate::failover::active::Replicator::spawn(
+                peer.clone(),
+                key.clone(),
+                *heartbeat_interval,
+                stop_replication.clone(),
+            );
+            Some(r)
+        }
+        _ => None,
+    };
     let mut proxy = Running {
         metrics: rt.metrics.clone(),
         shared,
@@ -277,6 +297,7 @@ pub async fn run_full(
         listeners: Vec::new(),
         access: open_access_log(&config)?,
         config: config.clone(),
+        replicator,
     };
     let backends = proxy.backends_for(&config);
     for (listener, cfg) in bound.listeners.into_iter().zip(config.listeners.iter()) {
@@ -385,6 +406,7 @@ pub async fn run_full(
         b.stop_probe();
     }
     stop_admin.cancel();
+    stop_replication.cancel();
     phase.send_replace(Phase::Stopped);
     tracing::info!(pid = std::process::id(), "holdfast stopped");
     Ok(())
@@ -404,6 +426,8 @@ struct Running {
     listeners: Vec<RunningListener>,
     access: Option<Arc<AccessLogger>>,
     config: Config,
+    /// Host failover, active role: the replication task's handle.
+    replicator: Option<crate::failover::active::Replicator>,
 }
 
 fn open_access_log(config: &Config) -> io::Result<Option<Arc<AccessLogger>>> {
@@ -501,6 +525,14 @@ impl Running {
             fds: self.fds.clone(),
             access: self.access.clone(),
             cfg: cfg.clone(),
+            replicator: self.replicator.clone().filter(|_| {
+                // Only the listeners `[failover] listeners` names.
+                config.failover.as_ref().is_some_and(|f| {
+                    f.listeners
+                        .iter()
+                        .any(|&i| config.listeners.get(i).is_some_and(|l| l.name == cfg.name))
+                })
+            }),
         })
     }
 
@@ -748,6 +780,8 @@ struct AcceptCtx {
     fds: Arc<FdBudget>,
     access: Option<Arc<AccessLogger>>,
     cfg: ListenerConfig,
+    /// Host failover, active role, on a listener it covers.
+    replicator: Option<crate::failover::active::Replicator>,
 }
 
 /// A TLS listener's acceptor and SNI routes.
@@ -899,13 +933,20 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
         core.set_client_addr(crate::proto::ClientAddr::Ip(addr.ip(), addr.port()));
     }
     core.set_idle_timeout(ctx.cfg.idle_timeout, now);
-    let driver = Driver::new(
+    let tap = ctx
+        .replicator
+        .as_ref()
+        .and_then(|r| failover_tap(r, ctx, &conn, id, &backend.name, &peer));
+    let mut driver = Driver::new(
         core,
         conn,
         peer.clone(),
         session.clone(),
         ctx.close_sessions.child_token(),
     );
+    if let Some(tap) = tap {
+        driver.set_tap(tap);
+    }
     let _ = lm;
     spawn_session(
         ctx,
@@ -917,6 +958,42 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
         slot,
         None,
     );
+}
+
+/// Host failover, active role: captures the client connection's kernel
+/// state (the one TCP_REPAIR pause, before any byte moved) and announces
+/// the session to the standby. None (the session runs unreplicated, with a
+/// warning) when the capture fails: no CAP_NET_ADMIN, or not plain TCP.
+fn failover_tap(
+    r: &crate::failover::active::Replicator,
+    ctx: &AcceptCtx,
+    conn: &Conn,
+    id: SessionId,
+    backend: &str,
+    peer: &str,
+) -> Option<Box<crate::failover::tap::Tap>> {
+    let Conn::Tcp(s) = conn else {
+        tracing::warn!(listener = %ctx.listener_name, "failover: only plain TCP clients are replicated");
+        return None;
+    };
+    let (Ok(client), Ok(local)) = (s.peer_addr(), s.local_addr()) else {
+        return None;
+    };
+    match crate::failover::repair::capture(std::os::fd::AsFd::as_fd(s)) {
+        Ok(state) => Some(crate::failover::tap::Tap::new(
+            r.clone(),
+            id,
+            &ctx.listener_name,
+            backend,
+            client,
+            local,
+            state,
+        )),
+        Err(e) => {
+            tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, error = %e, "failover: cannot capture the connection's TCP state; the session is not replicated");
+            None
+        }
+    }
 }
 
 type StartGate = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
