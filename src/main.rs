@@ -136,18 +136,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            if cfg
+            let standby = cfg
                 .failover
-                .as_ref()
-                .is_some_and(|f| matches!(f.role, config::FailoverRole::Standby { .. }))
-            {
-                // The active side is wired into the proxy; the standby's
-                // takeover of live sessions is not yet. Refuse rather than
-                // run a standby that would not take over.
-                tracing::error!(
-                    "{}: [failover] role = \"standby\" is not served by this build yet (docs/failover.md)",
-                    config.display()
-                );
+                .clone()
+                .filter(|f| matches!(f.role, config::FailoverRole::Standby { .. }));
+            if standby.is_some() && takeover {
+                tracing::error!("--takeover and [failover] role = \"standby\" do not go together");
                 return ExitCode::from(EXIT_CONFIG);
             }
             // Before any thread starts: it unsets LISTEN_* in our environment.
@@ -171,6 +165,18 @@ fn main() -> ExitCode {
                 (holdfast::proxy::Inherited::default(), None)
             };
             runtime().block_on(async move {
+                // A standby follows the active and binds its listeners (on
+                // the service address) only once it has taken over.
+                let taken = match &standby {
+                    None => None,
+                    Some(f) => match holdfast::failover::serve::standby_until_takeover(f).await {
+                        Ok(report) => Some(report.taken),
+                        Err(e) => {
+                            tracing::error!(error = %e, "failover: standby failed");
+                            return ExitCode::from(EXIT_RUNTIME);
+                        }
+                    },
+                };
                 let bound = match holdfast::proxy::bind_with(&cfg, inherited).await {
                     Ok(b) => b,
                     Err(e) => {
@@ -194,6 +200,18 @@ fn main() -> ExitCode {
                     rt.metrics.clone(),
                 ));
                 let (control_tx, control) = tokio::sync::mpsc::channel(1);
+                if let Some(taken) = taken {
+                    // The sessions taken over run as soon as the proxy does.
+                    let control_tx = control_tx.clone();
+                    let mut phases = phase.subscribe();
+                    tokio::spawn(async move {
+                        if phases.wait_for(|p| *p == Phase::Running).await.is_ok() {
+                            let _ = control_tx
+                                .send(holdfast::proxy::Control::Adopt { taken })
+                                .await;
+                        }
+                    });
+                }
                 let handover = tokio::spawn(handover_task(
                     cfg.handover.as_ref().map(|h| h.socket.clone()),
                     ack,

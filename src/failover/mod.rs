@@ -19,6 +19,7 @@ pub mod gap;
 pub mod link;
 pub mod mirror;
 pub mod repair;
+pub mod serve;
 pub mod standby;
 mod sys;
 pub mod takeover;
