@@ -1047,6 +1047,8 @@ fn e2e(mode: Mode) {
             .status()
             .expect("kill -STOP");
         assert!(st.success());
+        // kill returns before every thread has stopped: wait until all have.
+        wait_stopped(active.child.id());
         go_tx.send(()).unwrap();
         paused_rx
             .recv_timeout(IO_TIMEOUT)
@@ -1122,5 +1124,29 @@ fn gap_e2e_client(paused: mpsc::Sender<()>, go: mpsc::Receiver<()>) -> Result<u6
         Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok(0),
         Err(e) => Err(format!("stalled or failed: {e}")),
         Ok(n) => Err(format!("{n} bytes answered across the gap")),
+    }
+}
+
+/// Waits until every thread of `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/*/stat`), polling with a deadline.
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+        let all = tasks.filter_map(Result::ok).all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|st| {
+                    // The state follows the parenthesised command name.
+                    st.rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.chars().next())
+                })
+                .is_some_and(|state| state == 'T' || state == 't')
+        });
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} never stopped");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
