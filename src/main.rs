@@ -136,14 +136,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            if cfg.failover.is_some() {
-                // The kernel side (holdfast::failover) and the config exist;
-                // the replication link and the takeover are not wired into
-                // the proxy yet. Refuse rather than run without a standby.
-                tracing::error!(
-                    "{}: [failover] is not served by this build yet (docs/failover.md); remove it to run",
-                    config.display()
-                );
+            let standby = cfg
+                .failover
+                .clone()
+                .filter(|f| matches!(f.role, config::FailoverRole::Standby { .. }));
+            if standby.is_some() && takeover {
+                tracing::error!("--takeover and [failover] role = \"standby\" do not go together");
                 return ExitCode::from(EXIT_CONFIG);
             }
             // Before any thread starts: it unsets LISTEN_* in our environment.
@@ -167,6 +165,18 @@ fn main() -> ExitCode {
                 (holdfast::proxy::Inherited::default(), None)
             };
             runtime().block_on(async move {
+                // A standby follows the active and binds its listeners (on
+                // the service address) only once it has taken over.
+                let taken = match &standby {
+                    None => None,
+                    Some(f) => match holdfast::failover::serve::standby_until_takeover(f).await {
+                        Ok(report) => Some(report.taken),
+                        Err(e) => {
+                            tracing::error!(error = %e, "failover: standby failed");
+                            return ExitCode::from(EXIT_RUNTIME);
+                        }
+                    },
+                };
                 let bound = match holdfast::proxy::bind_with(&cfg, inherited).await {
                     Ok(b) => b,
                     Err(e) => {
@@ -190,6 +200,18 @@ fn main() -> ExitCode {
                     rt.metrics.clone(),
                 ));
                 let (control_tx, control) = tokio::sync::mpsc::channel(1);
+                if let Some(taken) = taken {
+                    // The sessions taken over run as soon as the proxy does.
+                    let control_tx = control_tx.clone();
+                    let mut phases = phase.subscribe();
+                    tokio::spawn(async move {
+                        if phases.wait_for(|p| *p == Phase::Running).await.is_ok() {
+                            let _ = control_tx
+                                .send(holdfast::proxy::Control::Adopt { taken })
+                                .await;
+                        }
+                    });
+                }
                 let handover = tokio::spawn(handover_task(
                     cfg.handover.as_ref().map(|h| h.socket.clone()),
                     ack,

@@ -16,6 +16,7 @@
 //! line back exactly once, in order, with no reset; its neighbour entry must
 //! point at the standby; and a new connection must reach the standby.
 
+mod common;
 mod netlab;
 
 use std::io::{ErrorKind, Read, Write};
@@ -424,7 +425,7 @@ fn gap_client(
     }
 }
 
-#[derive(PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 enum Mode {
     /// The active replicated everything its client's TCP saw acknowledged.
     Exact,
@@ -578,7 +579,7 @@ fn a_session_across_a_gap_is_reset_not_left_to_stall() {
 }
 
 #[test]
-fn run_refuses_a_failover_config_until_the_proxy_serves_it() {
+fn the_failover_examples_check() {
     for file in [
         "config/failover-active.toml",
         "config/failover-standby.toml",
@@ -592,15 +593,560 @@ fn run_refuses_a_failover_config_until_the_proxy_serves_it() {
             "{file}: {}",
             String::from_utf8_lossy(&check.stderr)
         );
-        let run = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
-            .args(["run", "--config", file])
-            .output()
-            .expect("run holdfast run");
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert_eq!(run.status.code(), Some(64), "{file}: {stderr}");
-        assert!(
-            stderr.contains("[failover] is not served by this build yet"),
-            "{stderr}"
+    }
+}
+
+/// The active side wired into the proxy: holdfast (in this process) with
+/// `[failover] role = "active"` captures each client connection at accept
+/// and replicates the session to a standby (here the test's own end of the
+/// link, which applies the records to a `Mirror`): the mirror holds, byte
+/// for byte, the client bytes the server has not answered, the bytes written
+/// to the client it has not acknowledged, and forgets the session when it
+/// ends. Needs CAP_NET_ADMIN for the capture (SKIP without); loopback only.
+#[test]
+fn the_active_proxy_replicates_its_sessions() {
+    {
+        // Probe: can this process capture a connection's TCP state?
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _c = TcpStream::connect(l.local_addr().unwrap()).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        if let Err(e) = repair::capture(s.as_fd()) {
+            println!("SKIP the_active_proxy_replicates_its_sessions: no TCP_REPAIR here ({e})");
+            return;
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(active_replicates());
+}
+
+/// What the test's standby end saw.
+struct StandbyView {
+    mirror: Mirror,
+    sessions_seen: Vec<NewSession>,
+    closed: usize,
+}
+
+async fn active_replicates() {
+    use std::sync::Mutex;
+    use tokio::sync::watch;
+
+    let key_path = std::env::temp_dir().join(format!(
+        "holdfast-failover-test-{}-{}.key",
+        std::process::id(),
+        SessionId::random()
+    ));
+    std::fs::write(&key_path, KEY).expect("key");
+    // The standby's end of the link.
+    let link_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind link");
+    let peer = link_l.local_addr().unwrap();
+    let view = Arc::new(Mutex::new(StandbyView {
+        mirror: Mirror::new(),
+        sessions_seen: Vec::new(),
+        closed: 0,
+    }));
+    let (changed_tx, changed) = watch::channel(0u64);
+    {
+        let view = view.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = link_l.accept().await.expect("accept link");
+            link::handshake_standby(&mut s, KEY)
+                .await
+                .expect("handshake");
+            let mut r = RecordReader::new(s);
+            let mut n = 0;
+            while let Ok(Some(rec)) = r.next().await {
+                let mut v = view.lock().unwrap();
+                match &rec {
+                    Record::Session(new) => v.sessions_seen.push((**new).clone()),
+                    Record::Closed { .. } => v.closed += 1,
+                    _ => {}
+                }
+                v.mirror
+                    .apply(rec, Instant::now())
+                    .expect("records apply to the mirror");
+                drop(v);
+                n += 1;
+                changed_tx.send_replace(n);
+            }
+        });
+    }
+    let mut server = common::Server::start("127.0.0.1:0", "lines").await;
+    let toml = format!(
+        r#"
+[failover]
+role = "active"
+peer = "{peer}"
+secret_file = "{key}"
+heartbeat_interval = "10ms"
+dead_peer_timeout = "100ms"
+
+[[listener]]
+name = "svc"
+listen = "127.0.0.1:0"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["{server}"]
+ack = "response"
+framing = "lines"
+retry_initial = "5ms"
+retry_max = "20ms"
+"#,
+        key = key_path.display(),
+        server = server.addr,
+    );
+    let proxy = common::Proxy::start(&toml).await;
+    let wait = |what: &'static str, f: Box<dyn Fn(&StandbyView) -> bool>| {
+        wait_for(view.clone(), changed.clone(), what, f)
+    };
+    // Phase 1: pipelined lines, all answered.
+    let mut c = tokio::net::TcpStream::connect(proxy.addr(0))
+        .await
+        .expect("connect");
+    let client_addr = c.local_addr().unwrap();
+    let mut sent = Vec::new();
+    for i in 0..200u64 {
+        sent.extend_from_slice(&line(i));
+    }
+    c.write_all(&sent).await.expect("write");
+    let mut got = vec![0u8; sent.len()];
+    c.read_exact(&mut got).await.expect("answers");
+    assert_eq!(got, sent, "every line answered once, in order");
+    let total = sent.len() as u64;
+    wait(
+        "every line read, answered and written",
+        Box::new(move |v: &StandbyView| {
+            v.mirror
+                .sessions()
+                .any(|s| s.read == total && s.server_acked == total && s.written == total)
+        }),
+    )
+    .await;
+    {
+        let v = view.lock().unwrap();
+        assert_eq!(v.sessions_seen.len(), 1);
+        let new = &v.sessions_seen[0];
+        assert_eq!(new.client, client_addr);
+        assert_eq!(new.local.to_string(), proxy.addr(0));
+        assert_eq!((new.listener.as_str(), new.backend.as_str()), ("svc", "b"));
+        let s = v.mirror.sessions().next().unwrap();
+        assert!(s.unacked_up().is_empty());
+        // What the client has not acknowledged (as last sampled), byte for byte.
+        let down: Vec<u8> = s.unacked_down().concat();
+        assert_eq!(down, &got[s.client_acked as usize..]);
+    }
+
+    // Phase 2: the server is gone; the lines read now are unanswered.
+    server.kill().await;
+    let mut more = Vec::new();
+    for i in 200..230u64 {
+        more.extend_from_slice(&line(i));
+    }
+    c.write_all(&more).await.expect("write");
+    let total2 = total + more.len() as u64;
+    wait(
+        "the unanswered lines read",
+        Box::new(move |v: &StandbyView| v.mirror.sessions().any(|s| s.read == total2)),
+    )
+    .await;
+    {
+        let v = view.lock().unwrap();
+        let s = v.mirror.sessions().next().unwrap();
+        assert_eq!(s.server_acked, total, "nothing more answered");
+        assert_eq!(
+            s.unacked_up().concat(),
+            more,
+            "[A, R) is exactly the unanswered lines"
         );
+        assert_eq!(s.written, total);
+    }
+
+    // Phase 3: the server is back; the replayed lines are answered once, the
+    // session ends, and the standby forgets it.
+    server.restart().await;
+    let mut got2 = vec![0u8; more.len()];
+    c.read_exact(&mut got2)
+        .await
+        .expect("answers after the restart");
+    assert_eq!(got2, more);
+    wait(
+        "the replayed lines answered",
+        Box::new(move |v: &StandbyView| {
+            v.mirror
+                .sessions()
+                .any(|s| s.server_acked == total2 && s.written == total2)
+        }),
+    )
+    .await;
+    c.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.expect("eof");
+    assert!(rest.is_empty());
+    wait(
+        "the session closed",
+        Box::new(|v: &StandbyView| v.closed == 1 && v.mirror.is_empty()),
+    )
+    .await;
+    proxy.stop().await;
+    server.kill().await;
+    let _ = std::fs::remove_file(&key_path);
+}
+
+/// Waits until `f` holds of what the standby end saw (checked after every
+/// record).
+async fn wait_for(
+    view: Arc<std::sync::Mutex<StandbyView>>,
+    mut changed: tokio::sync::watch::Receiver<u64>,
+    what: &'static str,
+    f: Box<dyn Fn(&StandbyView) -> bool>,
+) {
+    let ok = tokio::time::timeout(IO_TIMEOUT, async {
+        loop {
+            if f(&view.lock().unwrap()) {
+                return;
+            }
+            changed.changed().await.expect("link task alive");
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "standby never saw: {what}");
+}
+
+/// A child process in a host of the lab (`ip netns exec`, which execs: the
+/// child's PID is the program's), with its stderr in a file; killed (by its
+/// PID) when dropped.
+struct HostProcess {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl HostProcess {
+    fn start(lab: &Lab, host: &str, args: &[&str], log: std::path::PathBuf) -> HostProcess {
+        let err = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(host),
+                env!("CARGO_BIN_EXE_holdfast"),
+            ])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn holdfast");
+        HostProcess { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log says `what` (polling, with a deadline).
+    fn wait_log(&self, what: &str) {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while !self.log().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "never logged {what:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Lines before the failure and after it, in the end-to-end test.
+const E2E_BEFORE: u64 = 500;
+const E2E_AFTER: u64 = 500;
+
+/// The end-to-end failover with real holdfast processes: client, active,
+/// standby and a line server (`example-server --mode lines`) on their own
+/// hosts; the backend acknowledges by response (`ack = "response"`). The
+/// client streams numbered lines, 8 ahead of the answers, and checks every
+/// answer byte for byte. After 500 it waits for every answer, and the test
+/// waits until the active's replication link has nothing unacknowledged
+/// (this takes the residual gap out of the test, as the drain does in the
+/// library test); then the active's host fails: both links cut, SIGKILL.
+/// The standby takes over (silence), restores the connection, rebuilds the
+/// session and reconnects to the server; the client sends 500 more lines
+/// and must get each answer exactly once, in order, with no reset.
+#[test]
+fn holdfast_processes_fail_over_with_ack_response() {
+    e2e(Mode::Exact);
+}
+
+/// The same with a gap made on purpose: the active is stopped (SIGSTOP: its
+/// kernel still acknowledges) after the 500 answers, the client sends one
+/// more line and waits until its TCP saw it acknowledged; then the host
+/// fails. The standby takes over without that line; the client's next line
+/// arrives out of order, and the standby closes the session deliberately
+/// (`failover_gap`, logged) instead of leaving the client to stall.
+#[test]
+fn holdfast_processes_close_a_session_across_a_gap() {
+    e2e(Mode::Gap);
+}
+
+fn e2e(mode: Mode) {
+    let name = match mode {
+        Mode::Exact => "holdfast_processes_fail_over_with_ack_response",
+        Mode::Gap => "holdfast_processes_close_a_session_across_a_gap",
+    };
+    let Some(mut lab) = Lab::new(name) else {
+        return;
+    };
+    lab.host("client", &["10.77.0.10/24"]);
+    lab.host("active", &["10.77.0.1/24", "10.77.0.100/24"]);
+    lab.host("standby", &["10.77.0.2/24"]);
+    lab.host("server", &["10.77.0.20/24"]);
+    lab.attach("active", "eth1", "br1", &["10.77.1.1/24"]);
+    lab.attach("standby", "eth1", "br1", &["10.77.1.2/24"]);
+
+    let dir = std::env::temp_dir().join(format!("holdfast-e2e-failover-{}", lab.ns("x")));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let key = dir.join("failover.key");
+    std::fs::write(&key, KEY).expect("key");
+    let common = |failover: &str| {
+        format!(
+            "[failover]\n{failover}\nsecret_file = \"{}\"\nheartbeat_interval = \"10ms\"\n\
+             dead_peer_timeout = \"{}ms\"\n\n\
+             [[listener]]\nname = \"svc\"\nlisten = \"{SERVICE}:{PORT}\"\nbackend = \"b\"\n\n\
+             [[backend]]\nname = \"b\"\nservers = [\"10.77.0.20:7001\"]\nack = \"response\"\n\
+             framing = \"lines\"\nretry_initial = \"5ms\"\nretry_max = \"50ms\"\n",
+            key.display(),
+            dead_peer_timeout().as_millis()
+        )
+    };
+    let active_cfg = dir.join("active.toml");
+    std::fs::write(
+        &active_cfg,
+        common("role = \"active\"\npeer = \"10.77.1.2:7100\""),
+    )
+    .unwrap();
+    let standby_cfg = dir.join("standby.toml");
+    std::fs::write(
+        &standby_cfg,
+        common(
+            "role = \"standby\"\nlisten = \"10.77.1.2:7100\"\n\
+             service_address = \"10.77.0.100/24\"\ninterface = \"eth0\"",
+        ),
+    )
+    .unwrap();
+
+    let server = HostProcess::start(
+        &lab,
+        "server",
+        &[
+            "example-server",
+            "--listen",
+            "10.77.0.20:7001",
+            "--mode",
+            "lines",
+        ],
+        dir.join("server.log"),
+    );
+    let standby = HostProcess::start(
+        &lab,
+        "standby",
+        &["run", "--config", standby_cfg.to_str().unwrap()],
+        dir.join("standby.log"),
+    );
+    standby.wait_log("waiting for the active");
+    let mut active = HostProcess::start(
+        &lab,
+        "active",
+        &["run", "--config", active_cfg.to_str().unwrap()],
+        dir.join("active.log"),
+    );
+    active.wait_log("holdfast running");
+    active.wait_log("replication link up");
+    standby.wait_log("replication link up");
+    let _ = &server;
+
+    let (paused_tx, paused_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let client = lab.spawn("client", move || {
+        if mode == Mode::Gap {
+            return gap_e2e_client(paused_tx, go_rx);
+        }
+        let mut c = TcpStream::connect((SERVICE, PORT)).expect("connect");
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        c.set_nodelay(true).unwrap();
+        let total = E2E_BEFORE + E2E_AFTER;
+        let (mut sent, mut got) = (0u64, 0u64);
+        let mut buf = [0u8; LINE];
+        while got < total {
+            let limit = if got < E2E_BEFORE { E2E_BEFORE } else { total };
+            while sent < limit && sent < got + AHEAD {
+                c.write_all(&line(sent))
+                    .map_err(|e| format!("write {sent}: {e}"))?;
+                sent += 1;
+            }
+            c.read_exact(&mut buf)
+                .map_err(|e| format!("answer {got}: {e}"))?;
+            if buf != line(got) {
+                return Err(format!("answer {got}: {:?}", String::from_utf8_lossy(&buf)));
+            }
+            got += 1;
+            if got == E2E_BEFORE {
+                paused_tx.send(()).unwrap();
+                go_rx.recv().map_err(|_| "no go".to_string())?;
+            }
+        }
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).map_err(|e| format!("eof: {e}"))?;
+        if !rest.is_empty() {
+            return Err(format!("{} bytes after the last answer", rest.len()));
+        }
+        Ok::<u64, String>(got)
+    });
+    paused_rx.recv_timeout(IO_TIMEOUT).expect("client paused");
+    // Every answer was replicated before it was written; wait until the
+    // standby's kernel acknowledged everything on the replication link.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut quiet = 0;
+    while quiet < 3 {
+        let out = lab.exec("active", &["ss", "-Htn", "dst", "10.77.1.2"]);
+        let send_q = out
+            .split_whitespace()
+            .nth(2)
+            .and_then(|q| q.parse::<u64>().ok());
+        quiet = if send_q == Some(0) { quiet + 1 } else { 0 };
+        assert!(
+            Instant::now() < deadline,
+            "replication link never quiet: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if mode == Mode::Gap {
+        // Stopped: its kernel acknowledges, holdfast reads nothing.
+        let pid = active.child.id().to_string();
+        let st = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .expect("kill -STOP");
+        assert!(st.success());
+        // kill returns before every thread has stopped: wait until all have.
+        wait_stopped(active.child.id());
+        go_tx.send(()).unwrap();
+        paused_rx
+            .recv_timeout(IO_TIMEOUT)
+            .expect("client saw its line acknowledged");
+    }
+    // The host fails.
+    lab.cut("active", "eth0");
+    lab.cut("active", "eth1");
+    active.kill();
+    go_tx.send(()).unwrap();
+    let res = client.join().expect("client thread");
+    if res.is_err() {
+        eprintln!("active:\n{}", active.log());
+        eprintln!("standby:\n{}", standby.log());
+    }
+    let log = standby.log();
+    assert!(log.contains("failover: took over"), "{log}");
+    if mode == Mode::Gap {
+        assert_eq!(
+            res,
+            Ok(0),
+            "the session across the gap is closed, not stalled"
+        );
+        standby.wait_log("reason=\"failover_gap\"");
+        standby.wait_log("session closed");
+    } else {
+        assert_eq!(
+            res,
+            Ok(E2E_BEFORE + E2E_AFTER),
+            "every answer once, in order, no reset"
+        );
+        assert!(!log.contains("failover_gap"), "{log}");
+        // Logged once the session ended, just after the client's EOF.
+        standby.wait_log("reason=\"client_closed\"");
+    }
+    drop(standby);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The client of the gap scenario: 500 answered lines, then (once the
+/// active is stopped) one line its TCP sees acknowledged and nobody
+/// answers; after the failure one more line, and the connection must end
+/// (reset or EOF) rather than stall. Returns 0 when it ended.
+fn gap_e2e_client(paused: mpsc::Sender<()>, go: mpsc::Receiver<()>) -> Result<u64, String> {
+    let mut c = TcpStream::connect((SERVICE, PORT)).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut buf = [0u8; LINE];
+    for i in 0..E2E_BEFORE {
+        c.write_all(&line(i)).map_err(|e| e.to_string())?;
+        c.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        if buf != line(i) {
+            return Err(format!("answer {i}"));
+        }
+    }
+    paused.send(()).unwrap();
+    go.recv().map_err(|_| "no go".to_string())?;
+    c.write_all(&line(E2E_BEFORE)).map_err(|e| e.to_string())?;
+    let written = (E2E_BEFORE + 1) * LINE as u64;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while repair::acked(c.as_fd(), written).map_err(|e| e.to_string())? < written {
+        if Instant::now() > deadline {
+            return Err("the stopped active's kernel never acknowledged".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    paused.send(()).unwrap();
+    go.recv().map_err(|_| "no go".to_string())?;
+    c.write_all(&line(E2E_BEFORE + 1))
+        .map_err(|e| e.to_string())?;
+    match c.read(&mut buf) {
+        Ok(0) => Ok(0),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok(0),
+        Err(e) => Err(format!("stalled or failed: {e}")),
+        Ok(n) => Err(format!("{n} bytes answered across the gap")),
+    }
+}
+
+/// Waits until every thread of `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/*/stat`), polling with a deadline.
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+        let all = tasks.filter_map(Result::ok).all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|st| {
+                    // The state follows the parenthesised command name.
+                    st.rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.chars().next())
+                })
+                .is_some_and(|state| state == 'T' || state == 't')
+        });
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} never stopped");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }

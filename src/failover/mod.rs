@@ -19,8 +19,10 @@ pub mod gap;
 pub mod link;
 pub mod mirror;
 pub mod repair;
+pub mod serve;
 pub mod standby;
 mod sys;
 pub mod takeover;
+pub mod tap;
 
 pub use sys::RepairWindow;

@@ -30,6 +30,15 @@ impl LinesScanner {
         }
     }
 
+    /// A fresh scanner whose stream starts at `offset` (a frame boundary):
+    /// a session rebuilt mid-stream scans on from there.
+    pub(crate) fn starting_at(mut self, offset: u64) -> Self {
+        debug_assert!(self.pos == 0 && self.start == 0, "a fresh scanner");
+        self.pos = offset;
+        self.start = offset;
+        self
+    }
+
     /// Pushes the end of every line completed by `data`. Lines completed before
     /// an error are still pushed.
     pub fn scan(&mut self, data: &[u8], ends: &mut Vec<u64>) -> Result<(), FrameError> {

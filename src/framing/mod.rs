@@ -49,6 +49,17 @@ impl Scanner {
         }
     }
 
+    /// A new scanner for `framing` whose stream starts at `offset`, which
+    /// must be a frame boundary: the ends it reports count from the
+    /// stream's first byte, as if the bytes before `offset` had been fed.
+    pub fn starting_at(framing: &Framing, offset: u64) -> Scanner {
+        match Scanner::new(framing) {
+            Scanner::Lines(s) => Scanner::Lines(s.starting_at(offset)),
+            Scanner::LengthPrefixed(s) => Scanner::LengthPrefixed(s.starting_at(offset)),
+            Scanner::Resp(s) => Scanner::Resp(s.starting_at(offset)),
+        }
+    }
+
     /// Feeds the next bytes of the stream. For every frame completed by them,
     /// pushes the stream offset just past its last byte onto `ends` (offsets
     /// count from the first byte ever fed). After an error the scanner is

@@ -27,6 +27,7 @@ pub const REPLAYED_BYTES: &str = "holdfast_replayed_bytes_total";
 pub const REPLAY_BUFFER_BYTES: &str = "holdfast_replay_buffer_bytes";
 pub const HOLD_DURATION: &str = "holdfast_hold_duration_seconds";
 pub const CLIENT_RESETS: &str = "holdfast_client_resets_total";
+pub const FAILOVER_GAP: &str = "holdfast_failover_gap_total";
 pub const CONFIG_RELOADS: &str = "holdfast_config_reloads_total";
 pub const BUILD_INFO: &str = "holdfast_build_info";
 pub const BUFFER_MEMORY_FULL: &str = "holdfast_buffer_memory_full_total";
@@ -63,6 +64,7 @@ pub struct Metrics {
     replay_buffer: IntGaugeVec,
     hold_duration: HistogramVec,
     client_resets: IntCounterVec,
+    failover_gap: IntCounterVec,
     reloads: IntCounterVec,
     memory_full: IntCounter,
     memory_limit: IntGauge,
@@ -188,6 +190,12 @@ impl Metrics {
                 CLIENT_RESETS,
                 "Client connections holdfast closed with a reset (should stay 0).",
                 &["listener", "cause"],
+            ),
+            failover_gap: counter(
+                r,
+                FAILOVER_GAP,
+                "Sessions a standby took over and closed with a reset: client bytes were acknowledged by the dead active and never replicated.",
+                &["listener"],
             ),
             reloads: counter(r, CONFIG_RELOADS, "Configuration reloads.", &["result"]),
             memory_full: {
@@ -318,6 +326,14 @@ impl ListenerHandles {
         self.metrics
             .closed
             .with_label_values(&[&*self.name, reason])
+            .inc();
+    }
+
+    /// A session taken over across a gap was closed (docs/failover.md).
+    pub fn failover_gap(&self) {
+        self.metrics
+            .failover_gap
+            .with_label_values(&[&*self.name])
             .inc();
     }
 

@@ -190,6 +190,11 @@ pub enum Control {
         go: watch::Receiver<Option<bool>>,
         reply: oneshot::Sender<Vec<bool>>,
     },
+    /// Host failover, standby: the client connections just taken over;
+    /// each runs as a session rebuilt at its replicated offsets.
+    Adopt {
+        taken: Vec<crate::failover::takeover::Taken>,
+    },
 }
 
 /// The listening sockets of a running proxy, for a hand-over. Holding it
@@ -266,6 +271,26 @@ pub async fn run_full(
             stop_admin.clone(),
         ));
     }
+    // Host failover, active role: one replication task for the process.
+    let stop_replication = CancellationToken::new();
+    let replicator = match &config.failover {
+        Some(crate::config::FailoverConfig {
+            role: crate::config::FailoverRole::Active { peer },
+            key,
+            heartbeat_interval,
+            ..
+        }) => {
+            tracing::info!(peer = %peer, "failover: active, replicating sessions to the standby");
+            let (r, _task) = crate::failover::active::Replicator::spawn(
+                peer.clone(),
+                key.clone(),
+                *heartbeat_interval,
+                stop_replication.clone(),
+            );
+            Some(r)
+        }
+        _ => None,
+    };
     let mut proxy = Running {
         metrics: rt.metrics.clone(),
         shared,
@@ -277,6 +302,7 @@ pub async fn run_full(
         listeners: Vec::new(),
         access: open_access_log(&config)?,
         config: config.clone(),
+        replicator,
     };
     let backends = proxy.backends_for(&config);
     for (listener, cfg) in bound.listeners.into_iter().zip(config.listeners.iter()) {
@@ -324,6 +350,14 @@ pub async fn run_full(
                         })
                         .collect();
                     let _ = reply.send(taken);
+                }
+                Control::Adopt { taken } => {
+                    for t in taken {
+                        let id = t.session.id();
+                        if let Err(e) = proxy.adopt(t) {
+                            tracing::warn!(session.id = %id, error = %e, "failover: session closed: it cannot be resumed here");
+                        }
+                    }
                 }
             },
             Some(req) = reloads.recv() => {
@@ -385,6 +419,7 @@ pub async fn run_full(
         b.stop_probe();
     }
     stop_admin.cancel();
+    stop_replication.cancel();
     phase.send_replace(Phase::Stopped);
     tracing::info!(pid = std::process::id(), "holdfast stopped");
     Ok(())
@@ -404,6 +439,8 @@ struct Running {
     listeners: Vec<RunningListener>,
     access: Option<Arc<AccessLogger>>,
     config: Config,
+    /// Host failover, active role: the replication task's handle.
+    replicator: Option<crate::failover::active::Replicator>,
 }
 
 fn open_access_log(config: &Config) -> io::Result<Option<Arc<AccessLogger>>> {
@@ -501,6 +538,14 @@ impl Running {
             fds: self.fds.clone(),
             access: self.access.clone(),
             cfg: cfg.clone(),
+            replicator: self.replicator.clone().filter(|_| {
+                // Only the listeners `[failover] listeners` names.
+                config.failover.as_ref().is_some_and(|f| {
+                    f.listeners
+                        .iter()
+                        .any(|&i| config.listeners.get(i).is_some_and(|l| l.name == cfg.name))
+                })
+            }),
         })
     }
 
@@ -648,6 +693,102 @@ impl Running {
         Ok(())
     }
 
+    /// Host failover, standby: runs a client connection taken over from the
+    /// dead active as a session rebuilt at the replicated offsets (a new
+    /// leg replays what the server had not answered), and watches it for a
+    /// gap ([`crate::failover::gap`]): one found closes it with a reset and
+    /// counts it (`holdfast_failover_gap_total`).
+    fn adopt(&self, t: crate::failover::takeover::Taken) -> Result<(), String> {
+        use crate::failover::repair;
+        let crate::failover::takeover::Taken {
+            session,
+            conn,
+            unsent,
+        } = t;
+        let new = &session.new;
+        let Some(l) = self.listeners.iter().find(|l| l.name == new.listener) else {
+            let _ = repair::abort(conn);
+            return Err(format!("no listener {:?} in this config", new.listener));
+        };
+        let ctx = l.ctx.borrow().clone();
+        let Some(backend) = self.backends.get(&new.backend).cloned() else {
+            let _ = repair::abort(conn);
+            return Err(format!("no backend {:?} in this config", new.backend));
+        };
+        let unsent_len: u64 = unsent.iter().map(|b| b.len() as u64).sum();
+        let replicated = crate::session::core::Replicated {
+            server_acked: session.server_acked,
+            unacked_up: session.unacked_up(),
+            down_from: session.written - unsent_len,
+            unsent_down: unsent,
+        };
+        let now = tokio::time::Instant::now().into_std();
+        let core = match SessionCore::from_replicated(
+            new.id,
+            backend.config.clone(),
+            backend.pick_server(),
+            replicated,
+            now,
+        ) {
+            Ok(core) => core,
+            Err(e) => {
+                let _ = repair::abort(conn);
+                return Err(e.to_string());
+            }
+        };
+        let mut core = core;
+        core.set_client_addr(crate::proto::ClientAddr::Ip(
+            new.client.ip(),
+            new.client.port(),
+        ));
+        core.set_idle_timeout(ctx.cfg.idle_timeout, now);
+        let watch_fd = conn.try_clone().map_err(|e| e.to_string())?;
+        let std = std::net::TcpStream::from(conn);
+        std.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let client = Conn::Tcp(tokio::net::TcpStream::from_std(std).map_err(|e| e.to_string())?);
+        let slot = Admission {
+            global_open: &ctx.open,
+            global_max: ctx.max_sessions,
+            listener: &ctx.limits,
+            listener_max: ctx.cfg.max_sessions,
+            per_client_max: ctx.cfg.max_sessions_per_client,
+            fds: &ctx.fds,
+        }
+        .count(Some(new.client.ip()));
+        let session_ctx = SessionCtx {
+            backend: backend.clone(),
+            listener: ctx.session.listener.clone(),
+            shared: self.shared.clone(),
+        };
+        let close = ctx.close_sessions.child_token();
+        let peer = new.client.to_string();
+        let driver = Driver::new(
+            core,
+            client,
+            peer.clone(),
+            session_ctx.clone(),
+            close.clone(),
+        );
+        tokio::spawn(watch_gap(
+            watch_fd,
+            close,
+            ctx.session.listener.clone(),
+            new.id,
+            peer.clone(),
+        ));
+        spawn_session(
+            &ctx,
+            &session_ctx,
+            driver,
+            new.id,
+            backend.config.name.clone(),
+            peer,
+            slot,
+            None,
+        );
+        Ok(())
+    }
+
     /// Applies a new configuration: listeners present in both (same name and
     /// address) keep their socket and take the new settings for new clients;
     /// new listeners are bound first (any failure leaves everything as it
@@ -735,6 +876,8 @@ struct AcceptCtx {
     fds: Arc<FdBudget>,
     access: Option<Arc<AccessLogger>>,
     cfg: ListenerConfig,
+    /// Host failover, active role, on a listener it covers.
+    replicator: Option<crate::failover::active::Replicator>,
 }
 
 /// A TLS listener's acceptor and SNI routes.
@@ -893,16 +1036,106 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
         core.set_client_addr(crate::proto::ClientAddr::Ip(addr.ip(), addr.port()));
     }
     core.set_idle_timeout(ctx.cfg.idle_timeout, now);
-    let driver = Driver::new(
+    let tap = ctx
+        .replicator
+        .as_ref()
+        .and_then(|r| failover_tap(r, ctx, &conn, id, &backend.name, &peer));
+    let mut driver = Driver::new(
         core,
         conn,
         peer.clone(),
         session.clone(),
         ctx.close_sessions.clone(),
     );
+    if let Some(tap) = tap {
+        driver.set_tap(tap);
+    }
     let _ = lm;
     let run = SessionRun::Now(Box::pin(driver.run()));
     spawn_session(ctx, session, id, backend.name.clone(), peer, slot, run);
+}
+
+/// Host failover, active role: captures the client connection's kernel
+/// state (the one TCP_REPAIR pause, before any byte moved) and announces
+/// the session to the standby. None (the session runs unreplicated, with a
+/// warning) when the capture fails: no CAP_NET_ADMIN, or not plain TCP.
+fn failover_tap(
+    r: &crate::failover::active::Replicator,
+    ctx: &AcceptCtx,
+    conn: &Conn,
+    id: SessionId,
+    backend: &str,
+    peer: &str,
+) -> Option<Box<crate::failover::tap::Tap>> {
+    let Conn::Tcp(s) = conn else {
+        tracing::warn!(listener = %ctx.listener_name, "failover: only plain TCP clients are replicated");
+        return None;
+    };
+    let (Ok(client), Ok(local)) = (s.peer_addr(), s.local_addr()) else {
+        return None;
+    };
+    match crate::failover::repair::capture(std::os::fd::AsFd::as_fd(s)) {
+        Ok(state) => Some(crate::failover::tap::Tap::new(
+            r.clone(),
+            id,
+            &ctx.listener_name,
+            backend,
+            client,
+            local,
+            state,
+        )),
+        Err(e) => {
+            tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, error = %e, "failover: cannot capture the connection's TCP state; the session is not replicated");
+            None
+        }
+    }
+}
+
+/// How long a session taken over may see client segments only out of order
+/// before it counts as across a gap.
+const GAP_PATIENCE: Duration = Duration::from_secs(1);
+/// How often a taken-over session's receive counters are read.
+const GAP_POLL: Duration = Duration::from_millis(50);
+
+/// Watches a session taken over until in-order client bytes arrive (it
+/// resumed) or until only out-of-order ones did for `GAP_PATIENCE` (a gap:
+/// bytes the dead active's kernel acknowledged and never replicated). A gap
+/// closes the session deliberately, with a reset, counted and logged.
+async fn watch_gap(
+    fd: std::os::fd::OwnedFd,
+    close: CancellationToken,
+    lm: crate::metrics::ListenerMetrics,
+    id: SessionId,
+    peer: String,
+) {
+    use crate::failover::{gap, repair};
+    use std::os::fd::AsFd;
+    let Ok((received, ooo)) = repair::receive_progress(fd.as_fd()) else {
+        return;
+    };
+    let mut watch = gap::GapWatch::new(received, ooo, std::time::Instant::now());
+    loop {
+        tokio::select! {
+            _ = close.cancelled() => return,
+            _ = tokio::time::sleep(GAP_POLL) => {}
+        }
+        let Ok((received, ooo)) = repair::receive_progress(fd.as_fd()) else {
+            return;
+        };
+        match watch.check(received, ooo, std::time::Instant::now(), GAP_PATIENCE) {
+            gap::Verdict::Resumed => return,
+            gap::Verdict::Waiting => {}
+            gap::Verdict::Gap => {
+                lm.failover_gap();
+                tracing::warn!(session.id = %id, client.addr = %peer, reason = "failover_gap", "failover: client bytes were acknowledged by the dead active and never replicated; closing the session with a reset");
+                // SO_LINGER 0 on the shared socket: its last close resets.
+                let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+                close.cancel();
+                return;
+            }
+        }
+    }
 }
 
 type StartGate = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;

@@ -24,8 +24,10 @@ use crate::proto::{
 };
 use crate::stream::{Dir, Offset, ReplayBuffer, Stream};
 
+mod failover;
 pub mod snapshot;
 
+pub use failover::{Replicated, ReplicatedError};
 pub use snapshot::{SnapshotError, SNAPSHOT_VERSION};
 
 /// Resume protocol: how late an ACK to the server may be.

@@ -289,6 +289,9 @@ pub struct Driver {
     /// loop (a clock read per input was a tenth of a round trip's
     /// instructions).
     now: std::time::Instant,
+    /// Host failover, on the active: the session's replication hook (one
+    /// empty pointer for a session without).
+    tap: Option<Box<crate::failover::tap::Tap>>,
 }
 
 impl Driver {
@@ -360,7 +363,14 @@ impl Driver {
             server_shutdown: None,
             client_shutdown: false,
             now: Self::now(),
+            tap: None,
         }
+    }
+
+    /// Host failover, on the active: replicate this session through `tap`
+    /// (before it runs).
+    pub fn set_tap(&mut self, tap: Box<crate::failover::tap::Tap>) {
+        self.tap = Some(tap);
     }
 
     /// A session taken over from another process: its core (imported), its
@@ -428,6 +438,9 @@ impl Driver {
         }
         if let Some(b) = self.holding.take() {
             b.stop_holding();
+        }
+        if let Some(tap) = self.tap.take() {
+            tap.closed();
         }
         self.server = None;
         self.connecting = None;
@@ -511,6 +524,9 @@ impl Driver {
         }
         if let Ok(mut m) = self.shared.sessions.lock() {
             m.remove(&self.core.id());
+        }
+        if let Some(tap) = self.tap.take() {
+            tap.closed();
         }
         self.server = None;
         self.connecting = None;
@@ -893,6 +909,11 @@ impl Driver {
     }
 
     fn poll_write_client(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(tap) = &mut self.tap {
+            // Replicated before written (and the server's acks after the
+            // answers they cover).
+            tap.sync(&self.core);
+        }
         let mut progress = false;
         loop {
             if self.core.stream(Dir::Down).unsent() == 0 {
@@ -923,6 +944,11 @@ impl Driver {
                 tracing::debug!(error = %e, "client flush failed");
                 self.core.on_client_error(self.now);
                 return true;
+            }
+        }
+        if progress {
+            if let (Some(tap), Ok(fd)) = (&mut self.tap, self.client.fd()) {
+                tap.client_written(fd, self.core.stream(Dir::Down).sent());
             }
         }
         progress
@@ -968,6 +994,10 @@ impl Driver {
                 let chunk = self.client_rbuf.split().freeze();
                 release_idle(&mut self.client_rbuf, self.client_read_size);
                 self.listener.bytes_up.inc_by(chunk.len() as u64);
+                if let Some(tap) = &self.tap {
+                    // Before the server (or the client's next ACK) sees them.
+                    tap.read(self.core.stream(Dir::Up).read(), &chunk);
+                }
                 self.core.on_client_data(chunk, self.now);
             }
             Poll::Ready(Err(e)) => {

@@ -1,0 +1,139 @@
+//! The active's per-session replication hook: what a session driver calls
+//! so that the standby's mirror follows the session.
+//!
+//! A session on a listener named in `[failover] listeners` gets one
+//! [`Tap`] (boxed: a session without failover pays one empty pointer). The
+//! driver calls it at four points:
+//!
+//! - [`Tap::read`]: client bytes, before the core (and so the server) sees
+//!   them;
+//! - [`Tap::sync`]: before every client write: the down bytes the core
+//!   added since the last call (`Written`, before they are written), then
+//!   the server-acked up offset when it moved (`ServerAcked`). In that
+//!   order: a response reaches the mirror before the acknowledgement of the
+//!   request it answers, so a standby never skips a request whose answer
+//!   it does not have;
+//! - [`Tap::client_written`]: after client writes: the client-acked offset
+//!   (`written − SIOCOUTQ`), with the windows and the timestamp clock, when
+//!   it moved;
+//! - [`Tap::closed`]: the session ended (or was handed over).
+//!
+//! Every record goes to the [`Replicator`], which never blocks.
+
+use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
+
+use bytes::Bytes;
+
+use super::active::Replicator;
+use super::codec::{NewSession, Record};
+use super::repair::{self, KernelState};
+use crate::session::core::SessionCore;
+use crate::session::SessionId;
+use crate::stream::Dir;
+
+/// One session's replication state on the active.
+#[derive(Debug)]
+pub struct Tap {
+    replicator: Replicator,
+    id: SessionId,
+    /// Down bytes replicated (`Written` up to here).
+    written: u64,
+    /// Up offset last replicated as `ServerAcked`.
+    server_acked: u64,
+    /// Down offset last replicated as `ClientAcked`.
+    client_acked: u64,
+}
+
+impl Tap {
+    /// Announces a new session (captured at accept: `state`) to the standby.
+    pub fn new(
+        replicator: Replicator,
+        id: SessionId,
+        listener: &str,
+        backend: &str,
+        client: SocketAddr,
+        local: SocketAddr,
+        state: KernelState,
+    ) -> Box<Tap> {
+        replicator.send(Record::Session(Box::new(NewSession {
+            id,
+            listener: listener.to_string(),
+            backend: backend.to_string(),
+            client,
+            local,
+            state,
+            read_from: 0,
+            written_from: 0,
+        })));
+        Box::new(Tap {
+            replicator,
+            id,
+            written: 0,
+            server_acked: 0,
+            client_acked: 0,
+        })
+    }
+
+    /// Client bytes read, from up offset `offset`.
+    pub fn read(&self, offset: u64, data: &Bytes) {
+        self.replicator.send(Record::Read {
+            id: self.id,
+            offset,
+            data: data.clone(),
+        });
+    }
+
+    /// Before a client write: the new down bytes, then the server's ack.
+    pub fn sync(&mut self, core: &SessionCore) {
+        let down = core.stream(Dir::Down);
+        if down.read() > self.written {
+            for data in down.buffer().chunks_after(self.written) {
+                let n = data.len() as u64;
+                self.replicator.send(Record::Written {
+                    id: self.id,
+                    offset: self.written,
+                    data,
+                });
+                self.written += n;
+            }
+        }
+        let acked = core.stream(Dir::Up).acked();
+        if acked > self.server_acked {
+            self.server_acked = acked;
+            self.replicator.send(Record::ServerAcked {
+                id: self.id,
+                offset: acked,
+            });
+        }
+    }
+
+    /// After client writes: `sent` bytes written in all; samples how many
+    /// the client's TCP acknowledged (no pause).
+    pub fn client_written(&mut self, fd: BorrowedFd<'_>, sent: u64) {
+        let Ok(acked) = repair::acked(fd, sent) else {
+            return;
+        };
+        if acked <= self.client_acked {
+            return;
+        }
+        let (Ok((snd_wnd, rcv_wnd)), Ok(timestamp)) =
+            (repair::windows(fd), repair::timestamp_now(fd))
+        else {
+            return;
+        };
+        self.client_acked = acked;
+        self.replicator.send(Record::ClientAcked {
+            id: self.id,
+            offset: acked,
+            snd_wnd,
+            rcv_wnd,
+            timestamp,
+        });
+    }
+
+    /// The session ended here: the standby forgets it.
+    pub fn closed(&self) {
+        self.replicator.send(Record::Closed { id: self.id });
+    }
+}
