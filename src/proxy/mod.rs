@@ -746,15 +746,7 @@ impl Running {
         let std = std::net::TcpStream::from(conn);
         std.set_nonblocking(true).map_err(|e| e.to_string())?;
         let client = Conn::Tcp(tokio::net::TcpStream::from_std(std).map_err(|e| e.to_string())?);
-        let slot = Admission {
-            global_open: &ctx.open,
-            global_max: ctx.max_sessions,
-            listener: &ctx.limits,
-            listener_max: ctx.cfg.max_sessions,
-            per_client_max: ctx.cfg.max_sessions_per_client,
-            fds: &ctx.fds,
-        }
-        .count(Some(new.client.ip()));
+        let slot = ctx.admission().count(Some(new.client.ip()));
         let session_ctx = SessionCtx {
             backend: backend.clone(),
             listener: ctx.session.listener.clone(),
@@ -776,16 +768,9 @@ impl Running {
             new.id,
             peer.clone(),
         ));
-        spawn_session(
-            &ctx,
-            &session_ctx,
-            driver,
-            new.id,
-            backend.config.name.clone(),
-            peer,
-            slot,
-            None,
-        );
+        let run = SessionRun::Now(Box::pin(driver.run()));
+        let name = backend.config.name.clone();
+        spawn_session(&ctx, &session_ctx, new.id, name, peer, slot, run);
         Ok(())
     }
 
