@@ -133,13 +133,15 @@ async fn active(
                 let data = buf.split().freeze();
                 // Replicate before writing: the echo carries the ACK.
                 w.push(&Record::Read { id, offset: read, data: data.clone() });
+                read += n as u64;
+                // The "server" (this echo) consumed it and answered: the
+                // answer and the acknowledgement take effect together.
                 w.push(&Record::Written { id, offset: written, data: data.clone() });
+                written += n as u64;
+                w.push(&Record::ServerAcked { id, offset: read });
+                w.push(&Record::Synced { id, offset: written });
                 w.flush().await.expect("replicate");
                 conn.write_all(&data).await.expect("active: echo");
-                read += n as u64;
-                written += n as u64;
-                // The "server" (this echo) consumed it.
-                w.push(&Record::ServerAcked { id, offset: read });
                 // Sampled with every write: a stale client-acked offset makes
                 // the standby re-send more, and more than its initial
                 // congestion window goes the slow way (docs/failover.md).
@@ -173,6 +175,11 @@ async fn active(
                 });
                 read += data.len() as u64;
                 written += data.len() as u64;
+                w.push(&Record::ServerAcked { id, offset: read });
+                w.push(&Record::Synced {
+                    id,
+                    offset: written,
+                });
                 let _ = conn.try_write(&data); // into the void
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,

@@ -17,6 +17,13 @@
 //! | 5 | `ServerAcked` | up offset the server confirmed (the replay position) | none |
 //! | 6 | `Closed` | 0 | none |
 //! | 7 | `Heartbeat` | sequence number | none |
+//! | 8 | `Synced` | down offset written so far | none |
+//!
+//! `Written` and `ServerAcked` records are staged by the standby and take
+//! effect together at the next `Synced`: a response and the acknowledgement
+//! of the request it answers become one step, so a link cut between them
+//! can neither make a standby re-send an answer and replay its request
+//! (a duplicate) nor skip a request whose answer it lacks.
 //!
 //! Addresses are `family u8 (4 or 6) | ip | port u16`; names are
 //! `length u8 | utf-8`. The decoder returns `Ok(None)` until a whole record
@@ -45,6 +52,7 @@ mod ty {
     pub const SERVER_ACKED: u8 = 5;
     pub const CLOSED: u8 = 6;
     pub const HEARTBEAT: u8 = 7;
+    pub const SYNCED: u8 = 8;
 }
 
 /// A new client connection, as the active accepted and captured it.
@@ -106,6 +114,12 @@ pub enum Record {
     },
     Heartbeat {
         seq: u64,
+    },
+    /// The `Written` and `ServerAcked` records since the last `Synced` take
+    /// effect together; `offset` is where the written bytes end.
+    Synced {
+        id: SessionId,
+        offset: u64,
     },
 }
 
@@ -188,6 +202,7 @@ pub fn encode(r: &Record, out: &mut BytesMut) {
         Record::ServerAcked { id, offset } => header(out, ty::SERVER_ACKED, *id, *offset, 0),
         Record::Closed { id } => header(out, ty::CLOSED, *id, 0, 0),
         Record::Heartbeat { seq } => header(out, ty::HEARTBEAT, SessionId(0), *seq, 0),
+        Record::Synced { id, offset } => header(out, ty::SYNCED, *id, *offset, 0),
     }
 }
 
@@ -207,7 +222,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Record>, CodecError> {
         ty::SESSION => (16 + ENCODED_LEN + 2 * 7 + 2, MAX_CONTROL),
         ty::READ | ty::WRITTEN => (1, MAX_DATA),
         ty::CLIENT_ACKED => (12, 12),
-        ty::SERVER_ACKED | ty::CLOSED | ty::HEARTBEAT => (0, 0),
+        ty::SERVER_ACKED | ty::CLOSED | ty::HEARTBEAT | ty::SYNCED => (0, 0),
         other => return Err(bad(format!("unknown record type {other}"))),
     };
     if len < min || len > max {
@@ -245,6 +260,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Record>, CodecError> {
         },
         ty::SERVER_ACKED => Record::ServerAcked { id, offset: value },
         ty::CLOSED => Record::Closed { id },
+        ty::SYNCED => Record::Synced { id, offset: value },
         _ => Record::Heartbeat { seq: value },
     };
     Ok(Some(r))
@@ -366,6 +382,7 @@ mod tests {
             Record::ServerAcked { id, offset: 6 },
             Record::Closed { id },
             Record::Heartbeat { seq: 42 },
+            Record::Synced { id, offset: 9 },
         ]
     }
 

@@ -42,6 +42,12 @@ pub struct MirrorSession {
     pub rcv_wnd: u32,
     /// The connection's TCP timestamp clock, and when that reading arrived.
     timestamp: (u32, Instant),
+    /// `Written` bytes since the last `Synced`, not yet part of `down`.
+    staged_down: VecDeque<Bytes>,
+    /// Where the staged bytes end (`written` when none are staged).
+    staged_written: u64,
+    /// A `ServerAcked` since the last `Synced`, not yet applied.
+    staged_acked: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +99,9 @@ impl MirrorSession {
             snd_wnd: new.state.window.snd_wnd,
             rcv_wnd: new.state.window.rcv_wnd,
             timestamp: (new.state.timestamp, now),
+            staged_down: VecDeque::new(),
+            staged_written: new.written_from,
+            staged_acked: None,
             new,
         }
     }
@@ -141,6 +150,7 @@ impl MirrorSession {
             });
             offset += data.len() as u64;
         }
+        out.push(Record::Synced { id, offset });
         out.push(Record::ClientAcked {
             id,
             offset: self.client_acked,
@@ -173,7 +183,7 @@ impl MirrorSession {
 }
 
 /// Every session of the active.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Mirror {
     sessions: HashMap<SessionId, MirrorSession>,
     /// The last heartbeat's sequence number.
@@ -215,6 +225,7 @@ impl Mirror {
             | Record::Written { id, .. }
             | Record::ClientAcked { id, .. }
             | Record::ServerAcked { id, .. }
+            | Record::Synced { id, .. }
             | Record::Closed { id } => *id,
             Record::Heartbeat { seq } => {
                 self.heartbeat = *seq;
@@ -243,16 +254,33 @@ impl Mirror {
                 s.up.push_back(data);
             }
             Record::Written { offset, data, .. } => {
-                if offset != s.written {
+                // Staged until the next `Synced`.
+                if offset != s.staged_written {
                     return Err(MirrorError::NotContiguous {
                         id,
                         what: "bytes written to the client",
                         got: offset,
-                        want: s.written,
+                        want: s.staged_written,
                     });
                 }
-                s.written += data.len() as u64;
-                s.down.push_back(data);
+                s.staged_written += data.len() as u64;
+                s.staged_down.push_back(data);
+            }
+            Record::Synced { offset, .. } => {
+                if offset != s.staged_written {
+                    return Err(MirrorError::NotContiguous {
+                        id,
+                        what: "end of the written bytes at a sync",
+                        got: offset,
+                        want: s.staged_written,
+                    });
+                }
+                s.down.extend(s.staged_down.drain(..));
+                s.written = s.staged_written;
+                if let Some(acked) = s.staged_acked.take() {
+                    trim(&mut s.up, acked - s.server_acked);
+                    s.server_acked = acked;
+                }
             }
             Record::ClientAcked {
                 offset,
@@ -277,17 +305,18 @@ impl Mirror {
                 s.timestamp = (timestamp, now);
             }
             Record::ServerAcked { offset, .. } => {
-                if offset < s.server_acked || offset > s.read {
+                // Staged until the next `Synced`.
+                let low = s.staged_acked.unwrap_or(s.server_acked);
+                if offset < low || offset > s.read {
                     return Err(MirrorError::OutOfRange {
                         id,
                         what: "server-acknowledged offset",
                         got: offset,
-                        low: s.server_acked,
+                        low,
                         high: s.read,
                     });
                 }
-                trim(&mut s.up, offset - s.server_acked);
-                s.server_acked = offset;
+                s.staged_acked = Some(offset);
             }
             Record::Closed { .. } => {
                 self.sessions.remove(&id);
@@ -368,6 +397,10 @@ mod tests {
         )
         .unwrap();
         m.apply(Record::ServerAcked { id, offset: 8 }, t0).unwrap(); // mid-chunk
+                                                                     // Staged: nothing moves before the `Synced`.
+        let s = m.get(id).unwrap();
+        assert_eq!((s.server_acked, s.written), (0, 0));
+        m.apply(Record::Synced { id, offset: 2 }, t0).unwrap();
         let s = m.get(id).unwrap();
         assert_eq!((s.read, s.server_acked), (12, 8));
         assert_eq!(concat(s.unacked_up()), b"T b\n");
@@ -402,6 +435,52 @@ mod tests {
         assert!(m.is_empty());
     }
 
+    /// A link cut between a response (`Written`) and the acknowledgement of
+    /// the request it answers (`ServerAcked`), or before their `Synced`,
+    /// leaves the mirror where it was: the standby then replays the request
+    /// and the client gets its answer once, from the new leg.
+    #[test]
+    fn a_response_and_its_acknowledgement_take_effect_together() {
+        let t0 = Instant::now();
+        let id = SessionId(4);
+        let mut m = Mirror::new();
+        m.apply(new_session(4, 0, 0), t0).unwrap();
+        let read = Record::Read {
+            id,
+            offset: 0,
+            data: b("GET a\n"),
+        };
+        m.apply(read, t0).unwrap();
+        let answer = Record::Written {
+            id,
+            offset: 0,
+            data: b("A\n"),
+        };
+        // Cut after the response alone, and after the response and the ack.
+        for cut in [1, 2] {
+            let mut cut_mirror = m.clone();
+            cut_mirror.apply(answer.clone(), t0).unwrap();
+            if cut == 2 {
+                cut_mirror
+                    .apply(Record::ServerAcked { id, offset: 6 }, t0)
+                    .unwrap();
+            }
+            let s = cut_mirror.get(id).unwrap();
+            assert_eq!((s.server_acked, s.written), (0, 0), "cut {cut}");
+            assert_eq!(concat(s.unacked_up()), b"GET a\n", "replayed");
+            assert!(s.unacked_down().is_empty(), "nothing re-sent");
+        }
+        m.apply(answer, t0).unwrap();
+        m.apply(Record::ServerAcked { id, offset: 6 }, t0).unwrap();
+        m.apply(Record::Synced { id, offset: 2 }, t0).unwrap();
+        let s = m.get(id).unwrap();
+        assert_eq!((s.server_acked, s.written), (6, 2));
+        assert!(s.unacked_up().is_empty(), "nothing replayed");
+        assert_eq!(concat(s.unacked_down()), b"A\n", "re-sent if unacked");
+        // A sync that does not end where the written bytes end is refused.
+        assert!(m.apply(Record::Synced { id, offset: 3 }, t0).is_err());
+    }
+
     #[test]
     fn a_resent_session_starts_at_its_offsets() {
         let t0 = Instant::now();
@@ -426,6 +505,7 @@ mod tests {
             t0,
         )
         .unwrap();
+        m.apply(Record::Synced { id, offset: 78 }, t0).unwrap();
         let s = m.get(id).unwrap();
         assert_eq!((s.read, s.written, s.client_acked), ((1 << 33) + 1, 78, 77));
     }
@@ -464,6 +544,7 @@ mod tests {
             t0,
         )
         .unwrap();
+        m.apply(Record::Synced { id, offset: 4 }, t0).unwrap();
         m.apply(
             Record::ClientAcked {
                 id,

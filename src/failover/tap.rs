@@ -8,11 +8,12 @@
 //! - [`Tap::read`]: client bytes, before the core (and so the server) sees
 //!   them;
 //! - [`Tap::sync`]: before every client write: the down bytes the core
-//!   added since the last call (`Written`, before they are written), then
-//!   the server-acked up offset when it moved (`ServerAcked`). In that
-//!   order: a response reaches the mirror before the acknowledgement of the
-//!   request it answers, so a standby never skips a request whose answer
-//!   it does not have;
+//!   added since the last call (`Written`, before they are written), the
+//!   server-acked up offset when it moved (`ServerAcked`), then `Synced`,
+//!   at which the standby applies both together: a response and the
+//!   acknowledgement of the request it answers are one step, so a standby
+//!   neither skips a request whose answer it lacks nor replays one whose
+//!   answer it re-sends;
 //! - [`Tap::client_written`]: after client writes: the client-acked offset
 //!   (`written − SIOCOUTQ`), with the windows and the timestamp clock, when
 //!   it moved;
@@ -41,6 +42,8 @@ pub struct Tap {
     written: u64,
     /// Up offset last replicated as `ServerAcked`.
     server_acked: u64,
+    /// Down offset last replicated as `Synced`.
+    synced: u64,
     /// Down offset last replicated as `ClientAcked`.
     client_acked: u64,
 }
@@ -71,6 +74,7 @@ impl Tap {
             id,
             written: 0,
             server_acked: 0,
+            synced: 0,
             client_acked: 0,
         })
     }
@@ -99,11 +103,20 @@ impl Tap {
             }
         }
         let acked = core.stream(Dir::Up).acked();
-        if acked > self.server_acked {
+        let moved = acked > self.server_acked;
+        if moved {
             self.server_acked = acked;
             self.replicator.send(Record::ServerAcked {
                 id: self.id,
                 offset: acked,
+            });
+        }
+        if moved || self.written > self.synced {
+            // The standby applies the bytes and the ack above together.
+            self.synced = self.written;
+            self.replicator.send(Record::Synced {
+                id: self.id,
+                offset: self.written,
             });
         }
     }
