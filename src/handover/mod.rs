@@ -596,7 +596,7 @@ fn send_exported(
 /// Sessions per batch message (two descriptors each at most, well under
 /// the kernel's 253 per message). Small batches keep each session's pause
 /// short: a session waits, paused, for its own batch's round trip only.
-pub const BATCH: usize = 16;
+pub const BATCH: usize = 8;
 /// Most descriptors in one batch message.
 const MAX_BATCH_FDS: usize = 2 * BATCH;
 /// Largest batch header (JSON) accepted.
