@@ -73,6 +73,20 @@ pub enum MirrorError {
     },
 }
 
+/// A record's offset must continue where the session stands.
+fn contiguous(id: SessionId, what: &'static str, got: u64, want: u64) -> Result<(), MirrorError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(MirrorError::NotContiguous {
+            id,
+            what,
+            got,
+            want,
+        })
+    }
+}
+
 /// Drops the first `n` bytes of a chunk queue.
 fn trim(q: &mut VecDeque<Bytes>, mut n: u64) {
     while n > 0 {
@@ -242,39 +256,19 @@ impl Mirror {
         let s = self.sessions.get_mut(&id).ok_or(MirrorError::Unknown(id))?;
         match r {
             Record::Read { offset, data, .. } => {
-                if offset != s.read {
-                    return Err(MirrorError::NotContiguous {
-                        id,
-                        what: "client bytes read",
-                        got: offset,
-                        want: s.read,
-                    });
-                }
+                contiguous(id, "client bytes read", offset, s.read)?;
                 s.read += data.len() as u64;
                 s.up.push_back(data);
             }
             Record::Written { offset, data, .. } => {
                 // Staged until the next `Synced`.
-                if offset != s.staged_written {
-                    return Err(MirrorError::NotContiguous {
-                        id,
-                        what: "bytes written to the client",
-                        got: offset,
-                        want: s.staged_written,
-                    });
-                }
+                contiguous(id, "bytes written to the client", offset, s.staged_written)?;
                 s.staged_written += data.len() as u64;
                 s.staged_down.push_back(data);
             }
             Record::Synced { offset, .. } => {
-                if offset != s.staged_written {
-                    return Err(MirrorError::NotContiguous {
-                        id,
-                        what: "end of the written bytes at a sync",
-                        got: offset,
-                        want: s.staged_written,
-                    });
-                }
+                let end = s.staged_written;
+                contiguous(id, "end of the written bytes at a sync", offset, end)?;
                 s.down.extend(s.staged_down.drain(..));
                 s.written = s.staged_written;
                 if let Some(acked) = s.staged_acked.take() {
