@@ -357,83 +357,92 @@ async fn take_sessions(
     sock: std::os::unix::net::UnixStream,
     control: &tokio::sync::mpsc::Sender<holdfast::proxy::Control>,
 ) {
-    use holdfast::handover;
-    let sock = std::sync::Arc::new(sock);
-    let (mut taken, mut refused) = (0usize, 0usize);
+    let started = std::time::Instant::now();
+    let (reply, importer) = tokio::sync::oneshot::channel();
+    let importer = match control
+        .send(holdfast::proxy::Control::Importer { reply })
+        .await
+    {
+        Ok(()) => importer.await.ok(),
+        Err(_) => None,
+    };
+    let Some(importer) = importer else {
+        tracing::error!("hand-over: the proxy is stopping; sessions stay with the old process");
+        return;
+    };
     // Fault injection for the tests: a new process that dies half-way.
     let fault = std::env::var("HOLDFAST_TEST_HANDOVER_FAULT").ok();
-    let started = std::time::Instant::now();
-    loop {
-        let s = sock.clone();
-        let got = tokio::task::spawn_blocking(move || {
-            s.set_read_timeout(Some(ACK_TIMEOUT))?;
-            handover::recv_batch(&s)
-        })
-        .await;
-        let (batch, blob, fds) = match got {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "hand-over broke off: sessions not received stay with the old process");
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "hand-over task failed");
-                return;
-            }
-        };
-        if !batch.done && fault.as_deref() == Some("exit-on-first-batch") {
-            tracing::error!("HOLDFAST_TEST_HANDOVER_FAULT: exiting before answering a batch");
-            std::process::exit(EXIT_RUNTIME.into());
-        }
-        if batch.done {
-            let s = sock.clone();
-            let _ = tokio::task::spawn_blocking(move || handover::send_verdicts(&s, &[])).await;
-            break;
-        }
-        let received = std::time::Instant::now();
-        let sessions = batch.split(blob, fds);
-        let n = sessions.len();
-        let (go_tx, go) = tokio::sync::watch::channel(None);
-        let (reply, verdicts) = tokio::sync::oneshot::channel();
-        let verdicts = if control
-            .send(holdfast::proxy::Control::Import {
-                sessions,
-                go,
-                reply,
-            })
-            .await
-            .is_ok()
-        {
-            verdicts.await.unwrap_or_else(|_| vec![false; n])
-        } else {
-            vec![false; n]
-        };
-        let s = sock.clone();
-        let v = verdicts.clone();
-        let sent = tokio::task::spawn_blocking(move || handover::send_verdicts(&s, &v)).await;
-        let ok = matches!(sent, Ok(Ok(())));
-        // Start the sessions we took only now that the old process knows.
-        go_tx.send_replace(Some(ok));
-        if !ok {
-            tracing::error!("hand-over: cannot answer the old process; it keeps this batch");
-            return;
-        }
-        tracing::debug!(
-            target: "holdfast::handover",
-            sessions = n,
-            import_us = received.elapsed().as_micros() as u64,
-            "hand-over: batch answered"
-        );
-        let t = verdicts.iter().filter(|&&t| t).count();
-        taken += t;
-        refused += n - t;
-    }
+    let got =
+        tokio::task::spawn_blocking(move || take_batches(&sock, &importer, fault.as_deref())).await;
+    let Ok((taken, refused)) = got else {
+        tracing::error!("hand-over task failed");
+        return;
+    };
     tracing::info!(
         sessions = taken,
         refused,
         total_ms = started.elapsed().as_secs_f64() * 1000.0,
         "hand-over: sessions taken over; the old process drains what stays"
     );
+}
+
+/// The new process's hand-over thread: reads each batch as the old process
+/// sends it (it does not wait for our answer to send the next), takes its
+/// sessions over, answers, and only then lets them start, so a failed
+/// answer leaves them all with the old process. Nothing here waits for the
+/// runtime to schedule a task. Returns the sessions taken and refused.
+fn take_batches(
+    sock: &std::os::unix::net::UnixStream,
+    importer: &holdfast::proxy::Importer,
+    fault: Option<&str>,
+) -> (usize, usize) {
+    use holdfast::handover;
+    let _urgent = handover::Urgent::raise();
+    let (mut taken, mut refused) = (0usize, 0usize);
+    if let Err(e) = sock.set_read_timeout(Some(ACK_TIMEOUT)) {
+        tracing::error!(error = %e, "hand-over socket unusable: sessions stay with the old process");
+        return (0, 0);
+    }
+    loop {
+        let (batch, blob, fds) = match handover::recv_batch(sock) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "hand-over broke off: sessions not received stay with the old process");
+                break;
+            }
+        };
+        if batch.done {
+            let _ = handover::send_verdicts(sock, &[]);
+            break;
+        }
+        if fault == Some("exit-on-first-batch") {
+            tracing::error!("HOLDFAST_TEST_HANDOVER_FAULT: exiting before answering a batch");
+            std::process::exit(EXIT_RUNTIME.into());
+        }
+        let at = std::time::Instant::now();
+        let sessions = batch.split(blob, fds);
+        let n = sessions.len();
+        let (go_tx, go) = tokio::sync::watch::channel(None);
+        let verdicts = importer.import_batch(sessions, &go);
+        let ok = handover::send_verdicts(sock, &verdicts).is_ok();
+        // Start the sessions we took only now that the old process knows.
+        go_tx.send_replace(Some(ok));
+        if !ok {
+            tracing::error!("hand-over: cannot answer the old process; it keeps this batch");
+            refused += n;
+            break;
+        }
+        let t = verdicts.iter().filter(|&&t| t).count();
+        taken += t;
+        refused += n - t;
+        tracing::debug!(
+            target: "holdfast::handover",
+            sessions = n,
+            import_us = at.elapsed().as_micros() as u64,
+            "hand-over: batch answered"
+        );
+    }
+    (taken, refused)
 }
 
 /// SIGUSR2: starts the binary we were started from with our arguments plus

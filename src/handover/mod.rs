@@ -10,10 +10,19 @@
 //! process keeps accepting: both processes hold the same sockets, so no
 //! connection is refused at any moment.
 //!
-//! This slice carries listeners only: live sessions stay with the old
-//! process, which drains them as on SIGTERM. It owns the wire format and the
-//! socket calls (through `rustix`, no `unsafe` here); what to export and how
-//! to serve what arrives belong to `proxy` and the binary.
+//! Then the sessions travel, pipelined: the old process asks a few sessions
+//! at a time ([`WINDOW`]) to pause and export themselves, sends whatever has
+//! exported as a [`Batch`] (sockets attached, states in the payload) without
+//! waiting for the answer to the previous one, and a thread of its own reads
+//! the new process's verdicts in order and releases each session: taken (it
+//! ends here without a shutdown) or not (it carries on here). The new
+//! process takes each batch over on a thread of its own, answers, and only
+//! then starts the sessions. Neither side's steps wait for an async runtime
+//! to schedule a task, so a busy process does not lengthen the pauses.
+//!
+//! This module owns the wire format and the socket calls (through `rustix`,
+//! no `unsafe` here); what to export and how to serve what arrives belong to
+//! `proxy` and the binary.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
@@ -377,42 +386,12 @@ async fn hand_over(
     done.await.map_err(|_| gone())?;
     *stopped = true;
     let started = std::time::Instant::now();
-    let mut stats = ExportStats::default();
-    let mut tried = std::collections::HashSet::new();
-    loop {
-        // Sessions not asked yet (a TLS handshake that was under way may
-        // have added some since the last look).
-        let pending: Vec<_> = match export.shared.sessions.lock() {
-            Ok(m) => m
-                .values()
-                .filter(|s| !tried.contains(&s.id))
-                .cloned()
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        if pending.is_empty() {
-            break;
-        }
-        for chunk in pending.chunks(BATCH) {
-            for s in chunk {
-                tried.insert(s.id);
-            }
-            export_batch(&sock, chunk, ack_timeout, &mut stats).await?;
-        }
-    }
-    let sock2 = sock.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), HandoverError> {
-        let done = Batch {
-            version: VERSION,
-            sessions: Vec::new(),
-            done: true,
-        };
-        send_batch(&sock2, &done, &[], &[])?;
-        recv_verdicts(&sock2, 0)?;
-        Ok(())
-    })
-    .await
-    .map_err(io::Error::other)??;
+    let mut stats = {
+        let shared = export.shared.clone();
+        tokio::task::spawn_blocking(move || export_sessions(sock, shared, ack_timeout))
+            .await
+            .map_err(io::Error::other)??
+    };
     let total = started.elapsed();
     let (p50, p99, max) = (
         stats.percentile(0.50),
@@ -477,82 +456,282 @@ fn send_listeners(
     wait_ack(stream)
 }
 
-/// Asks each session of `chunk` to export itself, sends those that did as
-/// one batch, and tells each whether the new process took it. Any failure
-/// gives every session of the batch back to its task here.
-async fn export_batch(
-    sock: &std::sync::Arc<UnixStream>,
-    chunk: &[std::sync::Arc<crate::session::status::SessionStatus>],
-    ack_timeout: std::time::Duration,
-    stats: &mut ExportStats,
-) -> Result<(), HandoverError> {
-    let asked = std::time::Instant::now();
-    let mut replies = Vec::with_capacity(chunk.len());
-    for s in chunk {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if s.request_export(tx) {
-            replies.push(rx);
-        } else {
-            stats.stayed += 1;
-        }
-    }
-    let mut exported = Vec::with_capacity(replies.len());
-    for rx in replies {
-        match tokio::time::timeout(EXPORT_REPLY_TIMEOUT, rx).await {
-            Ok(Ok(Ok(e))) => exported.push(e),
-            Ok(Ok(Err(why))) => {
-                tracing::debug!(reason = why, "hand-over: a session stays in this process");
-                stats.stayed += 1;
-            }
-            _ => stats.stayed += 1,
-        }
-    }
-    if exported.is_empty() {
-        return Ok(());
-    }
-    let n = exported.len();
-    let replied = asked.elapsed();
-    let (verdicts, exported) = {
-        let sock = sock.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = send_exported(&sock, &exported, ack_timeout);
-            (r, exported)
-        })
-        .await
-        .map_err(io::Error::other)?
-    };
-    let verdicts = match verdicts {
-        Ok(v) => v,
-        Err(e) => {
-            // Dropping the verdict senders resumes every session here.
-            drop(exported);
-            return Err(e);
-        }
-    };
-    for (e, taken) in exported.into_iter().zip(verdicts) {
-        if taken {
-            stats.taken += 1;
-            stats.pauses.push(e.paused_at.elapsed());
-        } else {
-            stats.stayed += 1;
-        }
-        let _ = e.verdict.send(taken);
-    }
-    tracing::debug!(
-        sessions = n,
-        replies_us = replied.as_micros() as u64,
-        answered_us = asked.elapsed().as_micros() as u64,
-        "hand-over: batch sent"
-    );
-    Ok(())
+/// Sessions asked to export themselves and not yet answered for (no reply
+/// yet, or exported and waiting for the new process's verdict). Each
+/// session's pause runs from its export to its verdict, so it waits behind
+/// at most this many others; sessions that are slow to reach a quiescent
+/// point (busy ones, on a loaded machine) hold up only themselves.
+const WINDOW: usize = 8;
+
+/// What reaches the hand-over's coordinating thread.
+enum Event {
+    /// A session task's answer to its export request.
+    Reply(
+        crate::session::core::SessionId,
+        Result<Box<crate::session::driver::Exported>, &'static str>,
+    ),
+    /// The new process answered one batch.
+    Answered(Answered),
+    /// Reading answers failed: every batch not answered stays here.
+    Broken(HandoverError),
+    /// The new process confirmed the final (`done`) batch.
+    Finished,
 }
 
-/// Sends one batch of exported sessions and reads the verdicts.
+/// The verdicts on one batch, as the answer thread applied them.
+struct Answered {
+    taken: usize,
+    stayed: usize,
+    /// Per taken session: from its export to its verdict.
+    pauses: Vec<std::time::Duration>,
+}
+
+/// What the coordinating thread hands to the answer thread, in the order
+/// the batches went out.
+enum InFlight {
+    Batch(Vec<crate::session::driver::Exported>),
+    Done,
+}
+
+/// Exports every session, pipelined: the coordinating thread (this one)
+/// keeps up to [`WINDOW`] sessions asked, sends each batch of whatever
+/// sessions have exported themselves as soon as they have (at most
+/// [`BATCH`] at once: one session alone when that is all that is ready), and
+/// never waits for a batch's answer before sending the next; the answer
+/// thread reads the verdicts in order and releases each session. Runs on
+/// blocking threads, so no step of a session's pause waits for the async
+/// runtime to schedule the hand-over. A failure gives every session not
+/// yet taken back to its task here.
+fn export_sessions(
+    sock: std::sync::Arc<UnixStream>,
+    shared: std::sync::Arc<crate::session::driver::Shared>,
+    ack_timeout: std::time::Duration,
+) -> Result<ExportStats, HandoverError> {
+    let _urgent = Urgent::raise();
+    sock.set_write_timeout(Some(ack_timeout))?;
+    sock.set_read_timeout(Some(ack_timeout))?;
+    let (events_tx, events) = std::sync::mpsc::channel::<Event>();
+    let (inflight, inflight_rx) = std::sync::mpsc::channel::<InFlight>();
+    let answers = {
+        let sock = sock.clone();
+        let events_tx = events_tx.clone();
+        std::thread::Builder::new()
+            .name("holdfast-handover-answers".into())
+            .spawn(move || read_answers(&sock, inflight_rx, &events_tx))?
+    };
+    let mut pump = Pump {
+        sock: &sock,
+        events_tx,
+        events: &events,
+        inflight,
+        stats: ExportStats::default(),
+        asked: std::collections::HashMap::new(),
+        ready: Vec::new(),
+        unanswered: 0,
+    };
+    let result = pump.run(&shared);
+    let stats = std::mem::take(&mut pump.stats);
+    // What was exported and not sent goes back to its task; the answer
+    // thread ends once the batches it has are answered or given back.
+    drop(pump);
+    if result.is_err() {
+        // Verdicts the new process already wrote stay readable; later writes
+        // of its own fail, so it starts none of the sessions we keep.
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
+    let _ = answers.join();
+    result.map(|()| stats)
+}
+
+/// The coordinating thread's state.
+struct Pump<'a> {
+    sock: &'a UnixStream,
+    events_tx: std::sync::mpsc::Sender<Event>,
+    events: &'a std::sync::mpsc::Receiver<Event>,
+    inflight: std::sync::mpsc::Sender<InFlight>,
+    stats: ExportStats,
+    /// Asked, no reply yet: when.
+    asked: std::collections::HashMap<crate::session::core::SessionId, std::time::Instant>,
+    /// Exported, not yet sent.
+    ready: Vec<crate::session::driver::Exported>,
+    /// Sent, no verdict yet.
+    unanswered: usize,
+}
+
+impl Pump<'_> {
+    fn run(&mut self, shared: &crate::session::driver::Shared) -> Result<(), HandoverError> {
+        let mut tried = std::collections::HashSet::new();
+        let mut queue = std::collections::VecDeque::new();
+        loop {
+            if queue.is_empty() && self.asked.is_empty() && self.ready.is_empty() {
+                // Sessions not asked yet (a TLS handshake that was under way
+                // may have added some since the last look).
+                if let Ok(m) = shared.sessions.lock() {
+                    queue.extend(m.values().filter(|s| tried.insert(s.id)).cloned());
+                }
+                if queue.is_empty() {
+                    break;
+                }
+            }
+            while self.asked.len() + self.ready.len() + self.unanswered < WINDOW {
+                let Some(s) = queue.pop_front() else { break };
+                let (tx, id) = (self.events_tx.clone(), s.id);
+                let reply = crate::session::status::ExportReply::new(move |r| {
+                    tx.send(Event::Reply(id, r.map(Box::new))).is_ok()
+                });
+                if s.request_export(reply) {
+                    self.asked.insert(id, std::time::Instant::now());
+                } else {
+                    self.stats.stayed += 1;
+                }
+            }
+            // Whatever else is ready right now goes in the same batch.
+            while let Ok(ev) = self.events.try_recv() {
+                self.apply(ev)?;
+            }
+            if !self.ready.is_empty() {
+                self.send_ready()?;
+                continue;
+            }
+            if self.asked.is_empty() && self.unanswered == 0 {
+                continue;
+            }
+            let wait = self.asked.values().min().map_or(EXPORT_REPLY_TIMEOUT, |t| {
+                EXPORT_REPLY_TIMEOUT.saturating_sub(t.elapsed())
+            });
+            match self.events.recv_timeout(wait) {
+                Ok(ev) => self.apply(ev)?,
+                Err(_) => {
+                    // Sessions stuck past the timeout stay here (a late reply
+                    // still moves them, or finds the hand-over gone).
+                    let before = self.asked.len();
+                    self.asked.retain(|_, t| t.elapsed() < EXPORT_REPLY_TIMEOUT);
+                    self.stats.stayed += before - self.asked.len();
+                }
+            }
+        }
+        // Every session answered for: the final batch.
+        let done = Batch {
+            version: VERSION,
+            sessions: Vec::new(),
+            done: true,
+        };
+        send_batch(self.sock, &done, &[], &[])?;
+        self.inflight
+            .send(InFlight::Done)
+            .map_err(|_| HandoverError::NoAck)?;
+        loop {
+            match self.events.recv() {
+                Ok(Event::Finished) => return Ok(()),
+                Ok(ev) => self.apply(ev)?,
+                Err(_) => return Err(HandoverError::NoAck),
+            }
+        }
+    }
+
+    fn apply(&mut self, ev: Event) -> Result<(), HandoverError> {
+        match ev {
+            Event::Reply(id, r) => {
+                self.asked.remove(&id);
+                match r {
+                    Ok(e) => self.ready.push(*e),
+                    Err(why) => {
+                        tracing::debug!(reason = why, "hand-over: a session stays in this process");
+                        self.stats.stayed += 1;
+                    }
+                }
+            }
+            Event::Answered(a) => {
+                self.unanswered -= a.taken + a.stayed;
+                self.stats.taken += a.taken;
+                self.stats.stayed += a.stayed;
+                self.stats.pauses.extend(a.pauses);
+            }
+            Event::Broken(e) => return Err(e),
+            Event::Finished => {}
+        }
+        Ok(())
+    }
+
+    /// Sends the exported sessions, [`BATCH`] at a time.
+    fn send_ready(&mut self) -> Result<(), HandoverError> {
+        while !self.ready.is_empty() {
+            let n = self.ready.len().min(BATCH);
+            let batch: Vec<_> = self.ready.drain(..n).collect();
+            // On failure the batch is dropped here: its sessions carry on.
+            send_exported(self.sock, &batch)?;
+            self.unanswered += n;
+            self.inflight
+                .send(InFlight::Batch(batch))
+                .map_err(|_| HandoverError::NoAck)?;
+        }
+        Ok(())
+    }
+}
+
+/// The answer thread: reads the verdict on each batch in the order they
+/// went out and releases its sessions (taken: the task ends here; not
+/// taken: it carries on). After a failure it still honours every verdict
+/// that had arrived, and gives the rest back.
+fn read_answers(
+    sock: &UnixStream,
+    inflight: std::sync::mpsc::Receiver<InFlight>,
+    events: &std::sync::mpsc::Sender<Event>,
+) {
+    let _urgent = Urgent::raise();
+    let mut broken = false;
+    for item in inflight {
+        let batch = match item {
+            InFlight::Done => {
+                let ev = match recv_verdicts(sock, 0) {
+                    Ok(_) => Event::Finished,
+                    Err(e) => Event::Broken(e),
+                };
+                let _ = events.send(ev);
+                continue;
+            }
+            InFlight::Batch(b) => b,
+        };
+        match recv_verdicts(sock, batch.len()) {
+            Ok(verdicts) => {
+                let mut a = Answered {
+                    taken: 0,
+                    stayed: 0,
+                    pauses: Vec::with_capacity(batch.len()),
+                };
+                for (e, taken) in batch.into_iter().zip(verdicts) {
+                    if taken {
+                        a.taken += 1;
+                        a.pauses.push(e.paused_at.elapsed());
+                    } else {
+                        a.stayed += 1;
+                    }
+                    let _ = e.verdict.send(taken);
+                }
+                let _ = events.send(Event::Answered(a));
+            }
+            Err(e) => {
+                // Dropping the batch resumes its sessions here.
+                drop(batch);
+                if !broken {
+                    broken = true;
+                    // Whatever the new process writes from now on fails, so
+                    // it starts none of what we keep; what it wrote already
+                    // is still read above.
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                    let _ = events.send(Event::Broken(e));
+                }
+            }
+        }
+    }
+}
+
+/// Sends one batch of exported sessions (the answer thread reads the
+/// verdicts).
 fn send_exported(
     sock: &UnixStream,
     exported: &[crate::session::driver::Exported],
-    ack_timeout: std::time::Duration,
-) -> Result<Vec<bool>, HandoverError> {
+) -> Result<(), HandoverError> {
     use std::os::fd::AsFd;
     let mut fds = Vec::with_capacity(2 * exported.len());
     let mut blob = Vec::with_capacity(2 * exported.len());
@@ -588,9 +767,7 @@ fn send_exported(
         sessions,
         done: false,
     };
-    send_batch(sock, &batch, &blob, &fds)?;
-    sock.set_read_timeout(Some(ack_timeout))?;
-    recv_verdicts(sock, exported.len())
+    send_batch(sock, &batch, &blob, &fds)
 }
 
 /// Sessions per batch message (two descriptors each at most, well under
@@ -859,6 +1036,39 @@ pub fn recv_verdicts(sock: &UnixStream, n: usize) -> Result<Vec<bool>, HandoverE
     let mut v = vec![0u8; n];
     r.read_exact(&mut v).map_err(|_| HandoverError::NoAck)?;
     Ok(v.into_iter().map(|b| b == 1).collect())
+}
+
+/// Raises the calling thread's scheduling priority for as long as it is
+/// kept (the hand-over's own threads: each session's pause waits on them,
+/// and on a machine whose CPUs are saturated an ordinary thread woken by a
+/// message can wait milliseconds to run). Best effort: without the
+/// privilege to raise it (CAP_SYS_NICE, or root) nothing changes.
+pub struct Urgent {
+    tid: rustix::process::Pid,
+    before: Option<i32>,
+}
+
+/// The nice value the hand-over's threads run at while they work.
+const URGENT_NICE: i32 = -10;
+
+impl Urgent {
+    pub fn raise() -> Urgent {
+        let tid = rustix::thread::gettid();
+        let before = rustix::process::getpriority_process(Some(tid))
+            .ok()
+            .filter(|&n| n > URGENT_NICE)
+            .filter(|_| rustix::process::setpriority_process(Some(tid), URGENT_NICE).is_ok());
+        Urgent { tid, before }
+    }
+}
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        if let Some(n) = self.before {
+            // A pooled thread goes back to the pool as it came.
+            let _ = rustix::process::setpriority_process(Some(self.tid), n);
+        }
+    }
 }
 
 #[cfg(test)]

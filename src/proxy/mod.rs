@@ -182,14 +182,9 @@ pub enum Control {
     StopAccepting { reply: oneshot::Sender<()> },
     /// Accept again: the hand-over failed after `StopAccepting`.
     ResumeAccepting,
-    /// Sessions taken over (new process): prepare them and answer which
-    /// were taken; each starts when `go` says `Some(true)` (once the old
-    /// process has the answer) and is dropped untouched on `Some(false)`.
-    Import {
-        sessions: Vec<crate::handover::IncomingSession>,
-        go: watch::Receiver<Option<bool>>,
-        reply: oneshot::Sender<Vec<bool>>,
-    },
+    /// What the new process needs to take sessions over ([`Importer`]),
+    /// used from the hand-over's own thread, off the runtime.
+    Importer { reply: oneshot::Sender<Importer> },
     /// Host failover, standby: the client connections just taken over;
     /// each runs as a session rebuilt at its replicated offsets.
     Adopt {
@@ -339,17 +334,8 @@ pub async fn run_full(
                     let _ = reply.send(());
                 }
                 Control::ResumeAccepting => proxy.resume_accepting(),
-                Control::Import { sessions, go, reply } => {
-                    let taken = sessions
-                        .into_iter()
-                        .map(|s| {
-                            let (id, listener) = (s.entry.id.clone(), s.entry.listener.clone());
-                            proxy.import(s, go.clone()).inspect_err(|e| {
-                                tracing::warn!(session.id = %id, listener = %listener, error = %e, "hand-over: cannot take this session; the old process keeps it");
-                            }).is_ok()
-                        })
-                        .collect();
-                    let _ = reply.send(taken);
+                Control::Importer { reply } => {
+                    let _ = reply.send(proxy.importer());
                 }
                 Control::Adopt { taken } => {
                     for t in taken {
@@ -449,6 +435,141 @@ fn open_access_log(config: &Config) -> io::Result<Option<Arc<AccessLogger>>> {
             .map(|l| Some(Arc::new(l)))
             .map_err(|e| io::Error::new(e.kind(), format!("access log: {e}"))),
         None => Ok(None),
+    }
+}
+
+/// Takes sessions over in the new process of a hand-over, from a plain
+/// thread: the listeners' current settings, the backends and the session
+/// registry, and the runtime the sessions run on. Taking a session over
+/// (decoding its state, wrapping its sockets) does not wait for the
+/// runtime to schedule anything, so the old process's pause does not grow
+/// with how busy this process already is.
+pub struct Importer {
+    listeners: Vec<(String, watch::Receiver<Arc<AcceptCtx>>)>,
+    backends: HashMap<String, Arc<Backend>>,
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Importer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Importer").finish_non_exhaustive()
+    }
+}
+
+impl Importer {
+    /// Prepares each session of a batch and says which were taken; each
+    /// starts when `go` says `Some(true)` (once the old process has the
+    /// answer) and is dropped untouched on `Some(false)`.
+    pub fn import_batch(
+        &self,
+        sessions: Vec<crate::handover::IncomingSession>,
+        go: &watch::Receiver<Option<bool>>,
+    ) -> Vec<bool> {
+        let _rt = self.runtime.enter();
+        sessions
+            .into_iter()
+            .map(|s| {
+                let (id, listener) = (s.entry.id.clone(), s.entry.listener.clone());
+                self.import(s, go.clone())
+                    .inspect_err(|e| {
+                        tracing::warn!(session.id = %id, listener = %listener, error = %e, "hand-over: cannot take this session; the old process keeps it");
+                    })
+                    .is_ok()
+            })
+            .collect()
+    }
+
+    /// Prepares a session taken over from the old process: its sockets,
+    /// its core, its place under the limits. It starts on `go`.
+    fn import(
+        &self,
+        s: crate::handover::IncomingSession,
+        mut go: watch::Receiver<Option<bool>>,
+    ) -> Result<(), String> {
+        let crate::handover::IncomingSession {
+            entry,
+            snapshot,
+            rbuf,
+            client,
+            server,
+        } = s;
+        let Some((_, l)) = self
+            .listeners
+            .iter()
+            .find(|(name, _)| *name == entry.listener)
+        else {
+            return Err(format!("no listener {:?} in this config", entry.listener));
+        };
+        let ctx = l.borrow().clone();
+        let now = tokio::time::Instant::now().into_std();
+        let core = SessionCore::import(
+            &snapshot,
+            |name| self.backends.get(name).map(|b| b.config.clone()),
+            now,
+        )
+        .map_err(|e| format!("session state: {e}"))?;
+        let backend = self.backends[&core.backend().name].clone();
+        if ack_kind(&backend.config.ack) != entry.ack {
+            return Err(format!(
+                "backend {:?} changed its ack mode ({} here, {} there)",
+                backend.config.name,
+                ack_kind(&backend.config.ack),
+                entry.ack
+            ));
+        }
+        let client = entry
+            .client
+            .wrap(client)
+            .map_err(|e| format!("client socket: {e}"))?;
+        let server = match (&entry.server, server) {
+            (Some(leg), Some(fd)) => Some((
+                crate::session::core::Generation(leg.gen),
+                leg.kind
+                    .wrap(fd)
+                    .map_err(|e| format!("server socket: {e}"))?,
+                bytes::BytesMut::from(&rbuf[..]),
+                leg.written,
+            )),
+            _ => None,
+        };
+        let ip = entry
+            .peer
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip());
+        let slot = ctx.admission().count(ip);
+        let session = SessionCtx {
+            backend,
+            listener: ctx.session.listener.clone(),
+            shared: self.shared.clone(),
+        };
+        let id = core.id();
+        let backend_name = core.backend().name.clone();
+        let start = async move {
+            // Only once the old process knows we took it.
+            go.wait_for(Option::is_some).await.ok().and_then(|g| *g) == Some(true)
+        };
+        // The session task is built only after the answer went out: the
+        // answer waits for the decoding above, not for this.
+        let (peer, close) = (entry.peer.clone(), ctx.close_sessions.clone());
+        let task_session = session.clone();
+        let make = move || -> RunFuture {
+            let restored = crate::session::driver::Restored {
+                client_eof: entry.client_eof,
+                age: std::time::Duration::from_millis(entry.age_ms),
+                legs: entry.legs,
+                replayed: entry.replayed,
+                server,
+            };
+            Box::pin(Driver::restored(core, client, peer, task_session, close, restored).run())
+        };
+        let run = SessionRun::TakenOver {
+            start: Box::pin(start),
+            make: Box::new(make),
+        };
+        spawn_session(&ctx, &session, id, backend_name, entry.peer, slot, run);
+        Ok(())
     }
 }
 
@@ -605,92 +726,18 @@ impl Running {
         }
     }
 
-    /// Prepares a session taken over from the old process: its sockets,
-    /// its core, its place under the limits. It starts on `go`.
-    fn import(
-        &self,
-        s: crate::handover::IncomingSession,
-        mut go: watch::Receiver<Option<bool>>,
-    ) -> Result<(), String> {
-        let crate::handover::IncomingSession {
-            entry,
-            snapshot,
-            rbuf,
-            client,
-            server,
-        } = s;
-        let Some(l) = self.listeners.iter().find(|l| l.name == entry.listener) else {
-            return Err(format!("no listener {:?} in this config", entry.listener));
-        };
-        let ctx = l.ctx.borrow().clone();
-        let now = tokio::time::Instant::now().into_std();
-        let core = SessionCore::import(
-            &snapshot,
-            |name| self.backends.get(name).map(|b| b.config.clone()),
-            now,
-        )
-        .map_err(|e| format!("session state: {e}"))?;
-        let backend = self.backends[&core.backend().name].clone();
-        if ack_kind(&backend.config.ack) != entry.ack {
-            return Err(format!(
-                "backend {:?} changed its ack mode ({} here, {} there)",
-                backend.config.name,
-                ack_kind(&backend.config.ack),
-                entry.ack
-            ));
-        }
-        let client = entry
-            .client
-            .wrap(client)
-            .map_err(|e| format!("client socket: {e}"))?;
-        let server = match (&entry.server, server) {
-            (Some(leg), Some(fd)) => Some((
-                crate::session::core::Generation(leg.gen),
-                leg.kind
-                    .wrap(fd)
-                    .map_err(|e| format!("server socket: {e}"))?,
-                bytes::BytesMut::from(&rbuf[..]),
-                leg.written,
-            )),
-            _ => None,
-        };
-        let ip = entry
-            .peer
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .map(|a| a.ip());
-        let slot = ctx.admission().count(ip);
-        let session = SessionCtx {
-            backend,
-            listener: ctx.session.listener.clone(),
+    /// What the hand-over's thread needs to take sessions over.
+    fn importer(&self) -> Importer {
+        Importer {
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.ctx.subscribe()))
+                .collect(),
+            backends: self.backends.clone(),
             shared: self.shared.clone(),
-        };
-        let id = core.id();
-        let backend_name = core.backend().name.clone();
-        let start = async move {
-            // Only once the old process knows we took it.
-            go.wait_for(Option::is_some).await.ok().and_then(|g| *g) == Some(true)
-        };
-        // The session task is built only after the answer went out: the
-        // answer waits for the decoding above, not for this.
-        let (peer, close) = (entry.peer.clone(), ctx.close_sessions.clone());
-        let task_session = session.clone();
-        let make = move || -> RunFuture {
-            let restored = crate::session::driver::Restored {
-                client_eof: entry.client_eof,
-                age: std::time::Duration::from_millis(entry.age_ms),
-                legs: entry.legs,
-                replayed: entry.replayed,
-                server,
-            };
-            Box::pin(Driver::restored(core, client, peer, task_session, close, restored).run())
-        };
-        let run = SessionRun::TakenOver {
-            start: Box::pin(start),
-            make: Box::new(make),
-        };
-        spawn_session(&ctx, &session, id, backend_name, entry.peer, slot, run);
-        Ok(())
+            runtime: tokio::runtime::Handle::current(),
+        }
     }
 
     /// Host failover, standby: runs a client connection taken over from the

@@ -504,7 +504,7 @@ impl Driver {
                 let _ = reply.send(Err(why));
                 false
             }
-            Ok(b) => reply.send(Ok(b)).is_ok() && verdict.await == Ok(true),
+            Ok(b) => reply.send(Ok(b)) && verdict.await == Ok(true),
         };
         if !taken {
             // Still ours: listen for close (or another export) again.

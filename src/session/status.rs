@@ -69,8 +69,32 @@ pub struct SessionStatus {
 }
 
 /// Where a session task answers a hand-over's request to export it: the
-/// exported session, or why it stays in this process.
-pub type ExportReply = tokio::sync::oneshot::Sender<Result<super::driver::Exported, &'static str>>;
+/// exported session, or why it stays in this process. The hand-over decides
+/// where the answer goes (its own thread's queue, not a task that the runtime
+/// must first schedule).
+pub struct ExportReply(
+    Box<dyn FnOnce(Result<super::driver::Exported, &'static str>) -> bool + Send>,
+);
+
+impl ExportReply {
+    pub fn new(
+        f: impl FnOnce(Result<super::driver::Exported, &'static str>) -> bool + Send + 'static,
+    ) -> ExportReply {
+        ExportReply(Box::new(f))
+    }
+
+    /// Answers; false when the hand-over is gone (the session then carries
+    /// on here: whatever it sent is dropped, and with it the verdict).
+    pub fn send(self, r: Result<super::driver::Exported, &'static str>) -> bool {
+        (self.0)(r)
+    }
+}
+
+impl std::fmt::Debug for ExportReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExportReply")
+    }
+}
 
 #[derive(Debug)]
 struct Handover {
