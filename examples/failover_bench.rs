@@ -15,7 +15,8 @@
 //! ```text
 //! cargo build --release --bin holdfast --example failover_bench
 //! sudo target/release/examples/failover_bench cpu [--mib 1024] [--rounds 3]
-//! sudo target/release/examples/failover_bench stall [--secs 20] [--every-ms 10] [--only direct,holdfast,active,criu]
+//! sudo target/release/examples/failover_bench stall [--secs 20] [--every-ms 10] [--rounds 1]
+//!     [--only direct,holdfast,active,criu]
 //! sudo target/release/examples/failover_bench takeover [--conns 1,100,1000] [--dead-ms 50]
 //! ```
 //!
@@ -60,6 +61,7 @@ fn main() {
             opt("--secs", "20").parse().expect("--secs"),
             opt("--every-ms", "10").parse().expect("--every-ms"),
             &opt("--only", ""),
+            opt("--rounds", "1").parse().expect("--rounds"),
         ),
         Some("takeover") => takeover(
             &opt("--conns", "1,100,1000"),
@@ -76,7 +78,7 @@ fn main() {
         _ => {
             eprintln!(
                 "usage: failover_bench cpu [--mib N] [--rounds N] \
-                 | stall [--secs S] [--every-ms MS] [--only direct,holdfast,active,criu] \
+                 | stall [--secs S] [--every-ms MS] [--rounds N] [--only direct,holdfast,active,criu] \
                  | takeover [--conns 1,100,1000] [--dead-ms MS] [--runs N]"
             );
             std::process::exit(2)
@@ -547,8 +549,9 @@ struct Dumps {
 /// plain server process, through holdfast, through an active holdfast that
 /// replicates to a standby, and straight from the plain process while
 /// `criu dump --tcp-established --leave-running` checkpoints it every
-/// `every_ms`. The client records the gaps between chunks.
-fn stall(secs: u64, every_ms: u64, only: &str) {
+/// `every_ms`. The client records the gaps between chunks. Rounds run the
+/// rows interleaved.
+fn stall(secs: u64, every_ms: u64, only: &str, rounds: usize) {
     let lab = lab("failover_bench stall");
     let dir = temp_dir(&lab);
     machine();
@@ -594,7 +597,10 @@ fn stall(secs: u64, every_ms: u64, only: &str) {
         .into_iter()
         .filter(|r| only.is_empty() || only.split(',').any(|o| ROW_KEYS.contains(&(o, *r))))
         .collect();
-    for row in rows {
+    for (round, row) in (0..rounds).flat_map(|r| rows.iter().map(move |row| (r, *row))) {
+        if rounds > 1 && row == rows[0] {
+            println!("round {round}");
+        }
         let proxy = match row {
             "holdfast" => Some(start_proxy(&lab, &dir, false, &backend, 1000)),
             "holdfast active+standby" => Some(start_proxy(&lab, &dir, true, &backend, 1000)),
@@ -778,10 +784,8 @@ struct Conn {
 /// `interval` and checks every answer in order. Then the active's host
 /// fails (both links cut, SIGKILL); the figures are the standby's own
 /// (detection, restore, claim, live) and, per connection, the time from the
-/// kill to the first answer after it.
+/// cut of the service link to the first answer after it.
 fn takeover(conns: &str, dead_ms: u64, runs: usize) {
-    let lab = lab("failover_bench takeover");
-    let dir = temp_dir(&lab);
     machine();
     println!("heartbeat 10 ms, dead_peer_timeout {dead_ms} ms, ack = \"response\", lines");
     let backend = Backend {
@@ -790,10 +794,14 @@ fn takeover(conns: &str, dead_ms: u64, runs: usize) {
     };
     for n in conns.split(',').map(|c| c.parse::<usize>().expect("--conns")) {
         for _ in 0..runs {
+            // Fresh hosts every run: the failed active stays cut off and the
+            // standby owns the service address.
+            let lab = lab("failover_bench takeover");
+            let dir = temp_dir(&lab);
             takeover_run(&lab, &dir, &backend, n, dead_ms);
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn takeover_run(lab: &Lab, dir: &Path, backend: &Backend, n: usize, dead_ms: u64) {
@@ -835,13 +843,17 @@ fn takeover_run(lab: &Lab, dir: &Path, backend: &Backend, n: usize, dead_ms: u64
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(300));
-    // The host fails.
+    // The host fails: its service link is cut (the moment that counts,
+    // "the failure": nothing it sends reaches the client after it), then its
+    // replication link, then it is killed.
+    let cut = Instant::now();
+    lab.cut("active", "eth0");
     let t0 = base.elapsed().as_nanos() as u64;
     let t0_wall = now_ns();
     killed_at.store(t0, Ordering::Relaxed);
-    lab.cut("active", "eth0");
     lab.cut("active", "eth1");
     proxy.main.kill();
+    let cut_took = cut.elapsed();
     let standby = proxy.standby.take().unwrap();
     standby.wait_log("failover: took over");
     std::thread::sleep(Duration::from_millis(2500));
@@ -869,7 +881,12 @@ fn takeover_run(lab: &Lab, dir: &Path, backend: &Backend, n: usize, dead_ms: u64
     };
     println!("--- {n} connections, one line each every {interval:?}");
     println!(
-        "standby: silence detected {} ms after the kill (silence_ms={}); took over {} ms after the kill; \
+        "failure: service link cut, replication link cut, SIGKILL: {} ms of commands \
+         (times below are from the service link's cut)",
+        ms(cut_took)
+    );
+    println!(
+        "standby: silence detected {} ms after the cut (silence_ms={}); took over {} ms after the cut; \
          restore {} us, claim + ARP {} us, leave repair + re-send {} us; sessions {}, failed {}",
         after(taking),
         field(taking, "silence_ms"),
@@ -896,7 +913,7 @@ fn takeover_run(lab: &Lab, dir: &Path, backend: &Backend, n: usize, dead_ms: u64
     } else {
         let k = firsts.len();
         println!(
-            "client: kill -> first answer after it, {k} of {n} connections: min {} p50 {} p90 {} p99 {} max {} ms",
+            "client: cut -> first answer after it, {k} of {n} connections: min {} p50 {} p90 {} p99 {} max {} ms",
             ms(pct(&mut firsts, 0.0)),
             ms(pct(&mut firsts, 0.5)),
             ms(pct(&mut firsts, 0.9)),
