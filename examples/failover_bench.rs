@@ -800,6 +800,11 @@ fn takeover(conns: &str, dead_ms: u64, runs: usize) {
             let dir = temp_dir(&lab);
             takeover_run(&lab, &dir, &backend, n, dead_ms);
             let _ = std::fs::remove_dir_all(&dir);
+            drop(lab);
+            // Deleting namespaces that held a thousand sockets keeps the
+            // kernel busy for a while after `ip netns del` returns; the next
+            // run waits, or its hosts compete with that clean-up.
+            std::thread::sleep(Duration::from_secs(5));
         }
     }
 }
@@ -846,12 +851,31 @@ fn takeover_run(lab: &Lab, dir: &Path, backend: &Backend, n: usize, dead_ms: u64
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // The replication link's backlog before the failure: what the active's
+    // kernel holds unacknowledged (Send-Q) and what the standby's kernel
+    // holds unread (Recv-Q), sampled with `ss` a few times.
+    let mut backlog = Vec::new();
+    for _ in 0..5 {
+        let q = |host: &str, dst: &str, col: usize| -> u64 {
+            lab.exec(host, &["ss", "-Htn", "dst", dst])
+                .split_whitespace()
+                .nth(col)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        backlog.push((q("active", "10.77.1.2", 2), q("standby", "10.77.1.1", 1)));
+        std::thread::sleep(Duration::from_millis(60));
+    }
     if early(&proxy) {
         // The active is alive: a false takeover (split brain), reported.
         let log = proxy.standby.as_ref().unwrap().log();
         let line = log.lines().find(|l| l.contains("taking over")).unwrap_or("");
         println!("--- {n} connections: FALSE TAKEOVER before any failure (the active alive): {line}");
+        if let Ok(keep) = std::env::var("KEEP_LOGS") {
+            for f in ["active.log", "standby.log"] {
+                let _ = std::fs::copy(dir.join(f), Path::new(&keep).join(f));
+            }
+        }
         stop.store(true, Ordering::Relaxed);
         let _ = client.join();
         return;
@@ -893,6 +917,11 @@ fn takeover_run(lab: &Lab, dir: &Path, backend: &Backend, n: usize, dead_ms: u64
         })
     };
     println!("--- {n} connections, one line each every {interval:?}");
+    println!(
+        "replication link before the failure (5 samples, bytes): active Send-Q {:?}, standby Recv-Q {:?}",
+        backlog.iter().map(|b| b.0).collect::<Vec<_>>(),
+        backlog.iter().map(|b| b.1).collect::<Vec<_>>()
+    );
     println!(
         "failure: service link cut, replication link cut, SIGKILL: {} ms of commands \
          (times below are from the service link's cut)",
