@@ -14,7 +14,7 @@
 //!
 //! ```text
 //! cargo build --release --bin holdfast --example failover_bench
-//! sudo target/release/examples/failover_bench cpu [--mib 1024] [--rounds 3]
+//! sudo target/release/examples/failover_bench cpu [--mib 1024] [--rounds 3] [--dead-ms 1000]
 //! sudo target/release/examples/failover_bench stall [--secs 20] [--every-ms 10] [--rounds 1]
 //!     [--only direct,holdfast,active,criu]
 //! sudo target/release/examples/failover_bench takeover [--conns 1,100,1000] [--dead-ms 50]
@@ -56,6 +56,7 @@ fn main() {
         Some("cpu") => cpu(
             opt("--mib", "1024").parse().expect("--mib"),
             opt("--rounds", "3").parse().expect("--rounds"),
+            opt("--dead-ms", "1000").parse().expect("--dead-ms"),
         ),
         Some("stall") => stall(
             opt("--secs", "20").parse().expect("--secs"),
@@ -77,7 +78,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: failover_bench cpu [--mib N] [--rounds N] \
+                "usage: failover_bench cpu [--mib N] [--rounds N] [--dead-ms MS] \
                  | stall [--secs S] [--every-ms MS] [--rounds N] [--only direct,holdfast,active,criu] \
                  | takeover [--conns 1,100,1000] [--dead-ms MS] [--runs N]"
             );
@@ -224,6 +225,17 @@ impl Proc {
         ticks as f64 / clk_tck()
     }
 
+    /// Peak resident memory of the process (VmHWM), MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -304,7 +316,7 @@ fn connect(addr: &str) -> TcpStream {
 /// server (`up`), with `ack = "tcp"`; plain and active+standby, rounds
 /// interleaved. Figures: throughput and CPU seconds per GiB of the active
 /// (the proxy) and of the standby.
-fn cpu(mib: u64, rounds: usize) {
+fn cpu(mib: u64, rounds: usize, dead_ms: u64) {
     let lab = lab("failover_bench cpu");
     let dir = temp_dir(&lab);
     machine();
@@ -313,17 +325,26 @@ fn cpu(mib: u64, rounds: usize) {
         ack: "tcp",
         framing: None,
     };
-    println!("bulk {mib} MiB per run, one connection, ack = \"tcp\", {rounds} rounds");
     println!(
-        "{:<5} {:<9} {:>5} {:>10} {:>14} {:>15}",
-        "dir", "proxy", "round", "MiB/s", "proxy CPU s/GiB", "standby CPU s/GiB"
+        "bulk {mib} MiB per run, one connection, ack = \"tcp\", {rounds} rounds, \
+         heartbeat 10 ms, dead_peer_timeout {dead_ms} ms"
+    );
+    println!(
+        "{:<5} {:<9} {:>5} {:>10} {:>14} {:>15} {:>13}",
+        "dir",
+        "proxy",
+        "round",
+        "MiB/s",
+        "proxy CPU s/GiB",
+        "standby CPU s/GiB",
+        "proxy peak RSS MiB"
     );
     let mut sums: std::collections::BTreeMap<(String, String), Vec<(f64, f64, f64)>> =
         Default::default();
     for dirn in ["down", "up"] {
         for round in 0..rounds {
             for failover in [false, true] {
-                let proxy = start_proxy(&lab, &dir, failover, &backend, 1000);
+                let proxy = start_proxy(&lab, &dir, failover, &backend, dead_ms);
                 let up = dirn == "up";
                 let server = lab.spawn("server", move || bulk_server(bytes, up));
                 std::thread::sleep(Duration::from_millis(50));
@@ -339,13 +360,39 @@ fn cpu(mib: u64, rounds: usize) {
                     proxy.main.cpu(),
                     proxy.standby.as_ref().map_or(0.0, Proc::cpu),
                 );
+                let rss = proxy.main.peak_rss_mib();
+                let name = if failover { "active" } else { "plain" };
+                if let Some(s) = proxy.standby.as_ref().filter(|s| s.log().contains("taking over")) {
+                    let log = s.log();
+                    let line = log.lines().find(|l| l.contains("taking over")).unwrap_or("");
+                    println!(
+                        "{dirn:<5} {name:<9} {round:>5} FALSE TAKEOVER during the transfer (the active \
+                         alive, peak RSS {rss:.0} MiB): {line}"
+                    );
+                    if let Ok(keep) = std::env::var("KEEP_LOGS") {
+                        for f in ["active.log", "standby.log"] {
+                            let _ = std::fs::copy(dir.join(f), Path::new(&keep).join(f));
+                        }
+                    }
+                    drop(proxy);
+                    let _ = server.join();
+                    // Give the service address back to the active's host.
+                    let _ = lab.exec("standby", &["ip", "addr", "del", "10.77.0.100/24", "dev", "eth0"]);
+                    let _ = lab.exec("client", &["ip", "neigh", "flush", "all"]);
+                    continue;
+                }
+                let Ok(elapsed) = elapsed else {
+                    println!("{dirn:<5} {name:<9} {round:>5} transfer failed: {elapsed:?}");
+                    drop(proxy);
+                    let _ = server.join();
+                    continue;
+                };
                 server.join().expect("server");
                 let gib = bytes as f64 / GIB;
                 let rate = bytes as f64 / (1u64 << 20) as f64 / elapsed.as_secs_f64();
                 let (pc, sc) = ((c1 - c0) / gib, (s1 - s0) / gib);
-                let name = if failover { "active" } else { "plain" };
                 println!(
-                    "{dirn:<5} {name:<9} {round:>5} {rate:>10.0} {pc:>14.3} {:>15}",
+                    "{dirn:<5} {name:<9} {round:>5} {rate:>10.0} {pc:>14.3} {:>15} {rss:>13.0}",
                     if failover {
                         format!("{sc:.3}")
                     } else {
@@ -381,49 +428,60 @@ fn cpu(mib: u64, rounds: usize) {
 fn bulk_server(bytes: u64, up: bool) {
     let l = TcpListener::bind(SERVER).expect("bind server");
     let (mut s, _) = l.accept().expect("accept");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
     let mut buf = vec![0u8; 256 << 10];
     if up {
         let mut got = 0u64;
         while got < bytes {
-            let n = s.read(&mut buf).expect("server read");
-            assert!(n > 0, "server: EOF after {got} bytes");
-            got += n as u64;
+            match s.read(&mut buf) {
+                Ok(n) if n > 0 => got += n as u64,
+                _ => return,
+            }
         }
-        s.write_all(b"k").expect("server ack byte");
+        let _ = s.write_all(b"k");
     } else {
         let mut left = bytes;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
-            s.write_all(&buf[..n]).expect("server write");
+            if s.write_all(&buf[..n]).is_err() {
+                return;
+            }
             left -= n as u64;
         }
     }
     let _ = s.read(&mut buf);
 }
 
-fn bulk_client(bytes: u64, up: bool) -> Duration {
+/// The transfer's duration, or what stopped it (a stall of 10 s included).
+fn bulk_client(bytes: u64, up: bool) -> Result<Duration, String> {
     let mut c = connect(SERVICE);
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = vec![0u8; 256 << 10];
     let t = Instant::now();
+    let mut done = 0u64;
     if up {
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            c.write_all(&buf[..n]).expect("client write");
-            left -= n as u64;
+        while done < bytes {
+            let n = (bytes - done).min(buf.len() as u64) as usize;
+            c.write_all(&buf[..n])
+                .map_err(|e| format!("write after {done} bytes: {e}"))?;
+            done += n as u64;
         }
-        c.read_exact(&mut buf[..1]).expect("server's ack byte");
+        c.read_exact(&mut buf[..1])
+            .map_err(|e| format!("the server's answer: {e}"))?;
     } else {
-        let mut got = 0u64;
-        while got < bytes {
-            let n = c.read(&mut buf).expect("client read");
-            assert!(n > 0, "client: EOF after {got} bytes");
-            got += n as u64;
+        while done < bytes {
+            match c.read(&mut buf) {
+                Ok(0) => return Err(format!("EOF after {done} bytes")),
+                Ok(n) => done += n as u64,
+                Err(e) => return Err(format!("read after {done} bytes: {e}")),
+            }
         }
     }
     let e = t.elapsed();
     let _ = c.shutdown(Shutdown::Both);
-    e
+    Ok(e)
 }
 
 // ------------------------------------------------------ stall
