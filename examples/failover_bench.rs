@@ -293,7 +293,10 @@ fn machine() {
     println!(
         "machine: {cpus} CPUs, kernel {}, load average {}",
         kernel.trim(),
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 }
 
@@ -339,8 +342,7 @@ fn cpu(mib: u64, rounds: usize, dead_ms: u64) {
         "standby CPU s/GiB",
         "proxy peak RSS MiB"
     );
-    let mut sums: std::collections::BTreeMap<(String, String), Vec<(f64, f64, f64)>> =
-        Default::default();
+    let mut sums: std::collections::BTreeMap<(String, String), Vec<Figures>> = Default::default();
     for dirn in ["down", "up"] {
         for round in 0..rounds {
             for failover in [false, true] {
@@ -362,9 +364,16 @@ fn cpu(mib: u64, rounds: usize, dead_ms: u64) {
                 );
                 let rss = proxy.main.peak_rss_mib();
                 let name = if failover { "active" } else { "plain" };
-                if let Some(s) = proxy.standby.as_ref().filter(|s| s.log().contains("taking over")) {
+                if let Some(s) = proxy
+                    .standby
+                    .as_ref()
+                    .filter(|s| s.log().contains("taking over"))
+                {
                     let log = s.log();
-                    let line = log.lines().find(|l| l.contains("taking over")).unwrap_or("");
+                    let line = log
+                        .lines()
+                        .find(|l| l.contains("taking over"))
+                        .unwrap_or("");
                     println!(
                         "{dirn:<5} {name:<9} {round:>5} FALSE TAKEOVER during the transfer (the active \
                          alive, peak RSS {rss:.0} MiB): {line}"
@@ -377,7 +386,10 @@ fn cpu(mib: u64, rounds: usize, dead_ms: u64) {
                     drop(proxy);
                     let _ = server.join();
                     // Give the service address back to the active's host.
-                    let _ = lab.exec("standby", &["ip", "addr", "del", "10.77.0.100/24", "dev", "eth0"]);
+                    let _ = lab.exec(
+                        "standby",
+                        &["ip", "addr", "del", "10.77.0.100/24", "dev", "eth0"],
+                    );
                     let _ = lab.exec("client", &["ip", "neigh", "flush", "all"]);
                     continue;
                 }
@@ -408,7 +420,7 @@ fn cpu(mib: u64, rounds: usize, dead_ms: u64) {
     }
     println!("median over rounds:");
     for ((dirn, name), v) in sums {
-        let med = |f: fn(&(f64, f64, f64)) -> f64| {
+        let med = |f: fn(&Figures) -> f64| {
             let mut x: Vec<f64> = v.iter().map(f).collect();
             x.sort_by(f64::total_cmp);
             x[x.len() / 2]
@@ -422,6 +434,9 @@ fn cpu(mib: u64, rounds: usize, dead_ms: u64) {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Throughput (MiB/s), proxy CPU s/GiB, standby CPU s/GiB of one run.
+type Figures = (f64, f64, f64);
 
 /// One connection: `up`, read `bytes` and answer one byte; else write
 /// `bytes`, then wait for the client's EOF.
@@ -637,17 +652,15 @@ fn stall(secs: u64, every_ms: u64, only: &str, rounds: usize) {
     );
     println!(
         "{:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
-        "row",
-        "chunks",
-        "gap p50",
-        "gap p99",
-        "gap p999",
-        "gap max",
-        "late p99",
-        "late max"
+        "row", "chunks", "gap p50", "gap p99", "gap p999", "gap max", "late p99", "late max"
     );
     let rows: Vec<&str> = if criu.is_some() {
-        vec!["direct", "holdfast", "holdfast active+standby", "direct + criu dump"]
+        vec![
+            "direct",
+            "holdfast",
+            "holdfast active+standby",
+            "direct + criu dump",
+        ]
     } else {
         vec!["direct", "holdfast", "holdfast active+standby"]
     };
@@ -746,7 +759,7 @@ fn report_stream(row: &str, mut s: Seen) {
         .filter(|(_, g)| *g > Duration::from_millis(5))
         .collect();
     let n_long = long.len();
-    long.sort_by(|a, b| b.1.cmp(&a.1));
+    long.sort_by_key(|g| std::cmp::Reverse(g.1));
     let worst: Vec<String> = long
         .iter()
         .take(4)
@@ -850,7 +863,10 @@ fn takeover(conns: &str, dead_ms: u64, runs: usize) {
         ack: "response",
         framing: Some("lines"),
     };
-    for n in conns.split(',').map(|c| c.parse::<usize>().expect("--conns")) {
+    for n in conns
+        .split(',')
+        .map(|c| c.parse::<usize>().expect("--conns"))
+    {
         for _ in 0..runs {
             // Fresh hosts every run: the failed active stays cut off and the
             // standby owns the service address.
@@ -890,9 +906,7 @@ fn takeover_run(lab: &Lab, dir: &Path, backend: &Backend, n: usize, dead_ms: u64
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(takeover_clients(
-                state, interval, base, killed_at, stop, n,
-            ))
+            rt.block_on(takeover_clients(state, interval, base, killed_at, stop, n))
         })
     };
     // Every connection answered for a while.
@@ -927,8 +941,13 @@ fn takeover_run(lab: &Lab, dir: &Path, backend: &Backend, n: usize, dead_ms: u64
     if early(&proxy) {
         // The active is alive: a false takeover (split brain), reported.
         let log = proxy.standby.as_ref().unwrap().log();
-        let line = log.lines().find(|l| l.contains("taking over")).unwrap_or("");
-        println!("--- {n} connections: FALSE TAKEOVER before any failure (the active alive): {line}");
+        let line = log
+            .lines()
+            .find(|l| l.contains("taking over"))
+            .unwrap_or("");
+        println!(
+            "--- {n} connections: FALSE TAKEOVER before any failure (the active alive): {line}"
+        );
         if let Ok(keep) = std::env::var("KEEP_LOGS") {
             for f in ["active.log", "standby.log"] {
                 let _ = std::fs::copy(dir.join(f), Path::new(&keep).join(f));
