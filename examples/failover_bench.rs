@@ -21,9 +21,16 @@
 //! ```
 //!
 //! `stall` runs the CRIU row with `criu` from PATH, or the binary named by
-//! `CRIU=`; when neither exists it says so and skips that row. The holdfast
-//! binary is the one beside this example (`target/release/holdfast`), or
-//! `HOLDFAST=`.
+//! `CRIU=`; when neither exists it says so and skips that row. On a shared
+//! machine, run it under `chrt -f 10` (every process it starts inherits the
+//! priority) to keep other work's scheduling noise out of the gaps. The
+//! holdfast binary is the one beside this example
+//! (`target/release/holdfast`), or `HOLDFAST=`.
+//!
+//! A standby that takes over while the active is alive (its link silent for
+//! `dead_peer_timeout`, under load) is reported as a false takeover, with
+//! the logs copied to the directory `KEEP_LOGS=` names, if set. The figures
+//! and what they mean are in docs/benchmarks.md ("Host failover").
 
 #[path = "../tests/netlab/mod.rs"]
 mod netlab;
