@@ -13,12 +13,26 @@
 //! client is queued first, but nothing waits for the standby to have it.
 //! The delay between the two is part of the residual gap (docs/failover.md).
 //!
+//! Bounded: the records queued and not yet written to the link count
+//! against [`BACKLOG_LIMIT`]; over it, sessions stop reading (their client
+//! and their server) until the link catches up ([`Replicator::poll_room`]),
+//! so a session never runs further ahead of its standby than that, and
+//! memory stays bounded when the link is slower than the proxy. Each write
+//! to the link carries at most [`WRITE_BATCH`] bytes, so heartbeats are
+//! never queued behind an unbounded batch. While the link is down records
+//! only update the shadow and nothing waits.
+//!
 //! Owns the link's lifecycle; what to replicate and when is the session's.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::Record;
@@ -32,10 +46,71 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Longest a connect plus handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Most bytes of records queued for the link and not yet written; over
+/// it, sessions wait before reading more.
+pub const BACKLOG_LIMIT: u64 = 4 << 20;
+/// Most bytes one write to the link carries.
+pub const WRITE_BATCH: usize = 256 << 10;
+
 /// Hands records to the replication task.
 #[derive(Debug, Clone)]
 pub struct Replicator {
     tx: mpsc::UnboundedSender<Record>,
+    backlog: Arc<Backlog>,
+}
+
+/// Bytes queued for the link, and the sessions waiting for room.
+#[derive(Debug, Default)]
+struct Backlog {
+    bytes: AtomicU64,
+    room: Arc<Notify>,
+    /// The task ended: nothing is written any more, and nobody waits.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Backlog {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.room.notify_waiters();
+    }
+
+    fn has_room(&self) -> bool {
+        self.bytes.load(Ordering::Acquire) < BACKLOG_LIMIT || self.closed.load(Ordering::Acquire)
+    }
+
+    /// The task took `n` bytes of records off the queue (written, or only
+    /// absorbed while the link is down): wakes the sessions waiting once
+    /// the backlog is under the limit again.
+    fn taken(&self, n: u64) {
+        let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        if before >= BACKLOG_LIMIT && before - n < BACKLOG_LIMIT {
+            self.room.notify_waiters();
+        }
+    }
+}
+
+/// What a record costs against the backlog: its data, plus a little for
+/// the record itself (so that many small ones count too).
+fn cost(r: &Record) -> u64 {
+    let data = match r {
+        Record::Read { data, .. } | Record::Written { data, .. } => data.len() as u64,
+        _ => 0,
+    };
+    data + 32
+}
+
+/// A session's wait for room in the backlog ([`Replicator::poll_room`]).
+#[derive(Default)]
+pub struct RoomWait(Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>);
+
+impl std::fmt::Debug for RoomWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "RoomWait(waiting)"
+        } else {
+            "RoomWait"
+        })
+    }
 }
 
 impl Replicator {
@@ -49,14 +124,55 @@ impl Replicator {
         shutdown: CancellationToken,
     ) -> (Replicator, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(peer, key, heartbeat, rx, shutdown));
-        (Replicator { tx }, task)
+        let backlog = Arc::new(Backlog::default());
+        let task = {
+            let backlog = backlog.clone();
+            tokio::spawn(async move {
+                run(peer, key, heartbeat, rx, backlog.clone(), shutdown).await;
+                backlog.close();
+            })
+        };
+        (Replicator { tx, backlog }, task)
     }
 
     /// Queues one record. Never blocks; a record sent after the task ended
     /// is dropped.
     pub fn send(&self, r: Record) {
-        let _ = self.tx.send(r);
+        let n = cost(&r);
+        self.backlog.bytes.fetch_add(n, Ordering::AcqRel);
+        if self.tx.send(r).is_err() {
+            self.backlog.taken(n);
+        }
+    }
+
+    /// Bytes of records queued and not yet written to the link.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.bytes.load(Ordering::Acquire)
+    }
+
+    /// Ready when the backlog is under [`BACKLOG_LIMIT`]; otherwise `cx` is
+    /// woken once the link has caught up. `wait` is the caller's own.
+    pub fn poll_room(&self, wait: &mut RoomWait, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.backlog.has_room() {
+                wait.0 = None;
+                return Poll::Ready(());
+            }
+            let fut = wait
+                .0
+                .get_or_insert_with(|| Box::pin(self.backlog.room.clone().notified_owned()));
+            // Registered before the second look: a wake-up in between is
+            // not lost.
+            fut.as_mut().enable();
+            if self.backlog.has_room() {
+                wait.0 = None;
+                return Poll::Ready(());
+            }
+            match fut.as_mut().poll(cx) {
+                Poll::Ready(()) => wait.0 = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -65,6 +181,7 @@ async fn run(
     key: Secret,
     heartbeat: Duration,
     mut rx: mpsc::UnboundedReceiver<Record>,
+    backlog: Arc<Backlog>,
     shutdown: CancellationToken,
 ) {
     let mut shadow = Mirror::new();
@@ -84,7 +201,7 @@ async fn run(
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(peer = %peer, error = %e, "replication link: cannot connect");
-                if !wait_and_absorb(&mut rx, &mut shadow, retry, &shutdown).await {
+                if !wait_and_absorb(&mut rx, &mut shadow, &backlog, retry, &shutdown).await {
                     return;
                 }
                 retry = (retry * 2).min(RETRY_MAX);
@@ -92,7 +209,7 @@ async fn run(
             }
             Err(_) => {
                 tracing::warn!(peer = %peer, "replication link: connect timed out");
-                if !wait_and_absorb(&mut rx, &mut shadow, retry, &shutdown).await {
+                if !wait_and_absorb(&mut rx, &mut shadow, &backlog, retry, &shutdown).await {
                     return;
                 }
                 retry = (retry * 2).min(RETRY_MAX);
@@ -109,7 +226,7 @@ async fn run(
                 w.push(&r);
             }
         }
-        match serve(&mut w, &mut rx, &mut shadow, heartbeat, &shutdown).await {
+        match serve(&mut w, &mut rx, &mut shadow, &backlog, heartbeat, &shutdown).await {
             Ok(()) => return,
             Err(e) => tracing::warn!(peer = %peer, error = %e, "replication link down"),
         }
@@ -129,6 +246,7 @@ fn absorb(shadow: &mut Mirror, r: &Record) {
 async fn wait_and_absorb(
     rx: &mut mpsc::UnboundedReceiver<Record>,
     shadow: &mut Mirror,
+    backlog: &Backlog,
     delay: Duration,
     shutdown: &CancellationToken,
 ) -> bool {
@@ -139,7 +257,10 @@ async fn wait_and_absorb(
             _ = &mut sleep => return true,
             _ = shutdown.cancelled() => return false,
             r = rx.recv() => match r {
-                Some(r) => absorb(shadow, &r),
+                Some(r) => {
+                    absorb(shadow, &r);
+                    backlog.taken(cost(&r));
+                }
                 None => return false,
             },
         }
@@ -152,6 +273,7 @@ async fn serve(
     w: &mut RecordWriter<TcpStream>,
     rx: &mut mpsc::UnboundedReceiver<Record>,
     shadow: &mut Mirror,
+    backlog: &Backlog,
     heartbeat: Duration,
     shutdown: &CancellationToken,
 ) -> Result<(), LinkError> {
@@ -163,14 +285,22 @@ async fn serve(
         tokio::select! {
             r = rx.recv() => {
                 let Some(r) = r else { return Ok(()) };
+                let mut taken = cost(&r);
                 absorb(shadow, &r);
                 w.push(&r);
-                // Whatever else is queued goes in the same write.
-                while let Ok(r) = rx.try_recv() {
+                // Whatever else is queued goes in the same write, up to
+                // WRITE_BATCH: a heartbeat never waits behind more.
+                while w.buffered() < WRITE_BATCH {
+                    let Ok(r) = rx.try_recv() else { break };
+                    taken += cost(&r);
                     absorb(shadow, &r);
                     w.push(&r);
                 }
-                w.flush().await?;
+                let flushed = w.flush().await;
+                // Written, or (link broken) in the shadow, which a
+                // reconnect sends again: off the backlog either way.
+                backlog.taken(taken);
+                flushed?;
             }
             _ = tick.tick() => {
                 seq += 1;
@@ -279,5 +409,66 @@ mod tests {
 
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    /// Polls `rep.poll_room` once.
+    async fn has_room(rep: &Replicator, wait: &mut RoomWait) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(rep.poll_room(wait, cx).is_ready())).await
+    }
+
+    #[tokio::test]
+    async fn a_stalled_link_holds_sessions_back_until_it_catches_up() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = l.local_addr().unwrap().to_string();
+        let shutdown = CancellationToken::new();
+        let (rep, task) = Replicator::spawn(
+            peer,
+            Secret(KEY.into()),
+            Duration::from_millis(20),
+            shutdown.clone(),
+        );
+        let (mut s, _) = l.accept().await.unwrap();
+        link::handshake_standby(&mut s, KEY).await.unwrap();
+        // The standby reads nothing: the link's socket buffers fill, then
+        // the backlog.
+        let a = SessionId(1);
+        rep.send(session(a));
+        let chunk = Bytes::from(vec![7u8; 64 << 10]);
+        let mut offset = 0u64;
+        let mut wait = RoomWait::default();
+        while has_room(&rep, &mut wait).await {
+            assert!(offset < 1 << 30, "the backlog never filled");
+            rep.send(Record::Read {
+                id: a,
+                offset,
+                data: chunk.clone(),
+            });
+            offset += chunk.len() as u64;
+            tokio::task::yield_now().await;
+        }
+        assert!(rep.backlog() >= BACKLOG_LIMIT);
+        // The standby reads again: the waiting session is woken.
+        let reader = tokio::spawn(async move {
+            let mut r = RecordReader::new(s);
+            while let Ok(Some(_)) = r.next().await {}
+        });
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            std::future::poll_fn(|cx| rep.poll_room(&mut wait, cx)),
+        )
+        .await
+        .expect("woken once the link caught up");
+        assert!(rep.backlog() < BACKLOG_LIMIT);
+        shutdown.cancel();
+        task.await.unwrap();
+        // The link closed with the task.
+        reader.await.unwrap();
+        // After the task ended nobody waits.
+        rep.send(Record::Read {
+            id: a,
+            offset,
+            data: chunk.clone(),
+        });
+        assert!(has_room(&rep, &mut wait).await);
     }
 }

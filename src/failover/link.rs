@@ -175,6 +175,11 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
         }
     }
 
+    /// Bytes queued and not yet flushed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Queues one record. `Read` and `Written` data longer than
     /// [`MAX_DATA`] is split into several records; empty data is skipped.
     pub fn push(&mut self, r: &Record) {

@@ -19,7 +19,8 @@
 //!   it moved;
 //! - [`Tap::closed`]: the session ended (or was handed over).
 //!
-//! Every record goes to the [`Replicator`], which never blocks.
+//! Every record goes to the [`Replicator`], which never blocks; the
+//! driver reads nothing more while its backlog is full ([`Tap::poll_room`]).
 
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
@@ -46,6 +47,8 @@ pub struct Tap {
     synced: u64,
     /// Down offset last replicated as `ClientAcked`.
     client_acked: u64,
+    /// Waiting for room in the replication backlog.
+    room: super::active::RoomWait,
 }
 
 impl Tap {
@@ -76,7 +79,16 @@ impl Tap {
             server_acked: 0,
             synced: 0,
             client_acked: 0,
+            room: Default::default(),
         })
+    }
+
+    /// Ready when the replication link has room for more
+    /// ([`Replicator::poll_room`]): the driver reads neither its client nor
+    /// its server until then, so the session stays within
+    /// [`BACKLOG_LIMIT`](super::active::BACKLOG_LIMIT) of its standby.
+    pub fn poll_room(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.replicator.poll_room(&mut self.room, cx)
     }
 
     /// Client bytes read, from up offset `offset`.

@@ -954,8 +954,18 @@ impl Driver {
         progress
     }
 
+    /// Host failover, active: false (and `cx` woken later) while the
+    /// replication link is behind by its whole backlog: nothing more is read
+    /// until the standby catches up.
+    fn replication_room(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.tap {
+            Some(tap) => tap.poll_room(cx).is_ready(),
+            None => true,
+        }
+    }
+
     fn poll_read_client(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.core.want_read_client() {
+        if !self.core.want_read_client() || !self.replication_room(cx) {
             return false;
         }
         if self.shared.buffer_used.load(Ordering::Relaxed) >= self.shared.buffer_limit() {
@@ -1010,7 +1020,7 @@ impl Driver {
     }
 
     fn poll_read_server(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.core.want_read_server() {
+        if !self.core.want_read_server() || !self.replication_room(cx) {
             return false;
         }
         let Some(server) = self.server.as_mut() else {
