@@ -189,10 +189,14 @@ ack = "tcp"
     let stop = Arc::new(AtomicBool::new(false));
     let upgrading = Arc::new(AtomicBool::new(false));
     let worst_gap_us = Arc::new(AtomicU64::new(0));
+    // The same clients' worst gap over as long a time with no upgrade.
+    let baseline = Arc::new(AtomicBool::new(false));
+    let worst_base_us = Arc::new(AtomicU64::new(0));
     let mut busy = Vec::new();
     for id in 0..o.busy {
         let mut c = TcpStream::connect(&addr)?;
         let (stop, upgrading, worst) = (stop.clone(), upgrading.clone(), worst_gap_us.clone());
+        let (baseline, worst_base) = (baseline.clone(), worst_base_us.clone());
         busy.push(thread::spawn(move || -> anyhow::Result<u64> {
             let mut n = 0u64;
             let mut last = Instant::now();
@@ -205,6 +209,9 @@ ack = "tcp"
                 if upgrading.load(Ordering::Relaxed) {
                     worst.fetch_max(gap, Ordering::Relaxed);
                 }
+                if baseline.load(Ordering::Relaxed) {
+                    worst_base.fetch_max(gap, Ordering::Relaxed);
+                }
                 last = Instant::now();
                 n += 1;
             }
@@ -212,11 +219,18 @@ ack = "tcp"
         }));
     }
 
-    println!("| round | sessions | total ms | pause p50 µs | pause p99 µs | pause max µs | client worst gap µs |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| round | sessions | total ms | pause p50 µs | pause p99 µs | pause max µs | client worst gap µs | same, no upgrade µs |");
+    println!("|---|---|---|---|---|---|---|---|");
     for round in 0..o.rounds {
-        thread::sleep(Duration::from_millis(300));
+        thread::sleep(Duration::from_millis(100));
+        let quiet = Instant::now();
+        worst_base_us.store(0, Ordering::Relaxed);
+        baseline.store(true, Ordering::Relaxed);
+        thread::sleep(Duration::from_millis(200));
+        baseline.store(false, Ordering::Relaxed);
+        let quiet = quiet.elapsed();
         worst_gap_us.store(0, Ordering::Relaxed);
+        let upgrade = Instant::now();
         upgrading.store(true, Ordering::Relaxed);
         let old = pid;
         // SAFETY: kill(2) with a pid we started (or that our child started).
@@ -233,9 +247,18 @@ ack = "tcp"
         })?;
         thread::sleep(Duration::from_millis(100));
         upgrading.store(false, Ordering::Relaxed);
+        let upgrade = upgrade.elapsed();
+        // A baseline as long as the upgrade's window (at least the 200 ms
+        // above).
+        if upgrade > quiet {
+            worst_base_us.store(0, Ordering::Relaxed);
+            baseline.store(true, Ordering::Relaxed);
+            thread::sleep(upgrade);
+            baseline.store(false, Ordering::Relaxed);
+        }
         let f = |k: &str| field(&done, k).unwrap_or_default();
         println!(
-            "| {round} | {} | {:.1} | {} | {} | {} | {} |",
+            "| {round} | {} | {:.1} | {} | {} | {} | {} | {} |",
             f("sessions"),
             f("total_ms").parse::<f64>().unwrap_or(0.0),
             f("pause_p50_us"),
@@ -243,6 +266,11 @@ ack = "tcp"
             f("pause_max_us"),
             if o.busy > 0 {
                 worst_gap_us.load(Ordering::Relaxed).to_string()
+            } else {
+                "-".into()
+            },
+            if o.busy > 0 {
+                worst_base_us.load(Ordering::Relaxed).to_string()
             } else {
                 "-".into()
             }

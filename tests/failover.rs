@@ -914,11 +914,124 @@ fn holdfast_processes_close_a_session_across_a_gap() {
     e2e(Mode::Gap);
 }
 
+/// The issue's own test: a client that nobody on the team wrote. An
+/// unmodified `socat` holds the client's TCP connection (its standard input
+/// and output are pipes this test writes lines to and reads answers from);
+/// the host of the active holdfast fails mid-stream, and every answer
+/// arrives exactly once, in order, and socat ends normally (a reset would
+/// make it exit with an error).
+#[test]
+fn an_unmodified_socat_client_keeps_its_connection_through_a_host_failure() {
+    let name = "an_unmodified_socat_client_keeps_its_connection_through_a_host_failure";
+    if std::process::Command::new("socat")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("HOLDFAST_REQUIRE_NETNS").as_deref() != Ok("1"),
+            "{name}: socat is required (scripts/install-test-deps.sh installs it)"
+        );
+        eprintln!("SKIP {name}: socat not installed");
+        return;
+    }
+    e2e_with(name, Mode::Exact, true);
+}
+
 fn e2e(mode: Mode) {
     let name = match mode {
         Mode::Exact => "holdfast_processes_fail_over_with_ack_response",
         Mode::Gap => "holdfast_processes_close_a_session_across_a_gap",
     };
+    e2e_with(name, mode, false);
+}
+
+/// Lines through `w`, answers from `r`: 500 answered, then a pause
+/// (`paused`) until `go`, then 500 more, every answer checked in order.
+fn exchange(
+    w: &mut impl Write,
+    r: &mut impl Read,
+    paused: &mpsc::Sender<()>,
+    go: &mpsc::Receiver<()>,
+) -> Result<u64, String> {
+    let total = E2E_BEFORE + E2E_AFTER;
+    let (mut sent, mut got) = (0u64, 0u64);
+    let mut buf = [0u8; LINE];
+    while got < total {
+        let limit = if got < E2E_BEFORE { E2E_BEFORE } else { total };
+        while sent < limit && sent < got + AHEAD {
+            w.write_all(&line(sent))
+                .and_then(|()| w.flush())
+                .map_err(|e| format!("write {sent}: {e}"))?;
+            sent += 1;
+        }
+        r.read_exact(&mut buf)
+            .map_err(|e| format!("answer {got}: {e}"))?;
+        if buf != line(got) {
+            return Err(format!("answer {got}: {:?}", String::from_utf8_lossy(&buf)));
+        }
+        got += 1;
+        if got == E2E_BEFORE {
+            paused.send(()).unwrap();
+            go.recv().map_err(|_| "no go".to_string())?;
+        }
+    }
+    Ok(got)
+}
+
+/// The client side when it is `socat` in the client host: its pipes carry
+/// the exchange; then its input ends (socat half-closes the connection),
+/// nothing more may arrive, and socat must exit 0.
+fn socat_client(
+    lab: &Lab,
+    paused: mpsc::Sender<()>,
+    go: mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("client"), "socat", "-t", "5"])
+        .arg("STDIO")
+        .arg(format!("TCP:{SERVICE}:{PORT},nodelay"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn socat");
+    // Pipes have no read timeout: a stalled connection ends socat instead.
+    let (done, watchdog) = mpsc::channel::<()>();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        if watchdog.recv_timeout(4 * IO_TIMEOUT) == Err(mpsc::RecvTimeoutError::Timeout) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    });
+    std::thread::spawn(move || {
+        let mut w = child.stdin.take().expect("stdin");
+        let mut r = child.stdout.take().expect("stdout");
+        let res = exchange(&mut w, &mut r, &paused, &go);
+        drop(w);
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest);
+        let out = child.wait_with_output().expect("socat exit");
+        let _ = done.send(());
+        let got = res?;
+        if !rest.is_empty() {
+            return Err(format!("{} bytes after the last answer", rest.len()));
+        }
+        if !out.status.success() {
+            return Err(format!(
+                "socat: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(got)
+    })
+}
+
+fn e2e_with(name: &str, mode: Mode, socat: bool) {
     let Some(mut lab) = Lab::new(name) else {
         return;
     };
@@ -992,42 +1105,26 @@ fn e2e(mode: Mode) {
 
     let (paused_tx, paused_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
-    let client = lab.spawn("client", move || {
-        if mode == Mode::Gap {
-            return gap_e2e_client(paused_tx, go_rx);
-        }
-        let mut c = TcpStream::connect((SERVICE, PORT)).expect("connect");
-        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        c.set_nodelay(true).unwrap();
-        let total = E2E_BEFORE + E2E_AFTER;
-        let (mut sent, mut got) = (0u64, 0u64);
-        let mut buf = [0u8; LINE];
-        while got < total {
-            let limit = if got < E2E_BEFORE { E2E_BEFORE } else { total };
-            while sent < limit && sent < got + AHEAD {
-                c.write_all(&line(sent))
-                    .map_err(|e| format!("write {sent}: {e}"))?;
-                sent += 1;
+    let client = if socat {
+        socat_client(&lab, paused_tx, go_rx)
+    } else {
+        lab.spawn("client", move || {
+            if mode == Mode::Gap {
+                return gap_e2e_client(paused_tx, go_rx);
             }
-            c.read_exact(&mut buf)
-                .map_err(|e| format!("answer {got}: {e}"))?;
-            if buf != line(got) {
-                return Err(format!("answer {got}: {:?}", String::from_utf8_lossy(&buf)));
+            let mut c = TcpStream::connect((SERVICE, PORT)).expect("connect");
+            c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            c.set_nodelay(true).unwrap();
+            let got = exchange(&mut &c, &mut &c, &paused_tx, &go_rx)?;
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).map_err(|e| format!("eof: {e}"))?;
+            if !rest.is_empty() {
+                return Err(format!("{} bytes after the last answer", rest.len()));
             }
-            got += 1;
-            if got == E2E_BEFORE {
-                paused_tx.send(()).unwrap();
-                go_rx.recv().map_err(|_| "no go".to_string())?;
-            }
-        }
-        c.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut rest = Vec::new();
-        c.read_to_end(&mut rest).map_err(|e| format!("eof: {e}"))?;
-        if !rest.is_empty() {
-            return Err(format!("{} bytes after the last answer", rest.len()));
-        }
-        Ok::<u64, String>(got)
-    });
+            Ok::<u64, String>(got)
+        })
+    };
     paused_rx.recv_timeout(IO_TIMEOUT).expect("client paused");
     // Every answer was replicated before it was written; wait until the
     // standby's kernel acknowledged everything on the replication link.
