@@ -47,6 +47,7 @@ pub mod framing;
 pub mod handover;
 pub mod lifecycle;
 pub mod metrics;
+pub mod privileges;
 pub mod proto;
 pub mod proxy;
 pub mod server;

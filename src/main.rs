@@ -136,6 +136,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            // Before any thread starts: every thread inherits what is left.
+            match holdfast::privileges::narrow(holdfast::privileges::needed(&cfg)) {
+                Ok(n) if n.had != n.kept => tracing::info!(
+                    kept = %holdfast::privileges::names(n.kept),
+                    "capabilities: kept what the config needs, dropped the rest"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot drop capabilities");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            }
             let standby = cfg
                 .failover
                 .clone()
