@@ -31,6 +31,8 @@ pub struct Config {
     pub limits: Limits,
     /// `[lifecycle]`: shutdown behaviour.
     pub lifecycle: Lifecycle,
+    /// `[runtime]`: the async runtime's threads (read at start only).
+    pub runtime: RuntimeConfig,
     /// `[log]`: the access log.
     pub log: LogConfig,
     /// `[handover]`: where a running holdfast hands its listeners to a new
@@ -115,6 +117,14 @@ pub struct Lifecycle {
     /// `drain_timeout`: on SIGTERM, how long open sessions may run before they
     /// are closed (default 30 s).
     pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RuntimeConfig {
+    /// `worker_threads`: threads that run sessions; `None` (the default) is
+    /// one per CPU the process may use. Read at start: a reload does not
+    /// change it.
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -252,6 +252,7 @@ pub(super) struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub limits: RawLimits,
     pub lifecycle: RawLifecycle,
+    pub runtime: RawRuntime,
     pub log: RawLog,
     pub handover: Option<RawHandover>,
     pub failover: Option<RawFailover>,
@@ -279,6 +280,12 @@ pub(super) struct RawLimits {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub(super) struct RawLifecycle {
     pub drain_timeout: Option<Sp<String>>,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(super) struct RawRuntime {
+    pub worker_threads: Option<Sp<i64>>,
 }
 
 /// `[handover]`
@@ -454,6 +461,12 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
     if let Some(mut t) = top.table("lifecycle", report) {
         raw.lifecycle = RawLifecycle {
             drain_timeout: t.duration("drain_timeout", report),
+        };
+        t.finish(report);
+    }
+    if let Some(mut t) = top.table("runtime", report) {
+        raw.runtime = RawRuntime {
+            worker_threads: t.integer("worker_threads", report),
         };
         t.finish(report);
     }

@@ -19,11 +19,15 @@ use super::units::{fmt_duration, fmt_size, parse_duration, parse_size, Endpoint}
 use super::{
     AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, FailoverConfig,
     FailoverRole, Framing, HandoverConfig, Keepalive, LengthPrefixed, Lifecycle, Limits,
-    ListenerConfig, ListenerProtocol, LogConfig, OnServerClose, ResumeSettings, Secret,
-    SocketOptions,
+    ListenerConfig, ListenerProtocol, LogConfig, OnServerClose, ResumeSettings, RuntimeConfig,
+    Secret, SocketOptions,
 };
 use super::{BackendTls, Built, CertKey, ListenerTls, SniName, SniRoute, TlsVersion};
 use crate::transport::tls;
+
+/// Most `[runtime] worker_threads` accepted: far more threads than any host
+/// has CPUs is a typo, not a setting.
+const MAX_WORKER_THREADS: i64 = 1024;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,6 +269,10 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
     );
     let fd_reserve = integer(r, &raw.limits.fd_reserve, DEFAULT_FD_RESERVE, 0..=1_000_000);
     let drain_timeout = duration(r, &raw.lifecycle.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    let worker_threads = match &raw.runtime.worker_threads {
+        None => None,
+        f => integer(r, f, 1, 1..=MAX_WORKER_THREADS).and_then(|n| usize::try_from(n).ok()),
+    };
     let access = raw
         .log
         .access
@@ -417,6 +425,7 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         lifecycle: Lifecycle {
             drain_timeout: drain_timeout.unwrap_or_default(),
         },
+        runtime: RuntimeConfig { worker_threads },
         log: LogConfig { access },
         handover,
         failover,

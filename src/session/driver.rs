@@ -285,6 +285,8 @@ pub struct Driver {
     server_shutdown: Option<Generation>,
     /// The same for the client connection.
     client_shutdown: bool,
+    /// The client connection's write side is shut down (our FIN is sent).
+    client_fin_sent: bool,
     /// The time given to the core's inputs: read once per turn of the poll
     /// loop (a clock read per input was a tenth of a round trip's
     /// instructions).
@@ -362,6 +364,7 @@ impl Driver {
             legs: 0,
             server_shutdown: None,
             client_shutdown: false,
+            client_fin_sent: false,
             now: Self::now(),
             tap: None,
         }
@@ -581,7 +584,8 @@ impl Driver {
             // close_notify, then FIN.
             let _ =
                 tokio::time::timeout(CLOSE_GRACE, AsyncWriteExt::shutdown(&mut self.client)).await;
-        } else {
+        } else if !self.client_fin_sent {
+            // (Not again: on a closed connection it only fails, ENOTCONN.)
             let _ = self.client.shutdown_write();
         }
         if self.client_eof {
@@ -761,6 +765,7 @@ impl Driver {
             match Pin::new(&mut self.client).poll_shutdown(cx) {
                 Poll::Ready(Ok(())) => {
                     self.client_shutdown = false;
+                    self.client_fin_sent = true;
                     self.core.on_client_shutdown(self.now);
                     progress = true;
                 }
