@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 use crate::config::{Endpoint, SocketOptions};
 
 pub mod sockopt;
+pub mod splice;
 pub mod tls;
 
 /// Listen backlog (the kernel caps it at `net.core.somaxconn`): deep enough
