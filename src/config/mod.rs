@@ -283,6 +283,10 @@ pub struct BackendConfig {
     /// beyond it a session that would have to hold is closed instead
     /// (`too_many_held`). `None` (the default) is unlimited.
     pub max_held_sessions: Option<usize>,
+    /// `splice`: with `ack = "none"`, move bulk between plain TCP
+    /// connections with splice(2), not through user space (default true;
+    /// always false for the other modes).
+    pub splice: bool,
     pub socket: SocketOptions,
     /// `tls`: TLS to the servers; `None` for plain TCP.
     pub tls: Option<BackendTls>,

@@ -97,6 +97,7 @@ fn minimal_file_gets_every_default() {
             preamble: 0,
             retry_responses: vec![],
             max_held_sessions: None,
+            splice: false,
             socket: SocketOptions {
                 user_timeout: Some(Duration::from_secs(30)),
                 ..DEFAULT_SOCKET
@@ -456,6 +457,14 @@ fn limits_and_admin() {
         error(&format!("[lifecycle]\ndrain_timeout = \"soon\"\n{MINIMAL}")),
         "lifecycle.drain_timeout (line 2, col 17): \"soon\" is not a duration (use ms, s, m or h)"
     );
+    assert_eq!(
+        error(&backend_with("ack = \"tcp\"\nsplice = true")),
+        "backend[0].splice (line 11, col 10): applies only to ack = \"none\" (the other modes keep the bytes for replay)"
+    );
+    assert!(ok(&backend_with("ack = \"none\"")).backends[0].splice);
+    assert!(!ok(&backend_with("ack = \"none\"\nsplice = false")).backends[0].splice);
+    assert!(!ok(&backend_with("ack = \"tcp\"\nsplice = false")).backends[0].splice);
+    assert!(!ok(&backend_with("ack = \"tcp\"")).backends[0].splice);
     assert_eq!(
         error(&format!("[runtime]\nworker_threads = 0\n{MINIMAL}")),
         "runtime.worker_threads (line 2, col 18): 0 is out of range (1 to 1024)"

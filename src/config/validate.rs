@@ -786,6 +786,16 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         .tls
         .as_ref()
         .and_then(|t| backend_tls(r, t, servers.as_deref(), ack.as_ref(), b));
+    let plain = matches!(ack, Some(AckMode::None) | None);
+    if let Some(f) = &b.splice {
+        if f.value && !plain {
+            r.at(
+                f,
+                "applies only to ack = \"none\" (the other modes keep the bytes for replay)",
+            );
+        }
+    }
+    let splice = plain && b.splice.as_ref().map_or(true, |f| f.value);
 
     BackendConfig {
         name: name.unwrap_or_default(),
@@ -802,6 +812,7 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         preamble: preamble.unwrap_or(0),
         retry_responses,
         max_held_sessions: optional_count(r, &b.max_held_sessions),
+        splice,
         socket: socket(r, &b.socket, Some(DEFAULT_BACKEND_USER_TIMEOUT)),
         tls,
     }

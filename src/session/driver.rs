@@ -1097,6 +1097,7 @@ impl Driver {
     /// [`SessionCore::can_pass_through`]) and this thread's pipe at hand.
     fn splice_ok(&self, dir: Dir, read_size: usize) -> bool {
         read_size == READ_SIZE
+            && self.backend.splice
             && self.tap.is_none()
             && matches!(self.client, Conn::Tcp(_))
             && self
@@ -1105,6 +1106,14 @@ impl Driver {
                 .is_some_and(|s| matches!(s.conn, Conn::Tcp(_)) && s.decoder.is_none())
             && self.core.can_pass_through(dir)
             && transport::splice::ready()
+    }
+
+    /// The most one splice moves: what the pipe holds, but no more than the
+    /// session's `buffer_limit` (what the destination does not take is
+    /// held, like a read).
+    fn splice_max(&self) -> usize {
+        let limit = usize::try_from(self.backend.buffer_limit).unwrap_or(usize::MAX);
+        transport::splice::PIPE_SIZE.min(limit).max(READ_MIN)
     }
 
     /// Client to server by splice, when [`Driver::splice_ok`]: `None` to read
@@ -1120,7 +1129,7 @@ impl Driver {
             return None;
         };
         let gen = server.gen;
-        let r = match transport::splice::poll_relay(client, to, READ_SIZE, cx) {
+        let r = match transport::splice::poll_relay(client, to, self.splice_max(), cx) {
             Poll::Pending => return Some(false),
             Poll::Ready(Err(e)) => {
                 tracing::debug!(error = %e, "client read failed");
@@ -1166,7 +1175,7 @@ impl Driver {
         let Conn::Tcp(from) = &server.conn else {
             return None;
         };
-        let r = match transport::splice::poll_relay(from, to, READ_SIZE, cx) {
+        let r = match transport::splice::poll_relay(from, to, self.splice_max(), cx) {
             Poll::Pending => return Some(false),
             Poll::Ready(Err(e)) => {
                 tracing::debug!(leg.gen = gen.0, error = %e, "server read failed");

@@ -42,6 +42,7 @@ pub(super) fn backend(ack: AckMode, servers: usize) -> BackendConfig {
         preamble: 0,
         retry_responses: Vec::new(),
         max_held_sessions: None,
+        splice: false,
         socket: SocketOptions {
             nodelay: true,
             keepalive: None,
