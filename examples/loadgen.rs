@@ -8,6 +8,9 @@
 //! the same echo on `holdfast::server` (HFRP/1, `AckPolicy::Auto`).
 //! `loadgen send ADDR bulk MIB | rr N | conns N` is a fixed amount of load
 //! for `bench/callgrind.sh`, which counts instructions rather than time.
+//! `--holdfast-b PATH` adds the rows `holdfast-none-b` and `holdfast-tcp-b`:
+//! another binary (or a wrapper script setting its environment), measured
+//! interleaved with the first, for A/B comparisons on a noisy machine.
 //! `loadgen compare` starts the echo server and every proxy as child
 //! processes on ports chosen free at run time, runs the rounds interleaved
 //! (A B C … A B C …), prints a table and writes JSON. It owns no proxy
@@ -45,7 +48,8 @@ fn main() -> anyhow::Result<()> {
             eprintln!(
                 "usage: loadgen echo | loadgen resume-echo KEYFILE \
                  | loadgen compare [--quick] [--rounds N] [--secs S] \
-                 [--rr N] [--idle N] [--holdfast PATH] [--json PATH] [--only a,b,…] \
+                 [--rr N] [--idle N] [--holdfast PATH] [--holdfast-b PATH] [--json PATH] \
+                 [--only a,b,…] \
                  | loadgen send ADDR bulk MIB | rr N | conns N"
             );
             std::process::exit(2)
@@ -203,6 +207,8 @@ struct Opts {
     rr: usize,
     idle: usize,
     holdfast: PathBuf,
+    /// The binary of the `holdfast-*-b` rows (A/B runs, interleaved).
+    holdfast_b: Option<PathBuf>,
     json: PathBuf,
     only: Option<Vec<String>>,
 }
@@ -215,6 +221,7 @@ impl Opts {
             rr: 10_000,
             idle: 9_000,
             holdfast: PathBuf::from("target/release/holdfast"),
+            holdfast_b: None,
             json: PathBuf::from("target/compare.json"),
             only: None,
         };
@@ -228,6 +235,7 @@ impl Opts {
                 "--rr" => o.rr = val()?.parse()?,
                 "--idle" => o.idle = val()?.parse()?,
                 "--holdfast" => o.holdfast = val()?.into(),
+                "--holdfast-b" => o.holdfast_b = Some(val()?.into()),
                 "--json" => o.json = val()?.into(),
                 "--only" => o.only = Some(val()?.split(',').map(String::from).collect()),
                 _ => bail!("unknown option {a}"),
@@ -351,8 +359,13 @@ fn start_target(
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let log = std::fs::File::create(dir.join("log"))?;
     let mut cmd = match name {
-        "holdfast-none" | "holdfast-tcp" | "holdfast-response" => {
-            let ack = name.trim_start_matches("holdfast-");
+        "holdfast-none" | "holdfast-tcp" | "holdfast-response" | "holdfast-none-b"
+        | "holdfast-tcp-b" => {
+            let ack = name.trim_start_matches("holdfast-").trim_end_matches("-b");
+            let binary = match &opts.holdfast_b {
+                Some(b) if name.ends_with("-b") => b,
+                _ => &opts.holdfast,
+            };
             let framing = if ack == "response" {
                 "framing = \"lines\"\n"
             } else {
@@ -366,7 +379,7 @@ fn start_target(
                      [[backend]]\nname = \"echo\"\nservers = [\"{echo}\"]\nack = \"{ack}\"\n{framing}"
                 ),
             )?;
-            let mut c = Command::new(&opts.holdfast);
+            let mut c = Command::new(binary);
             c.arg("run").arg("--config").arg(&cfg);
             // Session open/close logs at info would cost CPU the peers
             // (which log nothing here) do not spend.
@@ -843,12 +856,14 @@ fn fmt(v: Option<f64>, prec: usize) -> String {
         .unwrap_or_else(|| "–".into())
 }
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 10] = [
     "direct",
     "holdfast-none",
+    "holdfast-none-b",
     "holdfast-tcp",
     "holdfast-response",
     "holdfast-resume",
+    "holdfast-tcp-b",
     "haproxy",
     "nginx",
     "socat",
@@ -866,7 +881,9 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
         .filter(|n| {
             opts.only
                 .as_ref()
-                .map_or(true, |o| o.iter().any(|x| x == n))
+                .map_or(!n.ends_with("-b") || opts.holdfast_b.is_some(), |o| {
+                    o.iter().any(|x| x == n)
+                })
         })
         .collect();
     // The resume row's backend: an echo service on holdfast's server
@@ -1004,7 +1021,9 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
     let mut ratios = Vec::new();
     for n in [
         "holdfast-none",
+        "holdfast-none-b",
         "holdfast-tcp",
+        "holdfast-tcp-b",
         "holdfast-response",
         "holdfast-resume",
     ] {

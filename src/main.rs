@@ -176,7 +176,7 @@ fn main() -> ExitCode {
             } else {
                 (holdfast::proxy::Inherited::default(), None)
             };
-            runtime().block_on(async move {
+            runtime_with(&cfg.runtime).block_on(async move {
                 // A standby follows the active and binds its listeners (on
                 // the service address) only once it has taken over.
                 let taken = match &standby {
@@ -599,8 +599,16 @@ async fn notify_systemd(mut phases: tokio::sync::watch::Receiver<Phase>, shutdow
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    runtime_with(&holdfast::config::RuntimeConfig::default())
+}
+
+/// The multi-thread runtime, with `[runtime] worker_threads` when set
+/// (tokio's default otherwise: one worker per CPU).
+fn runtime_with(cfg: &holdfast::config::RuntimeConfig) -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all();
+    if let Some(n) = cfg.worker_threads {
+        b.worker_threads(n);
+    }
+    b.build().expect("tokio runtime")
 }

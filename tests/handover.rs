@@ -211,6 +211,82 @@ ack = "none"
     )
 }
 
+/// A session in mid-bulk (`ack = "none"`, both directions spliced by then)
+/// handed over three times: its echo arrives whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_mid_bulk_survives_upgrades() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = temp_dir("bulk-upgrades");
+    let socket = dir.join("run").join("handover.sock");
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(&cfg, config(&socket, &server.addr, "")).unwrap();
+    let (_first, mut log) = spawn_logged(&cfg);
+    let listening = log.until("listening", |l| l.contains("addr=")).await;
+    let addr = field(&listening, "addr").unwrap().to_string();
+    let mut pid = _first.id().unwrap();
+    let mut guard = KillOnDrop(pid);
+    log.until("hand-over socket listening", |l| pid_of(l) == pid)
+        .await;
+
+    let data = pattern(192 << 20, 21);
+    let (mut r, mut w) = connect(&addr).await.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(64 * 1024) {
+            w.write_all(chunk).await?;
+        }
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let progress = Arc::new(AtomicU64::new(0));
+    let reader = tokio::spawn({
+        let progress = progress.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = r.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(got);
+                }
+                got.extend_from_slice(&buf[..n]);
+                progress.store(got.len() as u64, Ordering::Relaxed);
+            }
+        }
+    });
+    let mut generations = vec![pid];
+    for round in 1..=3u64 {
+        // Each upgrade with bulk flowing (its reads at full size).
+        progress_past(&progress, round * (40 << 20), "echo before an upgrade").await;
+        let old = pid;
+        kill("-USR2", old);
+        let running = log
+            .until("holdfast running", |l| !generations.contains(&pid_of(l)))
+            .await;
+        pid = pid_of(&running);
+        generations.push(pid);
+        guard.0 = pid;
+        log.until("hand-over socket listening", |l| pid_of(l) == pid)
+            .await;
+        let taken = log.until("sessions taken over", |_| true).await;
+        assert_eq!(
+            field(&taken, "sessions"),
+            Some("1"),
+            "round {round}: the session moved in mid-bulk: {taken}"
+        );
+    }
+    let got = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the echo ends")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", log.seen));
+    writer.await.unwrap().unwrap();
+    assert_bytes_eq(&got, &data, "echo across three hand-overs in mid-bulk");
+    kill("-TERM", pid);
+    log.until("holdfast stopped", |l| pid_of(l) == pid).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
     let server = Server::start("127.0.0.1:0", "echo").await;

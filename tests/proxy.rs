@@ -135,6 +135,57 @@ async fn server_half_close_reaches_client_and_client_keeps_sending() {
     proxy.stop().await;
 }
 
+/// A server SIGKILLed in mid-bulk (both directions spliced by then): a
+/// plain proxy ends the session, and what the client got is exactly the
+/// start of its echo: nothing lost before the cut, reordered or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_in_mid_bulk_leaves_an_exact_prefix() {
+    for round in 0..3u64 {
+        let mut server = Server::start("127.0.0.1:0", "echo").await;
+        let proxy = Proxy::start(&plain_config(&server.addr)).await;
+        let data = pattern(256 << 20, 10 + round);
+        let (mut r, mut w) = connect(&proxy.addr(0)).await.into_split();
+        let sent = data.clone();
+        // The writer fails once the session is closed: that is expected.
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(64 * 1024) {
+                if w.write_all(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut killed = false;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), r.read(&mut buf))
+                .await
+                .expect("the session ends after the kill")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            // Far enough into bulk for both directions to go by splice.
+            if !killed && got.len() >= (8 << 20) + (round as usize) * 777_777 {
+                server.kill().await;
+                killed = true;
+            }
+        }
+        assert!(killed, "round {round}: the echo ended before the kill");
+        assert!(
+            got.len() < data.len(),
+            "round {round}: the cut came in mid-stream"
+        );
+        assert_bytes_eq(
+            &got,
+            &data[..got.len()],
+            "what the client got before the cut",
+        );
+        writer.abort();
+        proxy.stop().await;
+    }
+}
+
 /// No server listening: a plain proxy closes the client cleanly (EOF, not a
 /// reset) after trying every server once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,8 @@ pub struct Config {
     pub limits: Limits,
     /// `[lifecycle]`: shutdown behaviour.
     pub lifecycle: Lifecycle,
+    /// `[runtime]`: the async runtime's threads (read at start only).
+    pub runtime: RuntimeConfig,
     /// `[log]`: the access log.
     pub log: LogConfig,
     /// `[handover]`: where a running holdfast hands its listeners to a new
@@ -115,6 +117,14 @@ pub struct Lifecycle {
     /// `drain_timeout`: on SIGTERM, how long open sessions may run before they
     /// are closed (default 30 s).
     pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RuntimeConfig {
+    /// `worker_threads`: threads that run sessions; `None` (the default) is
+    /// one per CPU the process may use. Read at start: a reload does not
+    /// change it.
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -273,6 +283,10 @@ pub struct BackendConfig {
     /// beyond it a session that would have to hold is closed instead
     /// (`too_many_held`). `None` (the default) is unlimited.
     pub max_held_sessions: Option<usize>,
+    /// `splice`: with `ack = "none"`, move bulk between plain TCP
+    /// connections with splice(2), not through user space (default true;
+    /// always false for the other modes).
+    pub splice: bool,
     pub socket: SocketOptions,
     /// `tls`: TLS to the servers; `None` for plain TCP.
     pub tls: Option<BackendTls>,

@@ -252,6 +252,7 @@ pub(super) struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub limits: RawLimits,
     pub lifecycle: RawLifecycle,
+    pub runtime: RawRuntime,
     pub log: RawLog,
     pub handover: Option<RawHandover>,
     pub failover: Option<RawFailover>,
@@ -279,6 +280,12 @@ pub(super) struct RawLimits {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub(super) struct RawLifecycle {
     pub drain_timeout: Option<Sp<String>>,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(super) struct RawRuntime {
+    pub worker_threads: Option<Sp<i64>>,
 }
 
 /// `[handover]`
@@ -391,6 +398,7 @@ pub(super) struct RawBackend {
     pub greeting: Option<Sp<i64>>,
     pub preamble: Option<Sp<i64>>,
     pub retry_responses: Option<Sp<Vec<Option<Sp<String>>>>>,
+    pub splice: Option<Sp<bool>>,
     pub max_held_sessions: Option<Sp<i64>>,
     pub resume: Option<RawResume>,
     pub socket: RawSocket,
@@ -454,6 +462,12 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
     if let Some(mut t) = top.table("lifecycle", report) {
         raw.lifecycle = RawLifecycle {
             drain_timeout: t.duration("drain_timeout", report),
+        };
+        t.finish(report);
+    }
+    if let Some(mut t) = top.table("runtime", report) {
+        raw.runtime = RawRuntime {
+            worker_threads: t.integer("worker_threads", report),
         };
         t.finish(report);
     }
@@ -533,6 +547,7 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
             greeting: t.integer("greeting", report),
             preamble: t.integer("preamble", report),
             retry_responses: t.strings("retry_responses", report),
+            splice: t.boolean("splice", report),
             max_held_sessions: t.integer("max_held_sessions", report),
             resume: raw_resume(&mut t, report),
             socket: socket(&mut t, report),

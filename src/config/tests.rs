@@ -64,6 +64,9 @@ fn minimal_file_gets_every_default() {
         lifecycle: Lifecycle {
             drain_timeout: Duration::from_secs(30),
         },
+        runtime: RuntimeConfig {
+            worker_threads: None,
+        },
         log: LogConfig { access: None },
         handover: None,
         failover: None,
@@ -94,6 +97,7 @@ fn minimal_file_gets_every_default() {
             preamble: 0,
             retry_responses: vec![],
             max_held_sessions: None,
+            splice: false,
             socket: SocketOptions {
                 user_timeout: Some(Duration::from_secs(30)),
                 ..DEFAULT_SOCKET
@@ -114,6 +118,8 @@ buffer_memory = 1048576
 max_sessions = 5
 [lifecycle]
 drain_timeout = "250ms"
+[runtime]
+worker_threads = 3
 
 [[listener]]
 name = "b-listener"
@@ -159,6 +165,7 @@ user_timeout = "0s"
     assert_eq!(c.limits.buffer_memory, 1 << 20);
     assert_eq!(c.limits.max_sessions, 5);
     assert_eq!(c.lifecycle.drain_timeout, Duration::from_millis(250));
+    assert_eq!(c.runtime.worker_threads, Some(3));
     let l = &c.listeners[0];
     assert_eq!(l.backend, 1);
     assert_eq!(c.backend_of(l).name, "second");
@@ -449,6 +456,22 @@ fn limits_and_admin() {
     assert_eq!(
         error(&format!("[lifecycle]\ndrain_timeout = \"soon\"\n{MINIMAL}")),
         "lifecycle.drain_timeout (line 2, col 17): \"soon\" is not a duration (use ms, s, m or h)"
+    );
+    assert_eq!(
+        error(&backend_with("ack = \"tcp\"\nsplice = true")),
+        "backend[0].splice (line 11, col 10): applies only to ack = \"none\" (the other modes keep the bytes for replay)"
+    );
+    assert!(ok(&backend_with("ack = \"none\"")).backends[0].splice);
+    assert!(!ok(&backend_with("ack = \"none\"\nsplice = false")).backends[0].splice);
+    assert!(!ok(&backend_with("ack = \"tcp\"\nsplice = false")).backends[0].splice);
+    assert!(!ok(&backend_with("ack = \"tcp\"")).backends[0].splice);
+    assert_eq!(
+        error(&format!("[runtime]\nworker_threads = 0\n{MINIMAL}")),
+        "runtime.worker_threads (line 2, col 18): 0 is out of range (1 to 1024)"
+    );
+    assert_eq!(
+        error(&format!("[runtime]\nworker_threads = \"2\"\n{MINIMAL}")),
+        "runtime.worker_threads (line 2, col 18): expected an integer, found a string"
     );
     assert_eq!(
         error(&format!("[admin]\nlisten = \"unix:/a\"\n{MINIMAL}")),

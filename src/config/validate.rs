@@ -19,11 +19,15 @@ use super::units::{fmt_duration, fmt_size, parse_duration, parse_size, Endpoint}
 use super::{
     AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, FailoverConfig,
     FailoverRole, Framing, HandoverConfig, Keepalive, LengthPrefixed, Lifecycle, Limits,
-    ListenerConfig, ListenerProtocol, LogConfig, OnServerClose, ResumeSettings, Secret,
-    SocketOptions,
+    ListenerConfig, ListenerProtocol, LogConfig, OnServerClose, ResumeSettings, RuntimeConfig,
+    Secret, SocketOptions,
 };
 use super::{BackendTls, Built, CertKey, ListenerTls, SniName, SniRoute, TlsVersion};
 use crate::transport::tls;
+
+/// Most `[runtime] worker_threads` accepted: far more threads than any host
+/// has CPUs is a typo, not a setting.
+const MAX_WORKER_THREADS: i64 = 1024;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,6 +269,10 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
     );
     let fd_reserve = integer(r, &raw.limits.fd_reserve, DEFAULT_FD_RESERVE, 0..=1_000_000);
     let drain_timeout = duration(r, &raw.lifecycle.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    let worker_threads = match &raw.runtime.worker_threads {
+        None => None,
+        f => integer(r, f, 1, 1..=MAX_WORKER_THREADS).and_then(|n| usize::try_from(n).ok()),
+    };
     let access = raw
         .log
         .access
@@ -417,6 +425,7 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         lifecycle: Lifecycle {
             drain_timeout: drain_timeout.unwrap_or_default(),
         },
+        runtime: RuntimeConfig { worker_threads },
         log: LogConfig { access },
         handover,
         failover,
@@ -777,6 +786,16 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         .tls
         .as_ref()
         .and_then(|t| backend_tls(r, t, servers.as_deref(), ack.as_ref(), b));
+    let plain = matches!(ack, Some(AckMode::None) | None);
+    if let Some(f) = &b.splice {
+        if f.value && !plain {
+            r.at(
+                f,
+                "applies only to ack = \"none\" (the other modes keep the bytes for replay)",
+            );
+        }
+    }
+    let splice = plain && b.splice.as_ref().map_or(true, |f| f.value);
 
     BackendConfig {
         name: name.unwrap_or_default(),
@@ -793,6 +812,7 @@ fn backend(b: &RawBackend, buffer_memory: Option<u64>, r: &mut Report) -> Backen
         preamble: preamble.unwrap_or(0),
         retry_responses,
         max_held_sessions: optional_count(r, &b.max_held_sessions),
+        splice,
         socket: socket(r, &b.socket, Some(DEFAULT_BACKEND_USER_TIMEOUT)),
         tls,
     }

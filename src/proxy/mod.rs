@@ -61,7 +61,7 @@ impl Bound {
 /// Binds one listener, plain or resume-protocol.
 async fn bind_listener(l: &ListenerConfig) -> Result<Listener, BindError> {
     match &l.protocol {
-        crate::config::ListenerProtocol::Tcp => Listener::bind(&l.listen).await,
+        crate::config::ListenerProtocol::Tcp => Listener::bind(&l.listen, &l.socket).await,
         crate::config::ListenerProtocol::Resume(settings) => {
             Listener::bind_resume(&l.listen, settings, l.tls.as_ref()).await
         }
@@ -830,6 +830,9 @@ impl Running {
         if config.admin != self.config.admin {
             tracing::warn!("[admin] changes take effect at the next restart");
         }
+        if config.runtime != self.config.runtime {
+            tracing::warn!("[runtime] changes take effect at the next restart");
+        }
         // Reopen the access log (rotation) and bind what is new before
         // touching anything.
         let access = open_access_log(&config).map_err(|e| e.to_string())?;
@@ -936,6 +939,10 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     let mut out_of_fds = false;
+    // What accepted sockets start with; a listener whose options match its
+    // config (bound by holdfast, or handed over from one) needs no
+    // setsockopt per client.
+    let inherited = listener.accepted_options();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -945,7 +952,7 @@ async fn accept_loop(
         match accepted {
             Ok((conn, peer)) => {
                 out_of_fds = false;
-                start_session(&ctx, conn, peer);
+                start_session(&ctx, conn, peer, inherited.as_ref());
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 if !out_of_fds {
@@ -985,7 +992,13 @@ impl AcceptCtx {
     }
 }
 
-fn start_session(ctx: &Arc<AcceptCtx>, conn: Conn, peer: String) {
+/// `inherited`: the socket options `conn` was accepted with, when known.
+fn start_session(
+    ctx: &Arc<AcceptCtx>,
+    conn: Conn,
+    peer: String,
+    inherited: Option<&crate::config::SocketOptions>,
+) {
     let lm = &ctx.session.listener;
     let admission = ctx.admission();
     let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
@@ -1003,7 +1016,9 @@ fn start_session(ctx: &Arc<AcceptCtx>, conn: Conn, peer: String) {
             return;
         }
     };
-    if let Conn::Tcp(s) = &conn {
+    // (After a reload changed the listener's options, they differ.)
+    let inherited = inherited == Some(&ctx.cfg.socket);
+    if let (Conn::Tcp(s), false) = (&conn, inherited) {
         if let Err(e) = transport::apply_tcp_options(socket2::SockRef::from(s), &ctx.cfg.socket) {
             tracing::debug!(error = %e, "setting client socket options failed");
         }

@@ -684,6 +684,57 @@ impl SessionCore {
         self.down.buffer().io_slices_from(self.down.sent(), out)
     }
 
+    /// Whether the shell may move bytes of `dir` from source to
+    /// destination itself (splice(2), `ack = "none"` only) and report them
+    /// with [`SessionCore::on_passed_through`]: a leg is up with nothing of
+    /// its own to send or parse, the core would read `dir`'s source now, and
+    /// everything read in `dir` is written (so no byte overtakes a held one).
+    pub fn can_pass_through(&self, dir: Dir) -> bool {
+        if !matches!(self.backend.ack, AckMode::None)
+            || self.done.is_some()
+            || self.ending.is_some()
+        {
+            return false;
+        }
+        let LegState::Up(leg) = &self.leg else {
+            return false;
+        };
+        if !leg.prefix_out.is_empty()
+            || !leg.preamble_expect.is_empty()
+            || leg.resp.is_some()
+            || leg.hello.is_some()
+            || leg.link.is_some()
+        {
+            return false;
+        }
+        match dir {
+            Dir::Up => !leg.fin_sent && self.want_read_client() && self.up.buffered() == 0,
+            Dir::Down => {
+                !leg.server_eof
+                    && !self.client_fin_queued
+                    && self.want_read_server()
+                    && self.down.buffered() == 0
+            }
+        }
+    }
+
+    /// `n` bytes of `dir` went from source to destination outside the core
+    /// (see [`SessionCore::can_pass_through`]): read, sent and acked at once.
+    pub fn on_passed_through(&mut self, dir: Dir, n: usize, now: Instant) {
+        if n == 0 || self.done.is_some() {
+            return;
+        }
+        self.last_activity = now;
+        match dir {
+            Dir::Up => {
+                self.up.pass_through(n as u64);
+                self.up_sent_high = self.up_sent_high.max(self.up.sent());
+            }
+            Dir::Down => self.down.pass_through(n as u64),
+        }
+        self.step(now);
+    }
+
     // ---- client side inputs ----
 
     /// Bytes from the client.

@@ -285,6 +285,8 @@ pub struct Driver {
     server_shutdown: Option<Generation>,
     /// The same for the client connection.
     client_shutdown: bool,
+    /// The client connection's write side is shut down (our FIN is sent).
+    client_fin_sent: bool,
     /// The time given to the core's inputs: read once per turn of the poll
     /// loop (a clock read per input was a tenth of a round trip's
     /// instructions).
@@ -362,6 +364,7 @@ impl Driver {
             legs: 0,
             server_shutdown: None,
             client_shutdown: false,
+            client_fin_sent: false,
             now: Self::now(),
             tap: None,
         }
@@ -581,7 +584,8 @@ impl Driver {
             // close_notify, then FIN.
             let _ =
                 tokio::time::timeout(CLOSE_GRACE, AsyncWriteExt::shutdown(&mut self.client)).await;
-        } else {
+        } else if !self.client_fin_sent {
+            // (Not again: on a closed connection it only fails, ENOTCONN.)
             let _ = self.client.shutdown_write();
         }
         if self.client_eof {
@@ -761,6 +765,7 @@ impl Driver {
             match Pin::new(&mut self.client).poll_shutdown(cx) {
                 Poll::Ready(Ok(())) => {
                     self.client_shutdown = false;
+                    self.client_fin_sent = true;
                     self.core.on_client_shutdown(self.now);
                     progress = true;
                 }
@@ -989,6 +994,9 @@ impl Driver {
         {
             tracing::info!("buffer_memory available again");
         }
+        if let Some(progress) = self.poll_splice_up(cx) {
+            return progress;
+        }
         let read = poll_read_adaptive(
             &mut self.client,
             cx,
@@ -1027,6 +1035,12 @@ impl Driver {
             return false;
         };
         let gen = server.gen;
+        if let Some(progress) = self.poll_splice_down(cx, gen) {
+            return progress;
+        }
+        let Some(server) = self.server.as_mut() else {
+            return false;
+        };
         let wanted = match &server.decoder {
             // Resume protocol in bulk: reads end on frame boundaries.
             Some(d) if server.read_size == READ_SIZE => Some(d.wanted(&server.rbuf)),
@@ -1085,6 +1099,122 @@ impl Driver {
             Poll::Pending => return false,
         }
         true
+    }
+
+    /// Whether a direction in bulk goes by splice(2): `ack = "none"`, both
+    /// connections plain TCP, no failover tap (it replicates the bytes, which
+    /// a splice never brings into user space), the core agreeing (see
+    /// [`SessionCore::can_pass_through`]) and this thread's pipe at hand.
+    fn splice_ok(&self, dir: Dir, read_size: usize) -> bool {
+        read_size == READ_SIZE
+            && self.backend.splice
+            && self.tap.is_none()
+            && matches!(self.client, Conn::Tcp(_))
+            && self
+                .server
+                .as_ref()
+                .is_some_and(|s| matches!(s.conn, Conn::Tcp(_)) && s.decoder.is_none())
+            && self.core.can_pass_through(dir)
+            && transport::splice::ready()
+    }
+
+    /// The most one splice moves: what the pipe holds, but no more than the
+    /// session's `buffer_limit` (what the destination does not take is
+    /// held, like a read).
+    fn splice_max(&self) -> usize {
+        let limit = usize::try_from(self.backend.buffer_limit).unwrap_or(usize::MAX);
+        transport::splice::PIPE_SIZE.min(limit).max(READ_MIN)
+    }
+
+    /// Client to server by splice, when [`Driver::splice_ok`]: `None` to read
+    /// the usual way instead, else whether anything happened.
+    fn poll_splice_up(&mut self, cx: &mut Context<'_>) -> Option<bool> {
+        if !self.splice_ok(Dir::Up, self.client_read_size) {
+            return None;
+        }
+        let (Conn::Tcp(client), Some(server)) = (&self.client, &self.server) else {
+            return None;
+        };
+        let Conn::Tcp(to) = &server.conn else {
+            return None;
+        };
+        let gen = server.gen;
+        let r = match transport::splice::poll_relay(client, to, self.splice_max(), cx) {
+            Poll::Pending => return Some(false),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "client read failed");
+                self.core.on_client_error(self.now);
+                return Some(true);
+            }
+            Poll::Ready(Ok(r)) => r,
+        };
+        if r.read == 0 {
+            self.client_eof = true;
+            self.core.on_client_eof(self.now);
+            return Some(true);
+        }
+        // An idle session after this holds no read buffer.
+        if self.client_rbuf.is_empty() {
+            self.client_rbuf = BytesMut::new();
+        }
+        adapt_read_size(&mut self.client_read_size, r.read, READ_SIZE);
+        self.listener.bytes_up.inc_by(r.read as u64);
+        if let Some(s) = self.server.as_mut() {
+            s.written += r.written as u64;
+        }
+        self.core.on_passed_through(Dir::Up, r.written, self.now);
+        if let Some(rest) = r.rest {
+            self.core.on_client_data(rest, self.now);
+        }
+        if let Some(e) = r.write_error {
+            tracing::debug!(leg.gen = gen.0, error = %e, "server write failed");
+            self.server_failed(gen);
+        }
+        Some(true)
+    }
+
+    /// Server to client by splice, the same way.
+    fn poll_splice_down(&mut self, cx: &mut Context<'_>, gen: Generation) -> Option<bool> {
+        let read_size = self.server.as_ref()?.read_size;
+        if !self.splice_ok(Dir::Down, read_size) {
+            return None;
+        }
+        let (Conn::Tcp(to), Some(server)) = (&self.client, &self.server) else {
+            return None;
+        };
+        let Conn::Tcp(from) = &server.conn else {
+            return None;
+        };
+        let r = match transport::splice::poll_relay(from, to, self.splice_max(), cx) {
+            Poll::Pending => return Some(false),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(leg.gen = gen.0, error = %e, "server read failed");
+                self.server_failed(gen);
+                return Some(true);
+            }
+            Poll::Ready(Ok(r)) => r,
+        };
+        if r.read == 0 {
+            self.sample_acks();
+            self.core.on_server_eof(gen, self.now);
+            return Some(true);
+        }
+        if let Some(s) = self.server.as_mut() {
+            if s.rbuf.is_empty() {
+                s.rbuf = BytesMut::new();
+            }
+            adapt_read_size(&mut s.read_size, r.read, READ_SIZE);
+        }
+        self.listener.bytes_down.inc_by(r.written as u64);
+        self.core.on_passed_through(Dir::Down, r.written, self.now);
+        if let Some(rest) = r.rest {
+            self.core.on_server_data(gen, rest, self.now);
+        }
+        if let Some(e) = r.write_error {
+            tracing::debug!(error = %e, "client write failed");
+            self.core.on_client_error(self.now);
+        }
+        Some(true)
     }
 
     fn poll_timers(&mut self, cx: &mut Context<'_>) -> bool {

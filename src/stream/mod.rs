@@ -92,6 +92,15 @@ impl ReplayBuffer {
         self.chunks.push_back(chunk);
     }
 
+    /// Moves the start of an empty buffer past `n` bytes that went from
+    /// source to destination without being held (spliced).
+    pub fn skip(&mut self, n: u64) {
+        debug_assert!(self.is_empty(), "only an empty buffer skips bytes");
+        if self.is_empty() {
+            self.start += n;
+        }
+    }
+
     /// Drops every byte before `offset` (clamped to `[start, end]`).
     pub fn release_to(&mut self, offset: Offset) {
         let offset = offset.clamp(self.start, self.end());
@@ -370,6 +379,22 @@ impl Stream {
         debug_assert!(!self.fin_read, "no bytes after the source's FIN");
         self.read += chunk.len() as u64;
         self.buf.push(chunk);
+        self.check_invariants();
+    }
+
+    /// `n` bytes went from source to destination without being held
+    /// (spliced): read, sent and acked at once. Only while nothing is
+    /// buffered (`read == acked`), so no byte overtakes a held one.
+    pub fn pass_through(&mut self, n: u64) {
+        debug_assert!(!self.fin_read, "no bytes after the source's FIN");
+        debug_assert_eq!(self.buffered(), 0, "nothing held while passing through");
+        if self.buffered() != 0 {
+            return;
+        }
+        self.read += n;
+        self.sent = self.read;
+        self.acked = self.read;
+        self.buf.skip(n);
         self.check_invariants();
     }
 

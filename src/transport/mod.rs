@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 use crate::config::{Endpoint, SocketOptions};
 
 pub mod sockopt;
+pub mod splice;
 pub mod tls;
 
 /// Listen backlog (the kernel caps it at `net.core.somaxconn`): deep enough
@@ -193,6 +194,28 @@ pub fn apply_tcp_options(sock: SockRef<'_>, opts: &SocketOptions) -> io::Result<
     Ok(())
 }
 
+/// The options [`apply_tcp_options`] sets, read back from a socket.
+///
+/// On a listening socket this says what the sockets it accepts start with:
+/// Linux copies TCP_NODELAY, keepalive and TCP_USER_TIMEOUT from a
+/// listening socket to each connection it accepts (tested below).
+pub fn tcp_options(sock: SockRef<'_>) -> io::Result<SocketOptions> {
+    let keepalive = if sock.keepalive()? {
+        Some(crate::config::Keepalive {
+            idle: sock.keepalive_time()?,
+            interval: sock.keepalive_interval()?,
+            count: sock.keepalive_retries()?,
+        })
+    } else {
+        None
+    };
+    Ok(SocketOptions {
+        nodelay: sock.nodelay()?,
+        keepalive,
+        user_timeout: sock.tcp_user_timeout()?,
+    })
+}
+
 /// Connects to a server, applying the backend's socket options, within
 /// `timeout`.
 pub async fn connect(
@@ -280,9 +303,11 @@ pub enum BindError {
 
 impl Listener {
     /// Binds a listener. TCP listeners get SO_REUSEADDR (a restarted holdfast
-    /// binds at once despite TIME_WAIT). A Unix listener removes a stale
+    /// binds at once despite TIME_WAIT) and `opts`, set before `listen`, so
+    /// that every connection they accept starts with them (see
+    /// [`Listener::accepted_options`]). A Unix listener removes a stale
     /// socket file only when nothing is listening on it.
-    pub async fn bind(endpoint: &Endpoint) -> Result<Listener, BindError> {
+    pub async fn bind(endpoint: &Endpoint, opts: &SocketOptions) -> Result<Listener, BindError> {
         let io_err = |source| BindError::Io {
             endpoint: endpoint.to_string(),
             source,
@@ -301,6 +326,7 @@ impl Listener {
                     }
                     .map_err(io_err)?;
                     sock.set_reuseaddr(true).map_err(io_err)?;
+                    apply_tcp_options(SockRef::from(&sock), opts).map_err(io_err)?;
                     match sock.bind(a).and_then(|_| sock.listen(LISTEN_BACKLOG)) {
                         Ok(l) => return Ok(Listener::Tcp(l)),
                         Err(e) => last = Some(e),
@@ -491,6 +517,19 @@ impl Listener {
         }
     }
 
+    /// The socket options every connection this listener accepts starts
+    /// with, when it is a TCP listener: what its listening socket has (Linux
+    /// copies them to each accepted socket). holdfast sets a listening
+    /// socket's options only before `listen` (in [`Listener::bind`]), so the
+    /// connections already queued have them too. `None` for other listeners
+    /// or when they cannot be read.
+    pub fn accepted_options(&self) -> Option<SocketOptions> {
+        match self {
+            Listener::Tcp(l) => tcp_options(SockRef::from(l)).ok(),
+            _ => None,
+        }
+    }
+
     /// Accepts one connection; returns it with the peer's address for logs.
     pub async fn accept(&self) -> io::Result<(Conn, String)> {
         match self {
@@ -595,5 +634,43 @@ mod tests {
         apply_tcp_options(SockRef::from(&sock), &opts).unwrap();
         assert!(!sock.keepalive().unwrap());
         assert!(!sock.nodelay().unwrap());
+    }
+
+    /// What `start_session` relies on to skip setting options on each
+    /// accepted socket: Linux copies them from the listening socket.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_options() {
+        for opts in [
+            SocketOptions {
+                nodelay: true,
+                keepalive: Some(Keepalive {
+                    idle: Duration::from_secs(61),
+                    interval: Duration::from_secs(11),
+                    count: 7,
+                }),
+                user_timeout: Some(Duration::from_secs(29)),
+            },
+            SocketOptions {
+                nodelay: false,
+                keepalive: None,
+                user_timeout: None,
+            },
+        ] {
+            let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".into()), &opts)
+                .await
+                .unwrap();
+            assert_eq!(l.accepted_options(), Some(opts));
+            let Listener::Tcp(tl) = &l else {
+                panic!("a tcp listener")
+            };
+            let addr = tl.local_addr().unwrap();
+            // Queued before the accept, as after a burst.
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let (conn, _) = l.accept().await.unwrap();
+            let Conn::Tcp(s) = &conn else {
+                panic!("a tcp connection")
+            };
+            assert_eq!(tcp_options(SockRef::from(s)).unwrap(), opts);
+        }
     }
 }

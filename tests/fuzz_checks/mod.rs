@@ -524,6 +524,7 @@ pub fn snapshot_backends() -> Vec<std::sync::Arc<config::BackendConfig>> {
                 preamble: 1,
                 retry_responses: vec![b"-LOADING".to_vec()],
                 max_held_sessions: None,
+                splice: false,
                 socket: SocketOptions {
                     nodelay: true,
                     keepalive: None,

@@ -42,6 +42,7 @@ pub(super) fn backend(ack: AckMode, servers: usize) -> BackendConfig {
         preamble: 0,
         retry_responses: Vec::new(),
         max_held_sessions: None,
+        splice: false,
         socket: SocketOptions {
             nodelay: true,
             keepalive: None,
@@ -622,6 +623,60 @@ fn none_mode_server_reset_is_server_error_after_the_bytes() {
     assert_eq!(h.closed_events(), [CloseReason::ServerError]);
 }
 
+#[test]
+fn none_mode_passed_through_bytes_count_in_order_with_held_ones() {
+    let mut h = Harness::with_mode(AckMode::None);
+    assert!(!h.core.can_pass_through(Dir::Up), "no leg yet");
+    let g = h.connect_last();
+    assert!(h.core.can_pass_through(Dir::Up));
+    assert!(h.core.can_pass_through(Dir::Down));
+    // 100 bytes spliced up, 40 down: read, sent and acked at once (the
+    // harness's server and client receive them, outside the core).
+    h.legs[g.0 as usize].rx.extend_from_slice(&[b'u'; 100]);
+    h.client_rx.extend_from_slice(&[b'd'; 40]);
+    h.core.on_passed_through(Dir::Up, 100, h.now);
+    h.core.on_passed_through(Dir::Down, 40, h.now);
+    h.core.check_invariants();
+    for (dir, n) in [(Dir::Up, 100), (Dir::Down, 40)] {
+        let st = h.core.stream(dir);
+        assert_eq!(
+            (st.read(), st.sent(), st.acked(), st.buffered()),
+            (n, n, n, 0)
+        );
+    }
+    // Bytes the destination did not take are held as usual, and nothing
+    // passes through until they are written.
+    h.stall_up = true;
+    h.client(b"rest");
+    assert!(!h.core.can_pass_through(Dir::Up), "held bytes first");
+    h.stall_up = false;
+    h.pump();
+    assert_eq!(
+        &h.rx_stream(g)[100..],
+        b"rest",
+        "written after the spliced 100"
+    );
+    assert_eq!(h.core.stream(Dir::Up).sent(), 104);
+    assert!(h.core.can_pass_through(Dir::Up));
+    // The client's FIN: no more passing through up; the server's close ends
+    // the session as usual.
+    h.client_eof();
+    assert!(!h.core.can_pass_through(Dir::Up));
+    h.server_eof(g);
+    assert!(!h.core.can_pass_through(Dir::Down));
+    assert_eq!(h.core.done(), Some(CloseReason::ClientClosed));
+}
+
+#[test]
+fn only_none_mode_passes_through() {
+    for mode in [AckMode::Tcp, lines()] {
+        let mut h = Harness::with_mode(mode);
+        h.connect_last();
+        assert!(!h.core.can_pass_through(Dir::Up));
+        assert!(!h.core.can_pass_through(Dir::Down));
+    }
+}
+
 // ---- ack = "tcp" ----
 
 #[test]
@@ -1148,7 +1203,7 @@ fn idle_timeout_off_by_default_and_hold_refusal_ends_gracefully() {
 fn examples_with_a_snapshot_after_every_input() {
     assert_eq!(
         include_str!("tests.rs").matches("#[test]\n").count(),
-        21 + 1,
+        23 + 1,
         "a new example is listed here too"
     );
     super::tests::SNAPSHOTS.with(|s| s.set(true));
@@ -1158,6 +1213,8 @@ fn examples_with_a_snapshot_after_every_input() {
     none_mode_server_close_ends_the_session_without_the_close_option();
     none_mode_refused_everywhere_is_server_unreachable();
     none_mode_server_reset_is_server_error_after_the_bytes();
+    none_mode_passed_through_bytes_count_in_order_with_held_ones();
+    only_none_mode_passes_through();
     tcp_mode_replays_exactly_from_acked();
     tcp_mode_server_close_before_everything_acked_is_a_failure();
     response_mode_resends_exactly_the_unanswered_requests();
