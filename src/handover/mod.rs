@@ -1039,13 +1039,19 @@ pub fn recv_verdicts(sock: &UnixStream, n: usize) -> Result<Vec<bool>, HandoverE
 }
 
 /// Raises the calling thread's scheduling priority for as long as it is
-/// kept (the hand-over's own threads: each session's pause waits on them,
-/// and on a machine whose CPUs are saturated an ordinary thread woken by a
-/// message can wait milliseconds to run). Best effort: without the
-/// privilege to raise it (CAP_SYS_NICE, or root) nothing changes.
+/// kept: nice −10 (the hand-over's own threads: each session's pause waits
+/// on them, and on a machine whose CPUs are saturated an ordinary thread
+/// woken by a message can wait a millisecond or more to run). Without the
+/// privilege (CAP_SYS_NICE, or root) nothing changes. Dropping it restores
+/// the thread's nice value, so a pooled thread goes back to its pool as it
+/// came. Real-time scheduling was tried and is not used: it cut the busy
+/// pauses further but stalled sessions for up to a second now and then
+/// (docs/benchmarks.md, "Hand-over").
 pub struct Urgent {
     tid: rustix::process::Pid,
     before: Option<i32>,
+    /// Dropped on the thread that raised it (the nice value is per thread).
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 /// The nice value the hand-over's threads run at while they work.
@@ -1058,14 +1064,17 @@ impl Urgent {
             .ok()
             .filter(|&n| n > URGENT_NICE)
             .filter(|_| rustix::process::setpriority_process(Some(tid), URGENT_NICE).is_ok());
-        Urgent { tid, before }
+        Urgent {
+            tid,
+            before,
+            _thread: std::marker::PhantomData,
+        }
     }
 }
 
 impl Drop for Urgent {
     fn drop(&mut self) {
         if let Some(n) = self.before {
-            // A pooled thread goes back to the pool as it came.
             let _ = rustix::process::setpriority_process(Some(self.tid), n);
         }
     }
@@ -1152,5 +1161,33 @@ mod tests {
         wait_ack(&b).unwrap();
         drop(a);
         assert!(matches!(wait_ack(&b), Err(HandoverError::NoAck)));
+    }
+
+    /// The calling thread's nice value, from /proc.
+    fn nice() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Fields after the command's closing parenthesis start at field 3.
+        let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
+        rest[19 - 3].parse().unwrap()
+    }
+
+    #[test]
+    fn urgent_raises_the_thread_and_gives_back_what_it_had() {
+        std::thread::spawn(|| {
+            let before = nice();
+            let urgent = Urgent::raise();
+            if urgent.before.is_some() {
+                assert_eq!(nice(), URGENT_NICE);
+            } else {
+                eprintln!("no privilege to raise the priority: nothing changed");
+                assert_eq!(nice(), before);
+            }
+            drop(urgent);
+            assert_eq!(nice(), before);
+        })
+        .join()
+        .unwrap();
     }
 }
