@@ -125,6 +125,21 @@ fn kill(sig: &str, pid: u32) {
     assert!(ok.success(), "kill {sig} {pid}");
 }
 
+/// SIGUSR2 to the current generation (the last of `generations`); waits
+/// until a new one runs and returns its pid, recorded in `generations` and
+/// in `guard`.
+async fn start_upgrade(log: &mut Log, generations: &mut Vec<u32>, guard: &mut KillOnDrop) -> u32 {
+    let old = *generations.last().expect("a generation");
+    kill("-USR2", old);
+    let running = log
+        .until("holdfast running", |l| !generations.contains(&pid_of(l)))
+        .await;
+    let pid = pid_of(&running);
+    generations.push(pid);
+    guard.0 = pid;
+    pid
+}
+
 async fn echo_once(c: &mut tokio::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
     c.write_all(msg).await?;
     let mut buf = vec![0u8; msg.len()];
@@ -258,14 +273,7 @@ async fn a_session_in_mid_bulk_survives_upgrades() {
     for round in 1..=3u64 {
         // Each upgrade with bulk flowing (its reads at full size).
         progress_past(&progress, round * (40 << 20), "echo before an upgrade").await;
-        let old = pid;
-        kill("-USR2", old);
-        let running = log
-            .until("holdfast running", |l| !generations.contains(&pid_of(l)))
-            .await;
-        pid = pid_of(&running);
-        generations.push(pid);
-        guard.0 = pid;
+        pid = start_upgrade(&mut log, &mut generations, &mut guard).await;
         log.until("hand-over socket listening", |l| pid_of(l) == pid)
             .await;
         let taken = log.until("sessions taken over", |_| true).await;
@@ -317,13 +325,7 @@ async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
     let mut generations = vec![pid];
     for round in 0..5 {
         let old = pid;
-        kill("-USR2", old);
-        let running = log
-            .until("holdfast running", |l| !generations.contains(&pid_of(l)))
-            .await;
-        pid = pid_of(&running);
-        generations.push(pid);
-        guard.0 = pid;
+        pid = start_upgrade(&mut log, &mut generations, &mut guard).await;
         log.until("hand-over socket listening", |l| pid_of(l) == pid)
             .await;
         log.until("holdfast stopped", |l| pid_of(l) == old).await;
@@ -597,14 +599,7 @@ async fn a_hundred_live_sessions_survive_ten_upgrades() {
     let mut handed = Vec::new();
     for round in 0..10 {
         let old = pid;
-        kill("-USR2", old);
-        let running = rig
-            .log
-            .until("holdfast running", |l| !generations.contains(&pid_of(l)))
-            .await;
-        pid = pid_of(&running);
-        generations.push(pid);
-        guard.0 = pid;
+        pid = start_upgrade(&mut rig.log, &mut generations, &mut guard).await;
         let line = rig.log.until("sessions handed over", |_| true).await;
         handed.push(line);
         rig.log

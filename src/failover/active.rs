@@ -372,17 +372,25 @@ mod tests {
             .unwrap_or_default()
     }
 
-    #[tokio::test]
-    async fn replicates_heartbeats_and_rebuilds_sessions_after_a_reconnect() {
+    /// A standby's listener and a replicator connecting to it.
+    async fn replicator(
+        heartbeat: Duration,
+    ) -> (
+        tokio::net::TcpListener,
+        Replicator,
+        tokio::task::JoinHandle<()>,
+        CancellationToken,
+    ) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = l.local_addr().unwrap().to_string();
         let shutdown = CancellationToken::new();
-        let (rep, task) = Replicator::spawn(
-            peer,
-            Secret(KEY.into()),
-            Duration::from_millis(5),
-            shutdown.clone(),
-        );
+        let (rep, task) = Replicator::spawn(peer, Secret(KEY.into()), heartbeat, shutdown.clone());
+        (l, rep, task, shutdown)
+    }
+
+    #[tokio::test]
+    async fn replicates_heartbeats_and_rebuilds_sessions_after_a_reconnect() {
+        let (l, rep, task, shutdown) = replicator(Duration::from_millis(5)).await;
         let (a, b) = (SessionId(1), SessionId(2));
         rep.send(session(a));
         rep.send(Record::Read {
@@ -418,15 +426,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stalled_link_holds_sessions_back_until_it_catches_up() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let peer = l.local_addr().unwrap().to_string();
-        let shutdown = CancellationToken::new();
-        let (rep, task) = Replicator::spawn(
-            peer,
-            Secret(KEY.into()),
-            Duration::from_millis(20),
-            shutdown.clone(),
-        );
+        let (l, rep, task, shutdown) = replicator(Duration::from_millis(20)).await;
         let (mut s, _) = l.accept().await.unwrap();
         link::handshake_standby(&mut s, KEY).await.unwrap();
         // The standby reads nothing: the link's socket buffers fill, then
