@@ -16,6 +16,10 @@
 //! what the clients saw: every idle session echoes again afterwards; busy
 //! sessions (each streaming 16 KiB echo round trips) report the longest gap
 //! between two round trips during the upgrade and check every byte.
+//!
+//! `--client-cpu N` pins the busy clients' threads to CPU `N` (holdfast and
+//! the echo server stay free): on a 2-CPU machine, the 100 clients then
+//! compete with holdfast for one CPU instead of both.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -32,6 +36,7 @@ struct Opts {
     busy: usize,
     rounds: usize,
     holdfast: String,
+    client_cpu: Option<usize>,
 }
 
 fn parse() -> anyhow::Result<Opts> {
@@ -40,6 +45,7 @@ fn parse() -> anyhow::Result<Opts> {
         busy: 0,
         rounds: 3,
         holdfast: "target/release/holdfast".into(),
+        client_cpu: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -50,11 +56,26 @@ fn parse() -> anyhow::Result<Opts> {
             "--busy" => o.busy = v.parse()?,
             "--rounds" => o.rounds = v.parse()?,
             "--holdfast" => o.holdfast = v.clone(),
+            "--client-cpu" => o.client_cpu = Some(v.parse()?),
             f => bail!("unknown flag {f}"),
         }
         i += 2;
     }
     Ok(o)
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: `set` is a valid cpu_set_t for the calls; pid 0 is the calling
+    // thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pin to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn field(line: &str, name: &str) -> Option<String> {
@@ -197,7 +218,11 @@ ack = "tcp"
         let mut c = TcpStream::connect(&addr)?;
         let (stop, upgrading, worst) = (stop.clone(), upgrading.clone(), worst_gap_us.clone());
         let (baseline, worst_base) = (baseline.clone(), worst_base_us.clone());
+        let cpu = o.client_cpu;
         busy.push(thread::spawn(move || -> anyhow::Result<u64> {
+            if let Some(cpu) = cpu {
+                pin(cpu)?;
+            }
             let mut n = 0u64;
             let mut last = Instant::now();
             while !stop.load(Ordering::Relaxed) {
