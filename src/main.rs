@@ -292,6 +292,16 @@ fn main() -> ExitCode {
 /// How long the old process waits for the new one to confirm a hand-over.
 const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long either side of a hand-over waits for the other: [`ACK_TIMEOUT`],
+/// or `HOLDFAST_TEST_HANDOVER_TIMEOUT_MS` (a test hook, so that a test of a
+/// stalled hand-over does not wait a minute).
+fn ack_timeout() -> std::time::Duration {
+    std::env::var("HOLDFAST_TEST_HANDOVER_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(ACK_TIMEOUT, std::time::Duration::from_millis)
+}
+
 /// `--takeover`: connects to the running holdfast's hand-over socket and
 /// receives its listening sockets (before the runtime starts).
 fn take_over(
@@ -358,7 +368,7 @@ async fn handover_task(
         }
     };
     tracing::info!(socket = %path.display(), pid = std::process::id(), "hand-over socket listening");
-    holdfast::handover::serve(listener, control, shutdown, ACK_TIMEOUT).await;
+    holdfast::handover::serve(listener, control, shutdown, ack_timeout()).await;
 }
 
 /// The new process's side of the session hand-over: receives batches until
@@ -410,8 +420,8 @@ fn take_batches(
 ) -> (usize, usize) {
     use holdfast::handover;
     let _urgent = handover::Urgent::raise();
-    let (mut taken, mut refused) = (0usize, 0usize);
-    if let Err(e) = sock.set_read_timeout(Some(ACK_TIMEOUT)) {
+    let (mut taken, mut refused, mut batches) = (0usize, 0usize, 0usize);
+    if let Err(e) = sock.set_read_timeout(Some(ack_timeout())) {
         tracing::error!(error = %e, "hand-over socket unusable: sessions stay with the old process");
         return (0, 0);
     }
@@ -430,6 +440,12 @@ fn take_batches(
         if fault == Some("exit-on-first-batch") {
             tracing::error!("HOLDFAST_TEST_HANDOVER_FAULT: exiting before answering a batch");
             std::process::exit(EXIT_RUNTIME.into());
+        }
+        batches += 1;
+        if fault == Some("stall-on-second-batch") && batches == 2 {
+            // Answers only after the old process stopped waiting.
+            tracing::error!("HOLDFAST_TEST_HANDOVER_FAULT: stalling before answering a batch");
+            std::thread::sleep(2 * ack_timeout());
         }
         let at = std::time::Instant::now();
         let sessions = batch.split(blob, fds);

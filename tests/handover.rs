@@ -69,8 +69,17 @@ impl Log {
 /// Starts `holdfast run --config cfg`; every later generation inherits
 /// its stderr, so one [`Log`] sees them all.
 fn spawn_logged(cfg: &std::path::Path) -> (tokio::process::Child, Log) {
+    spawn_logged_with(cfg, &[])
+}
+
+/// [`spawn_logged`] with extra environment variables (the test hooks).
+fn spawn_logged_with(
+    cfg: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> (tokio::process::Child, Log) {
     let mut child = Command::new(BIN)
         .args(["run", "--config", cfg.to_str().unwrap()])
+        .envs(envs.iter().copied())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -469,6 +478,10 @@ struct LoadRig {
 
 impl LoadRig {
     async fn start(tag: &str, clients: usize) -> LoadRig {
+        Self::start_with(tag, clients, &[]).await
+    }
+
+    async fn start_with(tag: &str, clients: usize, envs: &[(&str, &str)]) -> LoadRig {
         let server = Server::start("127.0.0.1:0", "lines").await;
         let dir = temp_dir(tag);
         let key = dir.join("resume.key");
@@ -512,7 +525,7 @@ framing = "lines"
             ),
         )
         .unwrap();
-        let (edge, mut log) = spawn_logged(&cfg);
+        let (edge, mut log) = spawn_logged_with(&cfg, envs);
         let mut addrs = Vec::new();
         for name in ["none", "tcp", "response", "resume"] {
             let l = log
@@ -665,4 +678,62 @@ async fn a_new_process_dying_mid_hand_over_leaves_every_session_alive() {
         .await;
     rig.flowing(200, "after the real upgrade").await;
     rig.finish(new).await;
+}
+
+/// A new process that stops answering half-way (it answers its second
+/// batch only after the old process gave up waiting): the old process shuts
+/// the hand-over socket and keeps every session not answered for; the new
+/// process's late answer fails, so it starts none of them, and keeps the
+/// first batch it had taken. No session runs in both or in neither: every
+/// client's verified stream goes on, whichever process serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_that_stops_answering_never_shares_a_session() {
+    let timeout = ("HOLDFAST_TEST_HANDOVER_TIMEOUT_MS", "1000");
+    let mut rig = LoadRig::start_with("stalling", 20, &[timeout]).await;
+    rig.flowing(200, "before").await;
+    let pid = rig.edge.id().unwrap();
+    let _guard = KillOnDrop(pid);
+    let cfg = rig.dir.join("edge.toml");
+    let (mut new, mut new_log) = {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config", cfg.to_str().unwrap(), "--takeover"])
+            .env("HOLDFAST_TEST_HANDOVER_FAULT", "stall-on-second-batch")
+            .env(timeout.0, timeout.1)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = reader.next_line().await {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        (
+            child,
+            Log {
+                lines,
+                seen: String::new(),
+                unmatched: Vec::new(),
+            },
+        )
+    };
+    rig.log
+        .until("hand-over failed", |l| l.contains("keeps serving"))
+        .await;
+    rig.log.until("accepting again", |_| true).await;
+    new_log
+        .until("cannot answer the old process", |_| true)
+        .await;
+    new_log.until("sessions taken over", |_| true).await;
+    // Both processes serve now: the sessions of the first batch in the new
+    // one, every other one here. Every client still ends cleanly with every
+    // response verified: none was lost, and none was served by both.
+    rig.flowing(300, "after the stalled hand-over").await;
+    rig.finish(pid).await;
+    let _ = new.start_kill();
+    let _ = new.wait().await;
 }

@@ -692,7 +692,18 @@ fn read_answers(
             }
             InFlight::Batch(b) => b,
         };
-        match recv_verdicts(sock, batch.len()) {
+        let mut got = recv_verdicts(sock, batch.len());
+        if got.is_err() && !broken {
+            // Whatever the new process writes from now on fails, so it
+            // starts none of what we keep; an answer it wrote before this
+            // point is still there to read, and is honoured: the sessions
+            // it names run there, not here.
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+            if let Ok(v) = recv_verdicts(sock, batch.len()) {
+                got = Ok(v);
+            }
+        }
+        match got {
             Ok(verdicts) => {
                 let mut a = Answered {
                     taken: 0,
@@ -715,10 +726,6 @@ fn read_answers(
                 drop(batch);
                 if !broken {
                     broken = true;
-                    // Whatever the new process writes from now on fails, so
-                    // it starts none of what we keep; what it wrote already
-                    // is still read above.
-                    let _ = sock.shutdown(std::net::Shutdown::Both);
                     let _ = events.send(Event::Broken(e));
                 }
             }
