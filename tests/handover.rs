@@ -69,16 +69,19 @@ impl Log {
 /// Starts `holdfast run --config cfg`; every later generation inherits
 /// its stderr, so one [`Log`] sees them all.
 fn spawn_logged(cfg: &std::path::Path) -> (tokio::process::Child, Log) {
-    spawn_logged_with(cfg, &[])
+    spawn_logged_with(cfg, &[], &[])
 }
 
-/// [`spawn_logged`] with extra environment variables (the test hooks).
+/// [`spawn_logged`] with extra arguments (`--takeover`) and environment
+/// variables (the test hooks).
 fn spawn_logged_with(
     cfg: &std::path::Path,
+    args: &[&str],
     envs: &[(&str, &str)],
 ) -> (tokio::process::Child, Log) {
     let mut child = Command::new(BIN)
         .args(["run", "--config", cfg.to_str().unwrap()])
+        .args(args)
         .envs(envs.iter().copied())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -525,7 +528,7 @@ framing = "lines"
             ),
         )
         .unwrap();
-        let (edge, mut log) = spawn_logged_with(&cfg, envs);
+        let (edge, mut log) = spawn_logged_with(&cfg, &[], envs);
         let mut addrs = Vec::new();
         for name in ["none", "tcp", "response", "resume"] {
             let l = log
@@ -694,33 +697,14 @@ async fn a_new_process_that_stops_answering_never_shares_a_session() {
     let pid = rig.edge.id().unwrap();
     let _guard = KillOnDrop(pid);
     let cfg = rig.dir.join("edge.toml");
-    let (mut new, mut new_log) = {
-        let mut child = Command::new(BIN)
-            .args(["run", "--config", cfg.to_str().unwrap(), "--takeover"])
-            .env("HOLDFAST_TEST_HANDOVER_FAULT", "stall-on-second-batch")
-            .env(timeout.0, timeout.1)
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(l)) = reader.next_line().await {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        (
-            child,
-            Log {
-                lines,
-                seen: String::new(),
-                unmatched: Vec::new(),
-            },
-        )
-    };
+    let (mut new, mut new_log) = spawn_logged_with(
+        &cfg,
+        &["--takeover"],
+        &[
+            ("HOLDFAST_TEST_HANDOVER_FAULT", "stall-on-second-batch"),
+            timeout,
+        ],
+    );
     rig.log
         .until("hand-over failed", |l| l.contains("keeps serving"))
         .await;
