@@ -360,6 +360,24 @@ mod tests {
         Bytes::from_static(s.as_bytes())
     }
 
+    /// Client bytes read, from `offset`.
+    fn read(id: SessionId, offset: u64, s: &'static str) -> Record {
+        Record::Read {
+            id,
+            offset,
+            data: b(s),
+        }
+    }
+
+    /// Bytes written to the client, from `offset`.
+    fn written(id: SessionId, offset: u64, s: &'static str) -> Record {
+        Record::Written {
+            id,
+            offset,
+            data: b(s),
+        }
+    }
+
     fn concat(v: Vec<Bytes>) -> Vec<u8> {
         v.iter().flat_map(|b| b.iter().copied()).collect()
     }
@@ -381,15 +399,7 @@ mod tests {
             )
             .unwrap();
         }
-        m.apply(
-            Record::Written {
-                id,
-                offset: 0,
-                data: b("A\n"),
-            },
-            t0,
-        )
-        .unwrap();
+        m.apply(written(id, 0, "A\n"), t0).unwrap();
         m.apply(Record::ServerAcked { id, offset: 8 }, t0).unwrap(); // mid-chunk
                                                                      // Staged: nothing moves before the `Synced`.
         let s = m.get(id).unwrap();
@@ -439,17 +449,9 @@ mod tests {
         let id = SessionId(4);
         let mut m = Mirror::new();
         m.apply(new_session(4, 0, 0), t0).unwrap();
-        let read = Record::Read {
-            id,
-            offset: 0,
-            data: b("GET a\n"),
-        };
+        let read = read(id, 0, "GET a\n");
         m.apply(read, t0).unwrap();
-        let answer = Record::Written {
-            id,
-            offset: 0,
-            data: b("A\n"),
-        };
+        let answer = written(id, 0, "A\n");
         // Cut after the response alone, and after the response and the ack.
         for cut in [1, 2] {
             let mut cut_mirror = m.clone();
@@ -481,24 +483,8 @@ mod tests {
         let id = SessionId(2);
         let mut m = Mirror::new();
         m.apply(new_session(2, 1 << 33, 77), t0).unwrap();
-        m.apply(
-            Record::Read {
-                id,
-                offset: 1 << 33,
-                data: b("x"),
-            },
-            t0,
-        )
-        .unwrap();
-        m.apply(
-            Record::Written {
-                id,
-                offset: 77,
-                data: b("y"),
-            },
-            t0,
-        )
-        .unwrap();
+        m.apply(read(id, 1 << 33, "x"), t0).unwrap();
+        m.apply(written(id, 77, "y"), t0).unwrap();
         m.apply(Record::Synced { id, offset: 78 }, t0).unwrap();
         let s = m.get(id).unwrap();
         assert_eq!((s.read, s.written, s.client_acked), ((1 << 33) + 1, 78, 77));
@@ -510,34 +496,10 @@ mod tests {
         let id = SessionId(3);
         let mut m = Mirror::new();
         m.apply(new_session(3, 0, 0), t0).unwrap();
-        m.apply(
-            Record::Read {
-                id,
-                offset: 0,
-                data: b("GET a\nGET b\n"),
-            },
-            t0,
-        )
-        .unwrap();
+        m.apply(read(id, 0, "GET a\nGET b\n"), t0).unwrap();
         m.apply(Record::ServerAcked { id, offset: 6 }, t0).unwrap();
-        m.apply(
-            Record::Written {
-                id,
-                offset: 0,
-                data: b("A\n"),
-            },
-            t0,
-        )
-        .unwrap();
-        m.apply(
-            Record::Written {
-                id,
-                offset: 2,
-                data: b("B\n"),
-            },
-            t0,
-        )
-        .unwrap();
+        m.apply(written(id, 0, "A\n"), t0).unwrap();
+        m.apply(written(id, 2, "B\n"), t0).unwrap();
         m.apply(Record::Synced { id, offset: 4 }, t0).unwrap();
         m.apply(
             Record::ClientAcked {
@@ -577,15 +539,7 @@ mod tests {
         let id = SessionId(1);
         let mut m = Mirror::new();
         m.apply(new_session(1, 0, 0), t0).unwrap();
-        m.apply(
-            Record::Read {
-                id,
-                offset: 0,
-                data: b("abc"),
-            },
-            t0,
-        )
-        .unwrap();
+        m.apply(read(id, 0, "abc"), t0).unwrap();
         let cases = [
             (new_session(1, 0, 0), MirrorError::Duplicate(id)),
             (
@@ -593,11 +547,7 @@ mod tests {
                 MirrorError::Unknown(SessionId(9)),
             ),
             (
-                Record::Read {
-                    id,
-                    offset: 4,
-                    data: b("d"),
-                },
+                read(id, 4, "d"),
                 MirrorError::NotContiguous {
                     id,
                     what: "client bytes read",
@@ -606,11 +556,7 @@ mod tests {
                 },
             ),
             (
-                Record::Written {
-                    id,
-                    offset: 1,
-                    data: b("d"),
-                },
+                written(id, 1, "d"),
                 MirrorError::NotContiguous {
                     id,
                     what: "bytes written to the client",

@@ -72,72 +72,44 @@ mod tests {
         b.to_vec()
     }
 
+    /// Follows a link that carries `bytes`, then ends (`close`) or stays
+    /// open and silent.
+    async fn follow_bytes(bytes: &[u8], close: bool, m: &mut Mirror, timeout: Duration) -> Ended {
+        let (mut active, standby) = tokio::io::duplex(4096);
+        active.write_all(bytes).await.unwrap();
+        let active = (!close).then_some(active);
+        let ended = follow(&mut RecordReader::new(standby), m, timeout).await;
+        drop(active);
+        ended
+    }
+
     #[tokio::test(start_paused = true)]
     async fn silence_after_heartbeats_means_take_over() {
-        let (mut active, standby) = tokio::io::duplex(4096);
-        active
-            .write_all(&wire(&[
-                Record::Heartbeat { seq: 1 },
-                Record::Heartbeat { seq: 2 },
-            ]))
-            .await
-            .unwrap();
         let mut m = Mirror::new();
-        let ended = follow(
-            &mut RecordReader::new(standby),
-            &mut m,
-            Duration::from_millis(50),
-        )
-        .await;
+        let beats = wire(&[Record::Heartbeat { seq: 1 }, Record::Heartbeat { seq: 2 }]);
+        let ended = follow_bytes(&beats, false, &mut m, Duration::from_millis(50)).await;
         assert!(
             matches!(ended, Ended::Silent(d) if d >= Duration::from_millis(50)),
             "{ended:?}"
         );
         assert_eq!(m.heartbeat, 2);
-        drop(active);
     }
 
     #[tokio::test]
     async fn a_closed_or_bad_link_is_not_a_takeover() {
-        let (mut active, standby) = tokio::io::duplex(4096);
-        active
-            .write_all(&wire(&[Record::Heartbeat { seq: 1 }]))
-            .await
-            .unwrap();
-        drop(active);
-        let mut m = Mirror::new();
-        let ended = follow(
-            &mut RecordReader::new(standby),
-            &mut m,
-            Duration::from_secs(60),
-        )
-        .await;
+        let long = Duration::from_secs(60);
+        let beat = wire(&[Record::Heartbeat { seq: 1 }]);
+        let ended = follow_bytes(&beat, true, &mut Mirror::new(), long).await;
         assert!(matches!(ended, Ended::Closed), "{ended:?}");
 
-        let (mut active, standby) = tokio::io::duplex(4096);
-        active
-            .write_all(&wire(&[Record::Closed { id: SessionId(7) }]))
-            .await
-            .unwrap();
-        let ended = follow(
-            &mut RecordReader::new(standby),
-            &mut Mirror::new(),
-            Duration::from_secs(60),
-        )
-        .await;
+        let unknown = wire(&[Record::Closed { id: SessionId(7) }]);
+        let ended = follow_bytes(&unknown, false, &mut Mirror::new(), long).await;
         assert!(
             matches!(ended, Ended::Invalid(MirrorError::Unknown(_))),
             "{ended:?}"
         );
 
-        let (mut active, standby) = tokio::io::duplex(4096);
-        active.write_all(&[0xee; 40]).await.unwrap();
-        let ended = follow(
-            &mut RecordReader::new(standby),
-            &mut Mirror::new(),
-            Duration::from_secs(60),
-        )
-        .await;
+        let ended = follow_bytes(&[0xee; 40], false, &mut Mirror::new(), long).await;
         assert!(
             matches!(ended, Ended::Broken(LinkError::Codec(_))),
             "{ended:?}"
