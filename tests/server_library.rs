@@ -383,20 +383,27 @@ async fn new_session_both_ways_with_half_close() {
     assert_eq!((consumed, acked), (15, 15));
 }
 
-#[tokio::test]
-async fn resume_after_transport_breaks_is_exact_both_ways() {
-    let (l, mut done) = echo_server().await;
-    let addr = l.local_addr().to_owned();
-    // Several sessions at once, each broken 20 times mid-stream.
+/// `sessions` clients at once (made by `make`), each streaming `len` bytes
+/// of `pattern(seed_base + i)` and broken `breaks` times mid-stream with
+/// some of it in flight both ways; each must resume exactly, down stream
+/// and up stream (what the echo server's sessions report on `done`).
+async fn break_and_resume(
+    make: impl Fn() -> Client + Clone + Send + 'static,
+    done: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+    sessions: u64,
+    seed_base: u64,
+    len: usize,
+    breaks: usize,
+) {
     let mut tasks = Vec::new();
-    for seed in 0..4u64 {
-        let addr = addr.clone();
+    for seed in seed_base..seed_base + sessions {
+        let make = make.clone();
         tasks.push(tokio::spawn(async move {
-            let data = pattern(seed, 400_000);
-            let mut c = Client::new(&addr);
+            let data = pattern(seed, len);
+            let mut c = make();
             c.connect().await.unwrap();
-            let step = data.len() / 20;
-            for k in 0..20 {
+            let step = data.len() / breaks;
+            for k in 0..breaks {
                 c.send(&data[k * step..(k + 1) * step]);
                 // Mid-stream: some of this step is in flight both ways.
                 let target = k * step + step / 2;
@@ -418,12 +425,20 @@ async fn resume_after_transport_breaks_is_exact_both_ways() {
         sent.push(t.await.unwrap());
     }
     let mut got = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..sessions {
         got.push(done.recv().await.unwrap());
     }
     sent.sort();
     got.sort();
     assert!(sent == got, "up streams exact");
+}
+
+#[tokio::test]
+async fn resume_after_transport_breaks_is_exact_both_ways() {
+    let (l, mut done) = echo_server().await;
+    let addr = l.local_addr().to_owned();
+    // Several sessions at once, each broken 20 times mid-stream.
+    break_and_resume(move || Client::new(&addr), &mut done, 4, 0, 400_000, 20).await;
 }
 
 #[tokio::test]
@@ -680,41 +695,11 @@ async fn sessions_resume_over_new_tls_connections_exactly() {
     let (l, mut done) = echo_server_with(cfg).await;
     assert!(l.is_tls());
     let addr = l.local_addr().to_owned();
-    let mut tasks = Vec::new();
-    for seed in 0..3u64 {
+    {
         let (addr, client_tls) = (addr.clone(), client_tls.clone());
-        tasks.push(tokio::spawn(async move {
-            let data = pattern(seed + 10, 300_000);
-            let mut c = Client::with_tls(&addr, client_tls);
-            c.connect().await.unwrap();
-            let step = data.len() / 10;
-            for k in 0..10 {
-                c.send(&data[k * step..(k + 1) * step]);
-                let target = k * step + step / 2;
-                assert_eq!(c.pump(|c| c.down.len() >= target).await, Stop::Done);
-                c.drop_leg();
-                c.connect().await.unwrap();
-                assert!(c.welcome_offset >= target as u64);
-            }
-            c.fin();
-            let mut want = data.clone();
-            want.extend_from_slice(b"bye\n");
-            assert_eq!(c.pump(|c| c.complete()).await, Stop::Done);
-            assert!(c.down == want, "down stream exact for seed {seed}");
-            data
-        }));
+        let make = move || Client::with_tls(&addr, client_tls.clone());
+        break_and_resume(make, &mut done, 3, 10, 300_000, 10).await;
     }
-    let mut sent = Vec::new();
-    for t in tasks {
-        sent.push(t.await.unwrap());
-    }
-    let mut got = Vec::new();
-    for _ in 0..3 {
-        got.push(done.recv().await.unwrap());
-    }
-    sent.sort();
-    got.sort();
-    assert!(sent == got, "up streams exact");
 
     // Rotation: the next handshake (a resume) sees the new certificate.
     let mut c = Client::with_tls(&addr, client_tls.clone());
