@@ -81,6 +81,11 @@ fn init_logging(format: LogFormat, default: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr is a pipe whose reader
+        // went away, say journald restarting) is lost, not reported with
+        // `eprintln!`, which would panic the task that logged: a session,
+        // or the task that turns SIGTERM into a drain.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),

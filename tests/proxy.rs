@@ -295,30 +295,22 @@ async fn drain_closes_idle_sessions_after_drain_timeout() {
         .unwrap();
 }
 
-/// The real binary: SIGTERM with an open session drains within
-/// `drain_timeout` and exits 0.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_sigterm_drains_and_exits_zero() {
-    let server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = std::env::temp_dir().join(format!("holdfast-bin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("holdfast.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[lifecycle]\ndrain_timeout = \"500ms\"\n{}",
-            plain_config(&server.addr)
-        ),
-    )
-    .unwrap();
+/// Starts the real binary on `cfg` and reads its log until "holdfast
+/// running"; returns it, the address of its listener (from the "listening"
+/// line) and the rest of its log.
+async fn spawn_binary(
+    cfg: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::io::BufReader<tokio::process::ChildStderr>,
+) {
     let mut child = tokio::process::Command::new(BIN)
         .args(["run", "--config", cfg.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // Wait for "holdfast running" in its log; take the bound port from the
-    // "listening" line.
     let stderr = child.stderr.take().unwrap();
     let mut lines = tokio::io::BufReader::new(stderr);
     let mut log = String::new();
@@ -338,6 +330,26 @@ async fn binary_sigterm_drains_and_exits_zero() {
         }
     }
     let addr = addr.expect("a listening line with addr=");
+    (child, addr, lines)
+}
+
+/// The real binary: SIGTERM with an open session drains within
+/// `drain_timeout` and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_sigterm_drains_and_exits_zero() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = std::env::temp_dir().join(format!("holdfast-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[lifecycle]\ndrain_timeout = \"500ms\"\n{}",
+            plain_config(&server.addr)
+        ),
+    )
+    .unwrap();
+    let (mut child, addr, _log) = spawn_binary(&cfg).await;
     let mut c = connect(&addr).await;
     c.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 5];
@@ -359,5 +371,52 @@ async fn binary_sigterm_drains_and_exits_zero() {
         "client got a clean EOF"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The real binary whose log reader went away (a pipe with no reader, as
+/// when the process collecting its stderr dies): every line it logs fails
+/// to write. It still serves sessions, ends them, and drains and exits 0 on
+/// SIGTERM (a failed log write must not panic the task that logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_without_a_log_reader_still_serves_and_stops() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = std::env::temp_dir().join(format!("holdfast-nolog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[lifecycle]\ndrain_timeout = \"500ms\"\n{}",
+            plain_config(&server.addr)
+        ),
+    )
+    .unwrap();
+    let (mut child, addr, log) = spawn_binary(&cfg).await;
+    // Nobody reads its stderr from now on: each log write fails (EPIPE).
+    drop(log);
+    for round in 0..3u8 {
+        let mut c = connect(&addr).await;
+        let msg = [b'a' + round; 64];
+        c.write_all(&msg).await.unwrap();
+        let mut buf = [0u8; 64];
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, msg, "session {round} echoed");
+        // The session ends and logs its close line.
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+    let pid = child.id().unwrap() as i32;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("SIGTERM still stops it")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
