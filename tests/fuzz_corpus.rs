@@ -487,6 +487,11 @@ fn handover_batch_seeds_decode_or_are_refused() {
         "unknown-kind",
         "garbage",
         "too-many",
+        "valid-resumable-with-link",
+        "valid-resumable-no-link",
+        "resumable-without-state",
+        "state-on-a-tcp-client",
+        "resumable-link-fd-missing",
     ] {
         let data = fs::read(corpus_dir("handover_batch").join(name)).unwrap();
         let blob = u64::from(u32::from_be_bytes([data[1], data[2], data[3], data[4]]));

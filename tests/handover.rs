@@ -721,3 +721,267 @@ async fn a_new_process_that_stops_answering_never_shares_a_session() {
     let _ = new.start_kill();
     let _ = new.wait().await;
 }
+
+/// A core holdfast (a `protocol = "resume"` listener, with an edge in front
+/// of it) upgraded five times while 20 sessions stream verified requests
+/// through edge and core: the core hands over its resume listener and its
+/// sessions with their links, so the edge never sees a link break (no leg
+/// failed, no resume), the core's server legs never break, and every
+/// client's stream goes on, nothing lost, duplicated or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_hands_over_its_resume_sessions_with_their_links() {
+    let mut rig = CoreRig::start("core", false).await;
+    rig.upgrades(5).await;
+    let resumes = rig.finish().await;
+    assert_eq!(resumes, 0.0, "a plain link moves with its session");
+}
+
+/// The same core with mutual TLS on its resume listener: a TLS link cannot
+/// move (rustls's state stays in the old process), so it closes once its
+/// session is taken and the edge resumes it with the new process; the
+/// session itself (offsets, buffers, the server leg) moved, and no client
+/// sees anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_with_tls_links_hands_over_its_sessions_and_edges_resume() {
+    let mut rig = CoreRig::start("core-tls", true).await;
+    rig.upgrades(5).await;
+    let resumes = rig.finish().await;
+    assert!(
+        resumes >= 20.0,
+        "each upgrade's sessions resume their TLS links: {resumes}"
+    );
+}
+
+/// A core whose upgrade fails half-way (the new process exits as the
+/// first batch of sessions arrives): every session, parked for its export,
+/// carries on in the old core with its link, and a real upgrade works
+/// afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_keeps_its_resume_sessions_when_the_new_process_dies() {
+    let mut rig = CoreRig::start("core-dying", false).await;
+    let pid = rig.pid;
+    let _guard = KillOnDrop(pid);
+    let status = tokio::time::timeout(
+        STEP,
+        Command::new(BIN)
+            .args(["run", "--config", rig.cfg.to_str().unwrap(), "--takeover"])
+            .env("HOLDFAST_TEST_HANDOVER_FAULT", "exit-on-first-batch")
+            .stderr(Stdio::null())
+            .status(),
+    )
+    .await
+    .expect("exits in time")
+    .unwrap();
+    assert!(!status.success(), "{status:?}");
+    rig.log
+        .until("hand-over failed", |l| l.contains("keeps serving"))
+        .await;
+    rig.log.until("accepting again", |_| true).await;
+    rig.flowing(200, "after the failed hand-over").await;
+    rig.upgrades(1).await;
+    let resumes = rig.finish().await;
+    assert_eq!(resumes, 0.0);
+}
+
+/// A core (the real binary) behind an edge (in this process), with 20
+/// sessions streaming verified requests through both, optionally with
+/// mutual TLS between them.
+struct CoreRig {
+    _server: Server,
+    /// The first generation (later ones are not our children).
+    _core: tokio::process::Child,
+    _pki: common::pki::Pki,
+    dir: PathBuf,
+    cfg: PathBuf,
+    tls: bool,
+    log: Log,
+    pid: u32,
+    generations: Vec<u32>,
+    guard: KillOnDrop,
+    edge: Running,
+    progress: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<Result<u64, String>>>,
+}
+
+impl CoreRig {
+    async fn start(tag: &str, tls: bool) -> CoreRig {
+        let server = Server::start("127.0.0.1:0", "lines").await;
+        let dir = temp_dir(tag);
+        let key = dir.join("resume.key");
+        std::fs::write(&key, pattern(48, 7)).unwrap();
+        let pki = common::pki::Pki::new(&format!("handover-{tag}"));
+        let (core_tls, edge_tls) = if tls {
+            let (cert, ckey) = pki.leaf("core", "core", 1, &["core.internal"]);
+            let (ecert, ekey) = pki.leaf("edge", "edge", 2, &["edge.internal"]);
+            let ca = pki.path("ca.pem");
+            (
+                format!(r#"tls = {{ cert = "{cert}", key = "{ckey}", client_ca = "{ca}" }}"#),
+                format!(
+                    r#"tls = {{ ca = "{ca}", server_name = "core.internal", cert = "{ecert}", key = "{ekey}" }}"#
+                ),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let socket = dir.join("run").join("handover.sock");
+        let cfg = dir.join("core.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"
+[lifecycle]
+drain_timeout = "2s"
+
+[handover]
+socket = "{}"
+
+[[listener]]
+name = "from-edge"
+listen = "127.0.0.1:0"
+backend = "lines"
+protocol = "resume"
+resume = {{ secret_file = "{}", heartbeat_interval = "100ms", dead_peer_timeout = "2s", resume_timeout = "60s" }}
+{core_tls}
+
+[[backend]]
+name = "lines"
+servers = ["{}"]
+ack = "response"
+framing = "lines"
+"#,
+                socket.display(),
+                key.display(),
+                server.addr
+            ),
+        )
+        .unwrap();
+        let (core, mut log) = spawn_logged(&cfg);
+        let listening = log
+            .until("listening", |l| l.contains("listener=from-edge "))
+            .await;
+        let core_addr = field(&listening, "addr").unwrap().to_string();
+        let pid = core.id().unwrap();
+        log.until("hand-over socket listening", |l| pid_of(l) == pid)
+            .await;
+        let edge = start_running(&format!(
+            r#"
+[[listener]]
+name = "front"
+listen = "127.0.0.1:0"
+backend = "core"
+
+[[backend]]
+name = "core"
+servers = ["{core_addr}"]
+protocol = "resume"
+resume = {{ secret_file = "{}", heartbeat_interval = "100ms", dead_peer_timeout = "2s" }}
+hold_timeout = "60s"
+{edge_tls}
+"#,
+            key.display()
+        ))
+        .await;
+        let progress = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for i in 0..20 {
+            let stream = connect(&edge.addrs[0]).await;
+            clients.push(tokio::spawn(verified_lines_until(
+                stream,
+                i,
+                progress.clone(),
+                stop.clone(),
+            )));
+        }
+        let rig = CoreRig {
+            _server: server,
+            _core: core,
+            _pki: pki,
+            dir,
+            cfg,
+            tls,
+            log,
+            pid,
+            generations: vec![pid],
+            guard: KillOnDrop(pid),
+            edge,
+            progress,
+            stop,
+            clients,
+        };
+        rig.flowing(400, "before the upgrades").await;
+        rig
+    }
+
+    async fn flowing(&self, n: u64, what: &str) {
+        let now = self.progress.load(Ordering::Relaxed);
+        progress_past(&self.progress, now + n, what).await;
+    }
+
+    /// `n` upgrades by SIGUSR2, each handing over all 20 sessions.
+    async fn upgrades(&mut self, n: usize) {
+        for round in 0..n {
+            let old = self.pid;
+            self.pid = start_upgrade(&mut self.log, &mut self.generations, &mut self.guard).await;
+            let line = self.log.until("sessions handed over", |_| true).await;
+            eprintln!("{line}");
+            let handed: usize = field(&line, "sessions").unwrap().parse().unwrap();
+            assert_eq!(handed, 20, "round {round}: {line}");
+            self.log
+                .until("holdfast stopped", |l| pid_of(l) == old)
+                .await;
+            let pid = self.pid;
+            self.log
+                .until("hand-over socket listening", |l| pid_of(l) == pid)
+                .await;
+            self.flowing(200, &format!("after upgrade {round}")).await;
+        }
+    }
+
+    /// Stops the clients (each must end with every response verified),
+    /// checks that no server leg of the core broke (and, without TLS, no
+    /// link), stops the core, and returns the edge's resumes.
+    async fn finish(mut self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in std::mem::take(&mut self.clients) {
+            let r = tokio::time::timeout(STEP, c)
+                .await
+                .unwrap_or_else(|_| panic!("a client did not finish; log:\n{}", self.log.seen))
+                .unwrap();
+            r.unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log.seen));
+        }
+        let metrics = self.edge.rt.metrics.encode();
+        let count = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                .sum()
+        };
+        // The core's sessions kept their server legs: none was made again.
+        assert!(
+            !self.log.seen.contains("leg resumed"),
+            "a server leg of the core broke:\n{}",
+            self.log.seen
+        );
+        if !self.tls {
+            // And the links never broke.
+            assert_eq!(count("holdfast_legs_failed_total"), 0.0, "{metrics}");
+            for broken in ["leg lost", "newer leg replaces"] {
+                assert!(
+                    !self.log.seen.contains(broken),
+                    "the core logged {broken:?}:\n{}",
+                    self.log.seen
+                );
+            }
+        }
+        kill("-TERM", self.pid);
+        let pid = self.pid;
+        self.log
+            .until("holdfast stopped", |l| pid_of(l) == pid)
+            .await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        count("holdfast_resumes_total")
+    }
+}

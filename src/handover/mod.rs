@@ -99,6 +99,8 @@ pub enum HandoverError {
     TooLarge(usize),
     #[error("hand-over manifest: {0}")]
     Manifest(#[from] serde_json::Error),
+    #[error("hand-over batch: a resumable session's entry does not agree with its client kind")]
+    Resumable,
     #[error("the new process closed the hand-over before confirming")]
     NoAck,
     #[error("hand-over batch names {expected} payload bytes, {got} arrived")]
@@ -429,7 +431,7 @@ fn send_listeners(
                 fds.push(fd);
             }
             None => {
-                tracing::warn!(listener = %name, "a resume-protocol listener cannot be handed over yet")
+                tracing::warn!(listener = %name, "a listener without a descriptor to hand over")
             }
         }
     }
@@ -744,17 +746,26 @@ fn send_exported(
     let mut blob = Vec::with_capacity(2 * exported.len());
     let mut sessions = Vec::with_capacity(exported.len());
     for e in exported {
-        fds.push(e.client.as_fd());
+        if let Some(fd) = &e.client {
+            fds.push(fd.as_fd());
+        }
         blob.push(IoSlice::new(&e.snapshot));
         if let Some(leg) = &e.server {
             fds.push(leg.fd.as_fd());
             blob.push(IoSlice::new(&leg.rbuf));
+        }
+        if let Some(r) = &e.resumable {
+            blob.push(IoSlice::new(&r.state));
         }
         sessions.push(SessionEntry {
             id: e.id.to_string(),
             listener: e.listener.clone(),
             peer: e.peer.clone(),
             client: e.client_kind,
+            resumable: e.resumable.as_ref().map(|r| ResumableEntry {
+                state: r.state.len() as u32,
+                leg: r.leg,
+            }),
             server: e.server.as_ref().map(|l| LegEntry {
                 gen: l.gen,
                 kind: l.kind,
@@ -801,6 +812,10 @@ pub struct SessionEntry {
     /// The client's address, for logs.
     pub peer: String,
     pub client: crate::session::driver::SockKind,
+    /// A client of a resume-protocol listener (`client` is `resumable`):
+    /// the server library's state of its session, and its leg's socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumable: Option<ResumableEntry>,
     pub server: Option<LegEntry>,
     /// Bytes of the core's snapshot.
     pub snapshot: u32,
@@ -813,6 +828,28 @@ pub struct SessionEntry {
     /// The backend's ack mode ([`crate::proxy::ack_kind`]): the new process
     /// takes the session only if its backend of that name keeps it.
     pub ack: String,
+}
+
+/// The resumable session of a [`SessionEntry`] whose client came through a
+/// resume-protocol listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumableEntry {
+    /// Bytes of its state (`server::Parked::state`).
+    pub state: u32,
+    /// The socket of its current leg, when one travels (none: no leg, or a
+    /// TLS leg, closed once taken; the initiator resumes).
+    pub leg: Option<crate::session::driver::SockKind>,
+}
+
+impl SessionEntry {
+    /// Descriptors of the client side: its socket, or a resumable session's
+    /// leg when one travels.
+    fn client_fds(&self) -> usize {
+        match &self.resumable {
+            Some(r) => usize::from(r.leg.is_some()),
+            None => 1,
+        }
+    }
 }
 
 /// The leg (server connection) of a [`SessionEntry`].
@@ -840,7 +877,10 @@ pub struct IncomingSession {
     pub entry: SessionEntry,
     pub snapshot: bytes::Bytes,
     pub rbuf: bytes::Bytes,
-    pub client: OwnedFd,
+    /// A resumable client's state (empty for others).
+    pub resumable: bytes::Bytes,
+    /// The client's socket (a resumable client's leg, if one travels).
+    pub client: Option<OwnedFd>,
     pub server: Option<OwnedFd>,
 }
 
@@ -849,7 +889,7 @@ impl Batch {
     pub fn fds(&self) -> usize {
         self.sessions
             .iter()
-            .map(|s| 1 + usize::from(s.server.is_some()))
+            .map(|s| s.client_fds() + usize::from(s.server.is_some()))
             .sum()
     }
 
@@ -857,7 +897,11 @@ impl Batch {
     pub fn blob(&self) -> u64 {
         self.sessions
             .iter()
-            .map(|s| u64::from(s.snapshot) + s.server.as_ref().map_or(0, |l| u64::from(l.rbuf)))
+            .map(|s| {
+                u64::from(s.snapshot)
+                    + s.server.as_ref().map_or(0, |l| u64::from(l.rbuf))
+                    + s.resumable.as_ref().map_or(0, |r| u64::from(r.state))
+            })
             .sum()
     }
 
@@ -873,6 +917,13 @@ impl Batch {
         }
         if batch.sessions.len() > BATCH || (batch.done && !batch.sessions.is_empty()) {
             return Err(HandoverError::TooLarge(batch.sessions.len()));
+        }
+        if batch.sessions.iter().any(|s| {
+            (s.client == crate::session::driver::SockKind::Resumable) != s.resumable.is_some()
+                || s.resumable.as_ref().and_then(|r| r.leg)
+                    == Some(crate::session::driver::SockKind::Resumable)
+        }) {
+            return Err(HandoverError::Resumable);
         }
         if batch.fds() != fds {
             return Err(HandoverError::FdCount {
@@ -902,17 +953,20 @@ impl Batch {
         let mut out = Vec::with_capacity(self.sessions.len());
         for entry in self.sessions {
             // `decode` checked the counts: these cannot run out.
-            let client = fds.next().expect("descriptor count checked");
+            let client =
+                (entry.client_fds() == 1).then(|| fds.next().expect("descriptor count checked"));
             let server = entry
                 .server
                 .as_ref()
                 .map(|_| fds.next().expect("descriptor count checked"));
             let snapshot = take(entry.snapshot);
             let rbuf = take(entry.server.as_ref().map_or(0, |l| l.rbuf));
+            let resumable = take(entry.resumable.as_ref().map_or(0, |r| r.state));
             out.push(IncomingSession {
                 entry,
                 snapshot,
                 rbuf,
+                resumable,
                 client,
                 server,
             });

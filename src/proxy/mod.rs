@@ -91,7 +91,12 @@ pub async fn bind_with(config: &Config, mut inherited: Inherited) -> Result<Boun
         let listener = match inherited.listeners.remove(&l.name) {
             Some(fd) => {
                 tracing::info!(listener = %l.name, "listener taken over");
-                Listener::adopt(&l.name, fd)?
+                match &l.protocol {
+                    crate::config::ListenerProtocol::Tcp => Listener::adopt(&l.name, fd)?,
+                    crate::config::ListenerProtocol::Resume(settings) => {
+                        Listener::adopt_resume(&l.name, &l.listen, fd, settings, l.tls.as_ref())?
+                    }
+                }
             }
             None => bind_listener(l).await?,
         };
@@ -195,8 +200,7 @@ pub enum Control {
 /// The listening sockets of a running proxy, for a hand-over. Holding it
 /// keeps them open; nothing stops accepting.
 pub struct Export {
-    /// By name, in config order (resume-protocol listeners are left out:
-    /// they cannot be handed over yet).
+    /// By name, in config order.
     pub listeners: Vec<(String, Arc<Listener>)>,
     /// A duplicate of the admin endpoint's socket.
     pub admin: Option<std::os::fd::OwnedFd>,
@@ -445,7 +449,7 @@ fn open_access_log(config: &Config) -> io::Result<Option<Arc<AccessLogger>>> {
 /// runtime to schedule anything, so the old process's pause does not grow
 /// with how busy this process already is.
 pub struct Importer {
-    listeners: Vec<(String, watch::Receiver<Arc<AcceptCtx>>)>,
+    listeners: Vec<(String, watch::Receiver<Arc<AcceptCtx>>, Arc<Listener>)>,
     backends: HashMap<String, Arc<Backend>>,
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
@@ -491,13 +495,14 @@ impl Importer {
             entry,
             snapshot,
             rbuf,
+            resumable,
             client,
             server,
         } = s;
-        let Some((_, l)) = self
+        let Some((_, l, listener)) = self
             .listeners
             .iter()
-            .find(|(name, _)| *name == entry.listener)
+            .find(|(name, _, _)| *name == entry.listener)
         else {
             return Err(format!("no listener {:?} in this config", entry.listener));
         };
@@ -518,10 +523,31 @@ impl Importer {
                 entry.ack
             ));
         }
-        let client = entry
-            .client
-            .wrap(client)
-            .map_err(|e| format!("client socket: {e}"))?;
+        let (client, resumable) = match (entry.client, listener.resume()) {
+            (crate::session::driver::SockKind::Resumable, Some(r)) => {
+                let (session, imported) = r
+                    .import_session(&resumable, client)
+                    .map_err(|e| format!("resumable session: {e}"))?;
+                (Conn::Resumable(Box::new(session)), Some(imported))
+            }
+            (crate::session::driver::SockKind::Resumable, None) => {
+                return Err(format!(
+                    "listener {:?} is not a resume-protocol listener here",
+                    entry.listener
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(format!(
+                    "listener {:?} is a resume-protocol listener here",
+                    entry.listener
+                ))
+            }
+            (kind, None) => (
+                kind.wrap(client.ok_or("no client socket arrived")?)
+                    .map_err(|e| format!("client socket: {e}"))?,
+                None,
+            ),
+        };
         let server = match (&entry.server, server) {
             (Some(leg), Some(fd)) => Some((
                 crate::session::core::Generation(leg.gen),
@@ -548,7 +574,13 @@ impl Importer {
         let backend_name = core.backend().name.clone();
         let start = async move {
             // Only once the old process knows we took it.
-            go.wait_for(Option::is_some).await.ok().and_then(|g| *g) == Some(true)
+            let go = go.wait_for(Option::is_some).await.ok().and_then(|g| *g) == Some(true);
+            // A resumable client's own task, too (dropped unstarted, it is
+            // forgotten here).
+            if let Some(r) = resumable.filter(|_| go) {
+                r.start();
+            }
+            go
         };
         // The session task is built only after the answer went out: the
         // answer waits for the decoding above, not for this.
@@ -704,6 +736,9 @@ impl Running {
     /// Stops every accept loop (the listening sockets stay open).
     async fn stop_accepting(&mut self) {
         for l in &mut self.listeners {
+            if let Some(r) = l.listener.resume() {
+                r.pause_accepting();
+            }
             l.stop.cancel();
             if let Some(join) = l.join.take() {
                 let _ = join.await;
@@ -715,6 +750,9 @@ impl Running {
     fn resume_accepting(&mut self) {
         for l in &mut self.listeners {
             if l.stop.is_cancelled() {
+                if let Some(r) = l.listener.resume() {
+                    r.resume_accepting();
+                }
                 l.stop = CancellationToken::new();
                 l.join = Some(tokio::spawn(accept_loop(
                     l.listener.clone(),
@@ -732,7 +770,7 @@ impl Running {
             listeners: self
                 .listeners
                 .iter()
-                .map(|l| (l.name.clone(), l.ctx.subscribe()))
+                .map(|l| (l.name.clone(), l.ctx.subscribe(), l.listener.clone()))
                 .collect(),
             backends: self.backends.clone(),
             shared: self.shared.clone(),

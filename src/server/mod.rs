@@ -97,8 +97,11 @@ use crate::proto::{
 };
 use crate::transport::Conn;
 
+mod handover;
 mod handshake;
 mod session;
+
+pub use handover::{Imported, LegKind, Parked};
 
 use handshake::{decide, Decision, Known};
 use session::{PendingLeg, Shared};
@@ -470,8 +473,13 @@ pub struct ResumeListener {
     local: String,
     ctx: Arc<Ctx>,
     rx: tokio::sync::Mutex<mpsc::Receiver<ResumableSession>>,
-    task: JoinHandle<()>,
+    listening: Arc<Listening>,
+    /// The accept loop (None while paused).
+    task: Mutex<Option<JoinHandle<()>>>,
     unix_path: Option<PathBuf>,
+    /// Whether dropping the listener removes its socket file (cleared once
+    /// the socket was handed over to a process that serves it).
+    unlink: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for ResumeListener {
@@ -511,6 +519,49 @@ impl ResumeListener {
             let local = l.local_addr()?.to_string();
             (Listening::Tcp(l), local, None)
         };
+        Ok(ResumeListener::start(listening, local, unix_path, cfg))
+    }
+
+    /// Takes a listening socket bound elsewhere (TCP or Unix; a previous
+    /// process handed it over) and starts accepting on it. Its socket file,
+    /// if any, is not removed on drop. Must be called within a tokio
+    /// runtime.
+    pub fn from_listening_fd(
+        fd: std::os::fd::OwnedFd,
+        cfg: ServerConfig,
+    ) -> io::Result<ResumeListener> {
+        cfg.validate()?;
+        let sock = socket2::Socket::from(fd);
+        sock.set_nonblocking(true)?;
+        let local = sock.local_addr()?;
+        let (listening, local) = match local.as_socket() {
+            Some(a) => (
+                Listening::Tcp(TcpListener::from_std(std::net::TcpListener::from(sock))?),
+                a.to_string(),
+            ),
+            None => {
+                let path = local
+                    .as_pathname()
+                    .map(|p| format!("unix:{}", p.display()))
+                    .unwrap_or_else(|| "unix:?".into());
+                (
+                    Listening::Unix(UnixListener::from_std(
+                        std::os::unix::net::UnixListener::from(sock),
+                    )?),
+                    path,
+                )
+            }
+        };
+        let l = ResumeListener::start(listening, local, None, cfg);
+        Ok(l)
+    }
+
+    fn start(
+        listening: Listening,
+        local: String,
+        unix_path: Option<PathBuf>,
+        cfg: ServerConfig,
+    ) -> ResumeListener {
         let (new_tx, rx) = mpsc::channel(1024);
         let ctx = Arc::new(Ctx {
             tls: RwLock::new(cfg.tls.clone()),
@@ -520,14 +571,52 @@ impl ResumeListener {
             new_tx,
             local: local.clone(),
         });
-        let task = tokio::spawn(accept_loop(listening, ctx.clone()));
-        Ok(ResumeListener {
+        let listening = Arc::new(listening);
+        let task = tokio::spawn(accept_loop(listening.clone(), ctx.clone()));
+        ResumeListener {
             local,
             ctx,
             rx: tokio::sync::Mutex::new(rx),
-            task,
+            listening,
+            task: Mutex::new(Some(task)),
+            unlink: std::sync::atomic::AtomicBool::new(unix_path.is_some()),
             unix_path,
-        })
+        }
+    }
+
+    /// The listening socket (to hand over to another process).
+    pub fn listening_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match &*self.listening {
+            Listening::Tcp(l) => l.as_fd(),
+            Listening::Unix(l) => l.as_fd(),
+        }
+    }
+
+    /// Stops accepting connections (they queue on the socket); handshakes
+    /// under way and live sessions carry on.
+    pub fn pause_accepting(&self) {
+        if let Some(t) = self.task.lock().expect("accept task lock").take() {
+            t.abort();
+        }
+    }
+
+    /// Accepts again after [`pause_accepting`](Self::pause_accepting).
+    pub fn resume_accepting(&self) {
+        let mut t = self.task.lock().expect("accept task lock");
+        if t.is_none() {
+            *t = Some(tokio::spawn(accept_loop(
+                self.listening.clone(),
+                self.ctx.clone(),
+            )));
+        }
+    }
+
+    /// Another process serves this socket now: dropping the listener must
+    /// not remove its file.
+    pub fn keep_socket_file(&self) {
+        self.unlink
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The bound address: `ip:port` (the real port when bound to port 0)
@@ -569,14 +658,16 @@ impl ResumeListener {
 
 impl Drop for ResumeListener {
     fn drop(&mut self) {
-        self.task.abort();
+        self.pause_accepting();
         if let Some(p) = &self.unix_path {
-            let _ = std::fs::remove_file(p);
+            if *self.unlink.get_mut() {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
 
-async fn accept_loop(l: Listening, ctx: Arc<Ctx>) {
+async fn accept_loop(l: Arc<Listening>, ctx: Arc<Ctx>) {
     let mut logged = false;
     loop {
         match l.accept().await {

@@ -92,13 +92,32 @@ pub(crate) struct Inner {
     /// The last accepted epoch.
     pub(crate) epoch: u64,
     /// A newer leg routed here by a handshake.
-    pending: Option<PendingLeg>,
+    pub(crate) pending: Option<PendingLeg>,
     /// Set once, when the session ends (`Complete` for a normal end).
     pub(crate) end: Option<ServerError>,
     /// The application dropped its handle.
     pub(crate) app_gone: bool,
     pub(crate) read_waker: Option<Waker>,
     pub(crate) write_waker: Option<Waker>,
+    /// A hand-over's hold on the session task (`super::handover`).
+    pub(crate) hold: Hold,
+    /// The session's state, encoded by the task when it parked.
+    pub(crate) parked: Option<super::handover::Parked>,
+}
+
+/// Where a hand-over stands with the session task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// Running as usual.
+    Running,
+    /// Asked to park at its next turn.
+    Asked,
+    /// Parked: it reads, writes and times nothing until released; its
+    /// state is in `Inner::parked`.
+    Parked,
+    /// The new process took the session: the task ends without touching
+    /// the transport (whose descriptor the new process holds).
+    HandedOver,
 }
 
 /// One session.
@@ -106,6 +125,8 @@ pub(crate) struct Shared {
     pub(crate) inner: Mutex<Inner>,
     /// Wakes the session task.
     pub(crate) notify: Notify,
+    /// Wakes a hand-over waiting for the task to park (or end).
+    pub(crate) parked_notify: Notify,
     pub(crate) id: SessionId,
     pub(crate) restored: bool,
     pub(crate) client: ClientAddr,
@@ -142,8 +163,11 @@ impl Shared {
                 app_gone: false,
                 read_waker: None,
                 write_waker: None,
+                hold: Hold::Running,
+                parked: None,
             }),
             notify: Notify::new(),
+            parked_notify: Notify::new(),
             id: hello.session_id,
             restored: restored_up.is_some(),
             client: hello.client,
@@ -199,19 +223,19 @@ impl Shared {
 }
 
 /// The current transport.
-struct Leg {
-    rd: ReadHalf<Conn>,
-    wr: WriteHalf<Conn>,
-    rbuf: BytesMut,
-    link: Link,
+pub(crate) struct Leg {
+    pub(crate) rd: ReadHalf<Conn>,
+    pub(crate) wr: WriteHalf<Conn>,
+    pub(crate) rbuf: BytesMut,
+    pub(crate) link: Link,
     /// The WELCOME (or what is left of it) to write first.
-    pre: Option<Bytes>,
-    epoch: u64,
+    pub(crate) pre: Option<Bytes>,
+    pub(crate) epoch: u64,
     /// The transport buffers writes (TLS records): a write may return
     /// before its bytes are on the socket, so it needs flushing.
-    buffered: bool,
+    pub(crate) buffered: bool,
     /// Bytes written since the last flush (only when `buffered`).
-    unflushed: bool,
+    pub(crate) unflushed: bool,
 }
 
 fn install(p: PendingLeg, g: &mut Inner, cfg: &ServerConfig, now: Instant) -> Leg {
@@ -278,17 +302,57 @@ async fn write_some(wr: Option<&mut WriteHalf<Conn>>, chunks: &[Bytes], flush: b
     }
 }
 
-/// The session task.
+/// The session task of a new session (its first leg is pending).
 pub(crate) async fn run(shared: Arc<Shared>, ctx: Arc<Ctx>) {
+    run_from(shared, ctx, None, Instant::now()).await;
+}
+
+/// The session task, from `leg` (or none, lost at `lost_at`): a session
+/// taken over from a previous process starts here.
+pub(crate) async fn run_from(
+    shared: Arc<Shared>,
+    ctx: Arc<Ctx>,
+    mut leg: Option<Leg>,
+    mut lost_at: Instant,
+) {
     let cfg = &ctx.cfg;
     let id = hex(&shared.id);
     let dec = Decoder::new(cfg.link.max_frame);
-    let mut leg: Option<Leg> = None;
-    let mut lost_at = Instant::now();
     let mut chunks: Vec<Bytes> = Vec::new();
     let end: ServerError = loop {
         let now = Instant::now();
         chunks.clear();
+        // A hand-over's hold comes first: a parked task touches nothing.
+        let hold = {
+            let mut g = shared.lock();
+            if g.hold == Hold::Asked {
+                let parked = super::handover::park(&shared, &g, &mut leg, lost_at, now);
+                g.parked = Some(parked);
+                g.hold = Hold::Parked;
+                shared.parked_notify.notify_one();
+            }
+            g.hold
+        };
+        match hold {
+            Hold::Running => {}
+            Hold::Asked | Hold::Parked => {
+                shared.notify.notified().await;
+                continue;
+            }
+            Hold::HandedOver => {
+                // Our copies of the transport close without a shutdown: the
+                // new process holds the connection (a TLS leg, which cannot
+                // move, closes: the initiator resumes with the new process).
+                drop(leg);
+                let ttl = Duration::ZERO;
+                ctx.table
+                    .lock()
+                    .expect("session table lock")
+                    .end(&shared.id, &shared, None, ttl);
+                tracing::info!(session.id = %id, "session handed over to the new process");
+                return;
+            }
+        }
         let deadline;
         let read_ok;
         {
@@ -426,6 +490,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: Arc<Ctx>) {
         let c = matches!(end, ServerError::Complete)
             .then(|| (g.epoch, g.up_fin.unwrap_or(g.up_have), g.down.read()));
         g.end = Some(end.clone());
+        shared.parked_notify.notify_one();
         for w in [g.read_waker.take(), g.write_waker.take()]
             .into_iter()
             .flatten()

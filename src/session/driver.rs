@@ -139,6 +139,9 @@ struct ServerConn {
 pub enum SockKind {
     Tcp,
     Unix,
+    /// A session of a resume-protocol listener (the state travels in
+    /// `ExportedResumable`).
+    Resumable,
 }
 
 impl SockKind {
@@ -153,6 +156,12 @@ impl SockKind {
     /// Wraps a received descriptor (inside a tokio runtime).
     pub fn wrap(self, fd: std::os::fd::OwnedFd) -> io::Result<Conn> {
         Ok(match self {
+            SockKind::Resumable => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a resumable session is not one socket",
+                ))
+            }
             SockKind::Tcp => {
                 let s = std::net::TcpStream::from(fd);
                 s.set_nonblocking(true)?;
@@ -177,8 +186,12 @@ pub struct Exported {
     pub id: SessionId,
     pub listener: String,
     pub peer: String,
-    pub client: std::os::fd::OwnedFd,
+    /// The client's socket; for a resumable client, its leg's, when one
+    /// travels.
+    pub client: Option<std::os::fd::OwnedFd>,
     pub client_kind: SockKind,
+    /// A resumable client's state (`client_kind` is `Resumable`).
+    pub resumable: Option<ExportedResumable>,
     pub server: Option<ExportedLeg>,
     /// [`SessionCore::export`]'s bytes.
     pub snapshot: Vec<u8>,
@@ -191,6 +204,15 @@ pub struct Exported {
     /// When the session paused (its pause ends with the verdict).
     pub paused_at: std::time::Instant,
     pub verdict: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// The server library's state of a resumable client, parked until the
+/// verdict.
+#[derive(Debug)]
+pub struct ExportedResumable {
+    pub state: Vec<u8>,
+    /// The kind of the leg's socket (in `Exported::client`), if one travels.
+    pub leg: Option<SockKind>,
 }
 
 /// The server connection of an exported session's leg.
@@ -483,8 +505,8 @@ impl Driver {
         if self.server_shutdown.is_some() || self.client_shutdown {
             return Err("shutting down a connection");
         }
-        if SockKind::of(&self.client).is_none() {
-            return Err("client connection is not plain TCP or Unix (TLS or resume protocol)");
+        if SockKind::of(&self.client).is_none() && !matches!(self.client, Conn::Resumable(_)) {
+            return Err("client connection is TLS");
         }
         if let Some(s) = &self.server {
             if SockKind::of(&s.conn).is_none() {
@@ -498,8 +520,19 @@ impl Driver {
     /// Returns the summary when the new process took it; None when it stays.
     async fn export(&mut self, reply: ExportReply) -> Option<HandedOver> {
         let (verdict_tx, verdict) = tokio::sync::oneshot::channel();
-        let bundle = self.exportable().and_then(|()| {
-            self.bundle(verdict_tx)
+        // A resumable client's own task parks too (its state is its own).
+        let mut parked = None;
+        let mut ready = self.exportable();
+        if ready.is_ok() {
+            if let Conn::Resumable(s) = &self.client {
+                match s.park_for_handover().await {
+                    Ok(p) => parked = Some(p),
+                    Err(why) => ready = Err(why),
+                }
+            }
+        }
+        let bundle = ready.and_then(|()| {
+            self.bundle(verdict_tx, parked)
                 .map_err(|_| "cannot duplicate a socket")
         });
         let taken = match bundle {
@@ -509,6 +542,9 @@ impl Driver {
             }
             Ok(b) => reply.send(Ok(b)) && verdict.await == Ok(true),
         };
+        if let Conn::Resumable(s) = &self.client {
+            s.release_handover(taken);
+        }
         if !taken {
             // Still ours: listen for close (or another export) again.
             let wake = self.close_parent.child_token();
@@ -541,9 +577,30 @@ impl Driver {
         })
     }
 
-    fn bundle(&self, verdict: tokio::sync::oneshot::Sender<bool>) -> io::Result<Exported> {
-        let client_kind = SockKind::of(&self.client).ok_or(io::ErrorKind::Unsupported)?;
-        let client = self.client.fd()?.try_clone_to_owned()?;
+    fn bundle(
+        &self,
+        verdict: tokio::sync::oneshot::Sender<bool>,
+        parked: Option<crate::server::Parked>,
+    ) -> io::Result<Exported> {
+        let (client_kind, client, resumable) = match parked {
+            Some(p) => {
+                let (fd, leg) = match p.leg {
+                    Some((fd, crate::server::LegKind::Tcp)) => (Some(fd), Some(SockKind::Tcp)),
+                    Some((fd, crate::server::LegKind::Unix)) => (Some(fd), Some(SockKind::Unix)),
+                    None => (None, None),
+                };
+                let r = ExportedResumable {
+                    state: p.state,
+                    leg,
+                };
+                (SockKind::Resumable, fd, Some(r))
+            }
+            None => (
+                SockKind::of(&self.client).ok_or(io::ErrorKind::Unsupported)?,
+                Some(self.client.fd()?.try_clone_to_owned()?),
+                None,
+            ),
+        };
         let server = match &self.server {
             None => None,
             Some(s) => Some(ExportedLeg {
@@ -562,6 +619,7 @@ impl Driver {
             peer: self.status.client.clone(),
             client,
             client_kind,
+            resumable,
             server,
             snapshot,
             client_eof: self.client_eof,

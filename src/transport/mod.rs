@@ -370,22 +370,49 @@ impl Listener {
         Listener::from_inherited(name, fd)
     }
 
-    /// The listening descriptor, for a hand-over; a resume-protocol
-    /// listener has none it can hand over yet.
+    /// The listening descriptor, for a hand-over.
     pub fn handover_fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
             Listener::Tcp(l) => Some(l.as_fd()),
             Listener::Unix { listener, .. } => Some(listener.as_fd()),
-            Listener::Resume { .. } => None,
+            Listener::Resume { listener, .. } => Some(listener.listening_fd()),
         }
     }
 
     /// After a hand-over: the new process serves this socket, so dropping
     /// it here must not remove its file.
     pub fn keep_socket_file(&self) {
-        if let Listener::Unix { unlink, .. } = self {
-            unlink.store(false, std::sync::atomic::Ordering::Relaxed);
+        match self {
+            Listener::Unix { unlink, .. } => {
+                unlink.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            Listener::Resume { listener, .. } => listener.keep_socket_file(),
+            Listener::Tcp(_) => {}
         }
+    }
+
+    /// Wraps a listening socket received from the previous process in a
+    /// hand-over as a resume-protocol listener (`protocol = "resume"`).
+    pub fn adopt_resume(
+        name: &str,
+        endpoint: &Endpoint,
+        fd: OwnedFd,
+        settings: &crate::config::ResumeSettings,
+        tls: Option<&crate::config::ListenerTls>,
+    ) -> Result<Listener, BindError> {
+        let listener = crate::server::ResumeListener::from_listening_fd(
+            fd,
+            resume_server_config(settings, tls),
+        )
+        .map_err(|source| BindError::Io {
+            endpoint: format!("{endpoint} (listener {name}, handed over)"),
+            source,
+        })?;
+        let endpoint = Endpoint::parse(listener.local_addr()).unwrap_or_else(|_| endpoint.clone());
+        Ok(Listener::Resume {
+            listener: Box::new(listener),
+            endpoint,
+        })
     }
 
     /// Wraps a listening socket passed by systemd: it must be a stream
@@ -454,13 +481,7 @@ impl Listener {
             endpoint: endpoint.to_string(),
             source,
         };
-        let mut cfg = crate::server::ServerConfig::new(settings.key.0.to_vec());
-        cfg.link.max_frame = settings.max_frame;
-        cfg.link.window = settings.window;
-        cfg.link.heartbeat = settings.heartbeat_interval;
-        cfg.link.dead_peer_timeout = settings.dead_peer_timeout;
-        cfg.resume_timeout = settings.resume_timeout;
-        cfg.tls = resume_tls(tls);
+        let cfg = resume_server_config(settings, tls);
         let addr = match endpoint {
             Endpoint::Tcp(a) => a.clone(),
             Endpoint::Unix(p) => {
@@ -559,6 +580,21 @@ impl Drop for Listener {
             }
         }
     }
+}
+
+/// The server library's settings for a resume-protocol listener.
+fn resume_server_config(
+    settings: &crate::config::ResumeSettings,
+    tls: Option<&crate::config::ListenerTls>,
+) -> crate::server::ServerConfig {
+    let mut cfg = crate::server::ServerConfig::new(settings.key.0.to_vec());
+    cfg.link.max_frame = settings.max_frame;
+    cfg.link.window = settings.window;
+    cfg.link.heartbeat = settings.heartbeat_interval;
+    cfg.link.dead_peer_timeout = settings.dead_peer_timeout;
+    cfg.resume_timeout = settings.resume_timeout;
+    cfg.tls = resume_tls(tls);
+    cfg
 }
 
 /// A listener's checked `tls` settings as the server library takes them.
