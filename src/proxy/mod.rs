@@ -733,11 +733,15 @@ impl Running {
         });
     }
 
-    /// Stops every accept loop (the listening sockets stay open).
+    /// Stops every accept loop (the listening sockets stay open). A
+    /// resume-protocol listener stops accepting connections, but sessions
+    /// whose handshake was already under way still reach the proxy (and so
+    /// the hand-over, which looks for new sessions until it is done).
     async fn stop_accepting(&mut self) {
         for l in &mut self.listeners {
             if let Some(r) = l.listener.resume() {
                 r.pause_accepting();
+                continue;
             }
             l.stop.cancel();
             if let Some(join) = l.join.take() {
@@ -749,10 +753,10 @@ impl Running {
     /// Restarts the accept loops `stop_accepting` stopped.
     fn resume_accepting(&mut self) {
         for l in &mut self.listeners {
-            if l.stop.is_cancelled() {
-                if let Some(r) = l.listener.resume() {
-                    r.resume_accepting();
-                }
+            if let Some(r) = l.listener.resume() {
+                r.resume_accepting();
+                tracing::info!(listener = %l.name, "accepting again");
+            } else if l.stop.is_cancelled() {
                 l.stop = CancellationToken::new();
                 l.join = Some(tokio::spawn(accept_loop(
                     l.listener.clone(),

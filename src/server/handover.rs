@@ -136,8 +136,8 @@ pub(crate) fn park(
 impl ResumableSession {
     /// Parks the session task at its next turn and returns the session's
     /// state; until [`release_handover`](Self::release_handover) the
-    /// session reads, writes and times nothing. Fails when the session is
-    /// ending, a newer transport is waiting to be installed, or the task
+    /// session reads, writes and times nothing (a newer transport routed to
+    /// it meanwhile waits). Fails when the session is ending or the task
     /// does not park within a second.
     pub async fn park_for_handover(&self) -> Result<Parked, &'static str> {
         let shared = &self.shared;
@@ -145,9 +145,6 @@ impl ResumableSession {
             let mut g = shared.lock();
             if g.end.is_some() {
                 return Err("closing");
-            }
-            if g.pending.is_some() {
-                return Err("a resumed leg is being installed");
             }
             g.hold = Hold::Asked;
         }

@@ -326,6 +326,11 @@ pub(crate) async fn run_from(
         let hold = {
             let mut g = shared.lock();
             if g.hold == Hold::Asked {
+                // A resumed leg routed here goes in first: it travels too.
+                if let Some(p) = g.pending.take() {
+                    tracing::info!(session.id = %id, leg.epoch = p.epoch, down.from = p.down_from, up.from = p.up_from, "leg established");
+                    leg = Some(install(p, &mut g, cfg, now));
+                }
                 let parked = super::handover::park(&shared, &g, &mut leg, lost_at, now);
                 g.parked = Some(parked);
                 g.hold = Hold::Parked;
