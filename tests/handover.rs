@@ -6,8 +6,10 @@
 //! after receiving the sockets (both exit non-zero; the running process
 //! keeps serving and, for the second, logs why); 100 sessions streaming
 //! verified requests through every ack mode, the resume protocol and a
-//! Unix listener and server across ten upgrades; and a new process that dies in the middle of the session
-//! hand-over, which leaves every session with the old one.
+//! Unix listener and server across ten upgrades; a new process that dies in the middle of the session
+//! hand-over, which leaves every session with the old one; and a core
+//! holdfast (a resume-protocol listener) upgraded under load, whose
+//! sessions move with their links to the edge.
 mod common;
 
 use std::path::PathBuf;
