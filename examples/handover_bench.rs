@@ -17,6 +17,10 @@
 //! sessions (each streaming 16 KiB echo round trips) report the longest gap
 //! between two round trips during the upgrade and check every byte.
 //!
+//! `--busy-interval-us N` paces each busy client to one round trip every
+//! `N` µs (default 0: back to back, which saturates a 2-CPU machine); the
+//! client's worst gap then includes that interval.
+//!
 //! `--client-cpu N` pins the busy clients' threads to CPU `N` (holdfast and
 //! the echo server stay free): on a 2-CPU machine, the 100 clients then
 //! compete with holdfast for one CPU instead of both.
@@ -37,6 +41,8 @@ struct Opts {
     rounds: usize,
     holdfast: String,
     client_cpu: Option<usize>,
+    /// Busy clients start a round trip every this long (0: back to back).
+    busy_interval: Duration,
 }
 
 fn parse() -> anyhow::Result<Opts> {
@@ -46,6 +52,7 @@ fn parse() -> anyhow::Result<Opts> {
         rounds: 3,
         holdfast: "target/release/holdfast".into(),
         client_cpu: None,
+        busy_interval: Duration::ZERO,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -57,6 +64,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--rounds" => o.rounds = v.parse()?,
             "--holdfast" => o.holdfast = v.clone(),
             "--client-cpu" => o.client_cpu = Some(v.parse()?),
+            "--busy-interval-us" => o.busy_interval = Duration::from_micros(v.parse()?),
             f => bail!("unknown flag {f}"),
         }
         i += 2;
@@ -218,14 +226,23 @@ ack = "tcp"
         let mut c = TcpStream::connect(&addr)?;
         let (stop, upgrading, worst) = (stop.clone(), upgrading.clone(), worst_gap_us.clone());
         let (baseline, worst_base) = (baseline.clone(), worst_base_us.clone());
-        let cpu = o.client_cpu;
+        let (cpu, interval) = (o.client_cpu, o.busy_interval);
         busy.push(thread::spawn(move || -> anyhow::Result<u64> {
             if let Some(cpu) = cpu {
                 pin(cpu)?;
             }
             let mut n = 0u64;
             let mut last = Instant::now();
+            let mut next = last;
             while !stop.load(Ordering::Relaxed) {
+                if !interval.is_zero() {
+                    next += interval;
+                    if let Some(d) = next.checked_duration_since(Instant::now()) {
+                        thread::sleep(d);
+                    } else {
+                        next = Instant::now();
+                    }
+                }
                 let msg: Vec<u8> = (0..16384u32)
                     .map(|i| (i as u64 * 31 + n * 7 + id as u64) as u8)
                     .collect();
