@@ -754,6 +754,22 @@ async fn a_core_with_tls_links_hands_over_its_sessions_and_edges_resume() {
     );
 }
 
+/// A core listening on a Unix socket: the socket is handed over (never
+/// unlinked by the process that gives it up), its sessions move with their
+/// links, and a new session after the upgrades reaches the newest process
+/// through the same path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_on_a_unix_socket_hands_over_socket_and_sessions() {
+    let mut rig = CoreRig::start_on("core-unix", false, true).await;
+    rig.upgrades(3).await;
+    assert!(rig.dir.join("core.sock").exists(), "the socket file stays");
+    rig.add_client().await;
+    rig.flowing(200, "with a client opened after the upgrades")
+        .await;
+    let resumes = rig.finish().await;
+    assert_eq!(resumes, 0.0);
+}
+
 /// A core whose upgrade fails half-way (the new process exits as the
 /// first batch of sessions arrives): every session, parked for its export,
 /// carries on in the old core with its link, and a real upgrade works
@@ -808,6 +824,12 @@ struct CoreRig {
 
 impl CoreRig {
     async fn start(tag: &str, tls: bool) -> CoreRig {
+        Self::start_on(tag, tls, false).await
+    }
+
+    /// [`start`](Self::start), the core listening on a Unix socket when
+    /// `unix`.
+    async fn start_on(tag: &str, tls: bool, unix: bool) -> CoreRig {
         let server = Server::start("127.0.0.1:0", "lines").await;
         let dir = temp_dir(tag);
         let key = dir.join("resume.key");
@@ -828,6 +850,11 @@ impl CoreRig {
         };
         let socket = dir.join("run").join("handover.sock");
         let cfg = dir.join("core.toml");
+        let listen = if unix {
+            format!("unix:{}", dir.join("core.sock").display())
+        } else {
+            "127.0.0.1:0".to_string()
+        };
         std::fs::write(
             &cfg,
             format!(
@@ -840,7 +867,7 @@ socket = "{}"
 
 [[listener]]
 name = "from-edge"
-listen = "127.0.0.1:0"
+listen = "{listen}"
 backend = "lines"
 protocol = "resume"
 resume = {{ secret_file = "{}", heartbeat_interval = "100ms", dead_peer_timeout = "2s", resume_timeout = "60s" }}
@@ -919,6 +946,19 @@ hold_timeout = "60s"
     async fn flowing(&self, n: u64, what: &str) {
         let now = self.progress.load(Ordering::Relaxed);
         progress_past(&self.progress, now + n, what).await;
+    }
+
+    /// One more client, through the edge to the core's current process
+    /// (the edge opens a new link for it).
+    async fn add_client(&mut self) {
+        let stream = connect(&self.edge.addrs[0]).await;
+        let id = self.clients.len();
+        self.clients.push(tokio::spawn(verified_lines_until(
+            stream,
+            id,
+            self.progress.clone(),
+            self.stop.clone(),
+        )));
     }
 
     /// `n` upgrades by SIGUSR2, each handing over all 20 sessions.

@@ -825,3 +825,92 @@ async fn tls_listener_refuses_plaintext_unknown_and_silent_clients() {
     assert_eq!(done.recv().await.unwrap(), b"one\ntwo\n");
     assert_eq!(rejected.try_recv().ok(), None, "one rejection each");
 }
+
+/// Echoes what `s` reads until `want` bytes went through (bounded).
+async fn echo_n(s: &mut ResumableSession, want: usize) {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while n < want {
+        let k = tokio::time::timeout(LIMIT, s.read(&mut buf))
+            .await
+            .expect("bytes in time")
+            .unwrap();
+        assert!(k > 0, "EOF after {n} of {want} bytes");
+        s.write_all(&buf[..k]).await.unwrap();
+        n += k;
+    }
+}
+
+/// A live session moved to another listener on the same socket (what a
+/// holdfast hand-over does between two processes): parked, exported, and
+/// rebuilt there with its transport, it carries on over the same connection
+/// (the initiator never reconnects); a later resume reaches the new
+/// listener; one that still reaches the old listener is closed unanswered
+/// (so the initiator tries again) rather than refused as unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_handed_to_another_listener_keeps_its_transport() {
+    let old = ResumeListener::bind("127.0.0.1:0", server_cfg(AckPolicy::Auto))
+        .await
+        .unwrap();
+    let addr = old.local_addr().to_string();
+    let mut c = Client::new(&addr);
+    c.connect().await.unwrap();
+    let first = pattern(1, 3000);
+    c.send(&first);
+    let mut s = old.accept().await.unwrap();
+    let (_, pumped) = tokio::join!(
+        echo_n(&mut s, first.len()),
+        c.pump(|c| c.down.len() == 3000)
+    );
+    assert_eq!(pumped, Stop::Done);
+
+    // Bytes in flight both ways while it moves: the initiator's next
+    // request, and an answer the old side wrote but the link may not have
+    // sent yet.
+    let second = pattern(2, 2000);
+    c.send(&second);
+    s.write_all(b"written before the move;").await.unwrap();
+    let parked = s.park_for_handover().await.unwrap();
+    let (fd, _) = parked.leg.expect("a plain transport moves");
+    let new = ResumeListener::from_listening_fd(
+        old.listening_fd().try_clone_to_owned().unwrap(),
+        server_cfg(AckPolicy::Auto),
+    )
+    .unwrap();
+    old.pause_accepting();
+    let (mut moved, imported) = new.import_session(&parked.state, Some(fd)).unwrap();
+    imported.start();
+    s.release_handover(true);
+    drop(s);
+
+    // The same connection: the initiator's bytes reach the new side, and
+    // the answer written before the move arrives once.
+    let (_, pumped) = tokio::join!(
+        echo_n(&mut moved, second.len()),
+        c.pump(|c| c.down.len() == 3000 + 24 + 2000)
+    );
+    assert_eq!(pumped, Stop::Done);
+    let mut want = first.clone();
+    want.extend_from_slice(b"written before the move;");
+    want.extend_from_slice(&second);
+    assert_eq!(c.down, want);
+
+    // A resume on a new connection reaches the new listener.
+    c.drop_leg();
+    c.connect().await.unwrap();
+    let third = pattern(3, 1000);
+    c.send(&third);
+    let (_, pumped) = tokio::join!(
+        echo_n(&mut moved, third.len()),
+        c.pump(|c| c.down.len() == want.len() + 1000)
+    );
+    assert_eq!(pumped, Stop::Done);
+
+    // The old listener, accepting again while the new one pauses: the
+    // resume is closed unanswered, not refused.
+    new.pause_accepting();
+    old.resume_accepting();
+    c.drop_leg();
+    let mut h = hello(c.id, true, c.epoch + 1, c.down.len() as u64);
+    assert_eq!(refused(&addr, &h.encode(&KEY)).await, None);
+}

@@ -390,6 +390,13 @@ pub(crate) struct Table {
 
 pub(crate) enum Entry {
     Live(Arc<Shared>),
+    /// Handed over to another process (which serves its resumes now): a
+    /// resume that still reaches this one is closed unanswered, so the
+    /// initiator tries again (and reaches the other process) instead of
+    /// being told the session is unknown.
+    Moved {
+        until: Instant,
+    },
     Completed {
         epoch: u64,
         up_end: u64,
@@ -407,8 +414,26 @@ impl Table {
             return;
         }
         self.last_purge = Some(now);
-        self.map
-            .retain(|_, e| !matches!(e, Entry::Completed { until, .. } if *until <= now));
+        self.map.retain(|_, e| match e {
+            Entry::Completed { until, .. } | Entry::Moved { until } => *until > now,
+            Entry::Live(_) => true,
+        });
+    }
+
+    /// Marks a live session handed over to another process, for as long as
+    /// resumes may still reach this one (its listener is the other
+    /// process's now).
+    pub(crate) fn moved(&mut self, id: &SessionId, shared: &Arc<Shared>) {
+        if let Some(Entry::Live(s)) = self.map.get(id) {
+            if Arc::ptr_eq(s, shared) {
+                self.map.insert(
+                    *id,
+                    Entry::Moved {
+                        until: Instant::now() + Duration::from_secs(60),
+                    },
+                );
+            }
+        }
     }
 
     /// Removes a live session (when it ends), remembering it for `ttl` if
@@ -828,8 +853,13 @@ async fn handshake_task(ctx: Arc<Ctx>, conn: Conn, peer: String, tls: Option<Tls
         let mut table = ctx.table.lock().expect("session table lock");
         table.purge(now);
         let entry = table.map.get(&id);
+        if matches!(entry, Some(Entry::Moved { .. })) {
+            drop(table);
+            tracing::debug!(client.addr = %peer, "resume of a session handed over to another process: closed unanswered, the initiator retries there");
+            return;
+        }
         let known = match entry {
-            None => Known::Unknown,
+            None | Some(Entry::Moved { .. }) => Known::Unknown,
             Some(Entry::Live(s)) => s.known(),
             Some(Entry::Completed {
                 epoch, down_end, ..

@@ -349,11 +349,10 @@ pub(crate) async fn run_from(
                 // new process holds the connection (a TLS leg, which cannot
                 // move, closes: the initiator resumes with the new process).
                 drop(leg);
-                let ttl = Duration::ZERO;
                 ctx.table
                     .lock()
                     .expect("session table lock")
-                    .end(&shared.id, &shared, None, ttl);
+                    .moved(&shared.id, &shared);
                 tracing::info!(session.id = %id, "session handed over to the new process");
                 return;
             }
