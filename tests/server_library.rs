@@ -3,7 +3,9 @@
 //! sessions and half-close, transport breaks and resumes under load, every
 //! handshake refusal, manual acks, the ledger example killed and
 //! restarted in-process, and all of it over (mutual) TLS: sessions resumed
-//! over new TLS connections, certificate rotation, and refused handshakes.
+//! over new TLS connections, certificate rotation, and refused handshakes;
+//! and a live session handed from one listener to another on the same
+//! socket (a hand-over), transport and all.
 
 use std::io::IoSlice;
 use std::sync::Arc;
