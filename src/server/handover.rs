@@ -421,6 +421,37 @@ fn wrap(kind: LegKind, fd: OwnedFd) -> std::io::Result<Conn> {
     })
 }
 
+/// The property fuzzed as `resumable_state` (`tests/fuzz_checks`): any
+/// bytes decode to a session or an error, never a panic; a session
+/// accepted without a leg (its socket cannot be fuzzed) encodes to bytes
+/// that decode again and encode identically (the input itself may differ:
+/// varints may be padded). Returns whether the bytes were accepted.
+#[doc(hidden)]
+pub fn fuzz_parked_state(state: &[u8]) -> bool {
+    let now = Instant::now();
+    let encode = |(shared, leg, lost_at): Decoded| {
+        assert!(leg.is_none(), "a leg without its socket was accepted");
+        let g = shared.lock();
+        park(&shared, &g, &mut None, lost_at, now).state
+    };
+    match decode(state, None, now) {
+        Err(e) => {
+            assert!(!e.is_empty());
+            false
+        }
+        Ok(d) => {
+            let once = encode(d);
+            let back = decode(&once, None, now).expect("an encoded state decodes");
+            assert_eq!(
+                encode(back),
+                once,
+                "an encoded state encodes back identically"
+            );
+            true
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,5 +627,80 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let e = refused(&parked.state, Some(OwnedFd::from(a)), now);
         assert!(e.contains("without a leg"), "{e}");
+    }
+    /// The `resumable_state` fuzz seeds: sessions without a leg in several
+    /// states (accepted, and they encode back identically), one with a leg
+    /// (refused without its socket). Deterministic except for the instants,
+    /// which are relative. Regenerate with
+    /// `cargo test --lib write_resumable_state_seeds -- --ignored`.
+    fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let s = session(now);
+        out.push((
+            "valid-mid-stream",
+            park(&s, &s.lock(), &mut None, now, now).state,
+        ));
+        let lost = now - Duration::from_millis(2500);
+        out.push((
+            "valid-lost-leg",
+            park(&s, &s.lock(), &mut None, lost, now).state,
+        ));
+        let fresh = session(now);
+        {
+            let mut g = fresh.lock();
+            g.down = Stream::starting_at(0);
+            g.up.clear();
+            g.up_queued = 0;
+            g.up_have = 0;
+            g.up_fin = None;
+            g.consumed = 0;
+            g.app_acked = 0;
+            g.epoch = 0;
+        }
+        out.push((
+            "valid-fresh",
+            park(&fresh, &fresh.lock(), &mut None, now, now).state,
+        ));
+        let done = session(now);
+        {
+            let mut g = done.lock();
+            g.down.set_fin();
+            g.down_fin = true;
+            g.app_gone = true;
+        }
+        out.push((
+            "valid-both-fins",
+            park(&done, &done.lock(), &mut None, now, now).state,
+        ));
+        let mut with_leg = park(&s, &s.lock(), &mut None, now, now).state;
+        // The same state with a leg flag and a truncated leg: refused.
+        let cut = with_leg.len() - 10;
+        with_leg.truncate(cut);
+        out.push(("truncated", with_leg));
+        out.push(("garbage", vec![0xff; 64]));
+        out
+    }
+
+    #[test]
+    fn the_fuzz_seeds_are_what_they_say() {
+        for (name, bytes) in seeds() {
+            assert_eq!(
+                fuzz_parked_state(&bytes),
+                name.starts_with("valid"),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn write_resumable_state_seeds() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/resumable_state");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in seeds() {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
     }
 }

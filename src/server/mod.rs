@@ -101,7 +101,7 @@ mod handover;
 mod handshake;
 mod session;
 
-pub use handover::{Imported, LegKind, Parked};
+pub use handover::{fuzz_parked_state, Imported, LegKind, Parked};
 
 use handshake::{decide, Decision, Known};
 use session::{PendingLeg, Shared};

@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("handover_manifest", handover_manifest),
     ("handover_batch", handover_batch),
     ("snapshot", snapshot),
+    ("resumable_state", resumable_state),
 ];
 
 /// A deterministic stream of numbers from one seed (splitmix64), for split
@@ -593,4 +594,14 @@ pub fn snapshot(data: &[u8]) {
         let _ = core.deadline();
         core.check_invariants();
     }
+}
+
+// --------------------------------------------------------- resumable_state
+
+/// A resumable session's parked state (what a hand-over of a
+/// resume-protocol listener carries, `server::Parked::state`): decoding
+/// never panics, and a state accepted without a leg encodes back to the
+/// same bytes (`server::fuzz_parked_state` asserts both).
+pub fn resumable_state(data: &[u8]) {
+    holdfast::server::fuzz_parked_state(data);
 }
