@@ -451,6 +451,30 @@ fn edge_config(
     out
 }
 
+/// A core holdfast's listener and backend: a resume-protocol listener on
+/// `listen` (with the `tls` line given, "" for none) in front of a line
+/// server with response acks.
+fn core_config(listen: &str, key: &std::path::Path, tls: &str, server: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "from-edge"
+listen = "{listen}"
+backend = "lines"
+protocol = "resume"
+resume = {{ secret_file = "{}", heartbeat_interval = "100ms", dead_peer_timeout = "2s", resume_timeout = "60s" }}
+{tls}
+
+[[backend]]
+name = "lines"
+servers = ["{server}"]
+ack = "response"
+framing = "lines"
+"#,
+        key.display()
+    )
+}
+
 /// Waits (polling a counter, no fixed sleep) until `progress` passes `target`.
 async fn progress_past(progress: &AtomicU64, target: u64, what: &str) {
     let deadline = tokio::time::Instant::now() + STEP;
@@ -491,25 +515,7 @@ impl LoadRig {
         let dir = temp_dir(tag);
         let key = dir.join("resume.key");
         std::fs::write(&key, pattern(48, 7)).unwrap();
-        let core = start_running(&format!(
-            r#"
-[[listener]]
-name = "from-edge"
-listen = "127.0.0.1:0"
-backend = "lines"
-protocol = "resume"
-resume = {{ secret_file = "{}", heartbeat_interval = "100ms", dead_peer_timeout = "2s", resume_timeout = "60s" }}
-
-[[backend]]
-name = "lines"
-servers = ["{}"]
-ack = "response"
-framing = "lines"
-"#,
-            key.display(),
-            server.addr
-        ))
-        .await;
+        let core = start_running(&core_config("127.0.0.1:0", &key, "", &server.addr)).await;
         let unix_server = Server::start(
             &format!("unix:{}", dir.join("lines.sock").display()),
             "lines",
@@ -638,15 +644,11 @@ async fn a_hundred_live_sessions_survive_ten_upgrades() {
     assert!(total > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_process_dying_mid_hand_over_leaves_every_session_alive() {
-    let mut rig = LoadRig::start("dying", 5).await;
-    rig.flowing(200, "before").await;
-    let pid = rig.edge.id().unwrap();
-    let _guard = KillOnDrop(pid);
-    // This new process takes the listeners, then exits as the first batch
-    // of sessions arrives, before answering for it.
-    let cfg = rig.dir.join("edge.toml");
+/// Runs `holdfast run --config cfg --takeover` as a new process that takes
+/// the listeners, then exits as the first batch of sessions arrives, before
+/// answering for it; waits until the running process (logging to `log`)
+/// has said the hand-over failed and accepts again.
+async fn takeover_dying_at_first_batch(cfg: &std::path::Path, log: &mut Log) {
     let status = tokio::time::timeout(
         STEP,
         Command::new(BIN)
@@ -659,10 +661,18 @@ async fn a_new_process_dying_mid_hand_over_leaves_every_session_alive() {
     .expect("exits in time")
     .unwrap();
     assert!(!status.success(), "{status:?}");
-    rig.log
-        .until("hand-over failed", |l| l.contains("keeps serving"))
+    log.until("hand-over failed", |l| l.contains("keeps serving"))
         .await;
-    rig.log.until("accepting again", |_| true).await;
+    log.until("accepting again", |_| true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_dying_mid_hand_over_leaves_every_session_alive() {
+    let mut rig = LoadRig::start("dying", 5).await;
+    rig.flowing(200, "before").await;
+    let pid = rig.edge.id().unwrap();
+    let _guard = KillOnDrop(pid);
+    takeover_dying_at_first_batch(&rig.dir.join("edge.toml"), &mut rig.log).await;
     // Every session carries on in the old process, which accepts again.
     rig.flowing(200, "after the failed hand-over").await;
     let mut c = connect(&rig.addrs[0]).await;
@@ -779,22 +789,7 @@ async fn a_core_keeps_its_resume_sessions_when_the_new_process_dies() {
     let mut rig = CoreRig::start("core-dying", false).await;
     let pid = rig.pid;
     let _guard = KillOnDrop(pid);
-    let status = tokio::time::timeout(
-        STEP,
-        Command::new(BIN)
-            .args(["run", "--config", rig.cfg.to_str().unwrap(), "--takeover"])
-            .env("HOLDFAST_TEST_HANDOVER_FAULT", "exit-on-first-batch")
-            .stderr(Stdio::null())
-            .status(),
-    )
-    .await
-    .expect("exits in time")
-    .unwrap();
-    assert!(!status.success(), "{status:?}");
-    rig.log
-        .until("hand-over failed", |l| l.contains("keeps serving"))
-        .await;
-    rig.log.until("accepting again", |_| true).await;
+    takeover_dying_at_first_batch(&rig.cfg, &mut rig.log).await;
     rig.flowing(200, "after the failed hand-over").await;
     rig.upgrades(1).await;
     let resumes = rig.finish().await;
@@ -858,30 +853,9 @@ impl CoreRig {
         std::fs::write(
             &cfg,
             format!(
-                r#"
-[lifecycle]
-drain_timeout = "2s"
-
-[handover]
-socket = "{}"
-
-[[listener]]
-name = "from-edge"
-listen = "{listen}"
-backend = "lines"
-protocol = "resume"
-resume = {{ secret_file = "{}", heartbeat_interval = "100ms", dead_peer_timeout = "2s", resume_timeout = "60s" }}
-{core_tls}
-
-[[backend]]
-name = "lines"
-servers = ["{}"]
-ack = "response"
-framing = "lines"
-"#,
+                "[lifecycle]\ndrain_timeout = \"2s\"\n\n[handover]\nsocket = \"{}\"\n{}",
                 socket.display(),
-                key.display(),
-                server.addr
+                core_config(&listen, &key, &core_tls, &server.addr)
             ),
         )
         .unwrap();

@@ -333,37 +333,48 @@ async fn spawn_binary(
     (child, addr, lines)
 }
 
-/// The real binary: SIGTERM with an open session drains within
-/// `drain_timeout` and exits 0.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_sigterm_drains_and_exits_zero() {
-    let server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = std::env::temp_dir().join(format!("holdfast-bin-{}", std::process::id()));
+/// A fresh directory with `holdfast.toml`: one plain listener in front of
+/// `server`, a 500 ms drain.
+fn draining_config(tag: &str, server: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("holdfast-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("holdfast.toml");
     std::fs::write(
-        &cfg,
+        dir.join("holdfast.toml"),
         format!(
             "[lifecycle]\ndrain_timeout = \"500ms\"\n{}",
-            plain_config(&server.addr)
+            plain_config(server)
         ),
     )
     .unwrap();
-    let (mut child, addr, _log) = spawn_binary(&cfg).await;
-    let mut c = connect(&addr).await;
-    c.write_all(b"hello").await.unwrap();
-    let mut buf = [0u8; 5];
-    c.read_exact(&mut buf).await.unwrap();
-    let started = std::time::Instant::now();
+    dir
+}
+
+/// SIGTERM to `child`; waits (bounded) for it to exit.
+async fn sigterm_and_wait(child: &mut tokio::process::Child) -> std::process::ExitStatus {
     let pid = child.id().unwrap() as i32;
     std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
-        .expect("exits in time")
-        .unwrap();
+        .expect("SIGTERM stops it in time")
+        .unwrap()
+}
+
+/// The real binary: SIGTERM with an open session drains within
+/// `drain_timeout` and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_sigterm_drains_and_exits_zero() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = draining_config("bin", &server.addr);
+    let (mut child, addr, _log) = spawn_binary(&dir.join("holdfast.toml")).await;
+    let mut c = connect(&addr).await;
+    c.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    c.read_exact(&mut buf).await.unwrap();
+    let started = std::time::Instant::now();
+    let status = sigterm_and_wait(&mut child).await;
     assert!(status.success(), "exit status {status:?}");
     let mut rest = Vec::new();
     assert!(
@@ -381,18 +392,8 @@ async fn binary_sigterm_drains_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_without_a_log_reader_still_serves_and_stops() {
     let server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = std::env::temp_dir().join(format!("holdfast-nolog-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("holdfast.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[lifecycle]\ndrain_timeout = \"500ms\"\n{}",
-            plain_config(&server.addr)
-        ),
-    )
-    .unwrap();
-    let (mut child, addr, log) = spawn_binary(&cfg).await;
+    let dir = draining_config("nolog", &server.addr);
+    let (mut child, addr, log) = spawn_binary(&dir.join("holdfast.toml")).await;
     // Nobody reads its stderr from now on: each log write fails (EPIPE).
     drop(log);
     for round in 0..3u8 {
@@ -408,15 +409,7 @@ async fn binary_without_a_log_reader_still_serves_and_stops() {
         c.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
     }
-    let pid = child.id().unwrap() as i32;
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("SIGTERM still stops it")
-        .unwrap();
+    let status = sigterm_and_wait(&mut child).await;
     assert!(status.success(), "exit status {status:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,13 +19,12 @@
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::Notify;
 
-use super::session::{Hold, Inner, Leg, Shared};
+use super::session::{Hold, Identity, Inner, Leg, Shared};
 use super::{AckPolicy, Ctx, Entry, ResumableSession};
 use crate::proto::{ClientAddr, Link};
 use crate::snapshot_codec::{Reader, Writer};
@@ -352,34 +351,25 @@ fn decode(state: &[u8], fd: Option<OwnedFd>, now: Instant) -> Result<Decoded, St
         (Some(_), None) => return Err("the leg's socket did not arrive".into()),
         (None, Some(_)) => return Err("a socket arrived for a session without a leg".into()),
     };
-    let shared = Arc::new(Shared {
-        inner: Mutex::new(Inner {
-            down,
-            down_fin,
-            up,
-            up_queued,
-            up_have,
-            up_fin,
-            consumed,
-            app_acked,
-            epoch,
-            pending: None,
-            end: None,
-            app_gone,
-            read_waker: None,
-            write_waker: None,
-            hold: Hold::Running,
-            parked: None,
-        }),
-        notify: Notify::new(),
-        parked_notify: Notify::new(),
-        id,
-        restored,
-        client,
-        policy,
-        queue_limit,
-        send_limit,
-    });
+    let mut inner = Inner::starting(down, consumed, epoch);
+    inner.down_fin = down_fin;
+    inner.up = up;
+    inner.up_queued = up_queued;
+    inner.up_have = up_have;
+    inner.up_fin = up_fin;
+    inner.app_acked = app_acked;
+    inner.app_gone = app_gone;
+    let shared = Shared::from_parts(
+        inner,
+        Identity {
+            id,
+            restored,
+            client,
+            policy,
+            queue_limit,
+            send_limit,
+        },
+    );
     Ok((shared, leg, lost_at))
 }
 
@@ -407,18 +397,10 @@ fn duplicate(l: Leg) -> (Leg, Option<(OwnedFd, LegKind)>) {
 }
 
 fn wrap(kind: LegKind, fd: OwnedFd) -> std::io::Result<Conn> {
-    Ok(match kind {
-        LegKind::Tcp => {
-            let s = std::net::TcpStream::from(fd);
-            s.set_nonblocking(true)?;
-            Conn::Tcp(tokio::net::TcpStream::from_std(s)?)
-        }
-        LegKind::Unix => {
-            let s = std::os::unix::net::UnixStream::from(fd);
-            s.set_nonblocking(true)?;
-            Conn::Unix(tokio::net::UnixStream::from_std(s)?)
-        }
-    })
+    match kind {
+        LegKind::Tcp => Conn::from_tcp_fd(fd),
+        LegKind::Unix => Conn::from_unix_fd(fd),
+    }
 }
 
 /// The property fuzzed as `resumable_state` (`tests/fuzz_checks`): any
@@ -460,44 +442,33 @@ mod tests {
 
     /// A session in mid-stream: down bytes acked, sent and unsent, up bytes
     /// read and still queued for the application, FIN from the initiator.
-    fn session(_now: Instant) -> Shared {
+    fn session(_now: Instant) -> Arc<Shared> {
         let mut down = Stream::starting_at(1000);
         down.push(Bytes::from_static(b"acked-then-sent-"));
         down.push(Bytes::from_static(b"sent-not-acked-"));
         down.push(Bytes::from_static(b"unsent"));
         down.on_sent(31);
         down.ack_to(1016);
-        let up: VecDeque<Bytes> = [Bytes::from_static(b"queued "), Bytes::from_static(b"up")]
+        let mut inner = Inner::starting(down, 500, 7);
+        inner.up = [Bytes::from_static(b"queued "), Bytes::from_static(b"up")]
             .into_iter()
             .collect();
-        Shared {
-            inner: Mutex::new(Inner {
-                down,
-                down_fin: false,
-                up,
-                up_queued: 9,
-                up_have: 509,
-                up_fin: Some(509),
-                consumed: 500,
-                app_acked: 480,
-                epoch: 7,
-                pending: None,
-                end: None,
-                app_gone: false,
-                read_waker: None,
-                write_waker: None,
-                hold: Hold::Asked,
-                parked: None,
-            }),
-            notify: Notify::new(),
-            parked_notify: Notify::new(),
-            id: [9; 16],
-            restored: true,
-            client: ClientAddr::Ip(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), 4567),
-            policy: AckPolicy::Manual,
-            queue_limit: 1 << 20,
-            send_limit: 1 << 20,
-        }
+        inner.up_queued = 9;
+        inner.up_have = 509;
+        inner.up_fin = Some(509);
+        inner.app_acked = 480;
+        inner.hold = Hold::Asked;
+        Shared::from_parts(
+            inner,
+            Identity {
+                id: [9; 16],
+                restored: true,
+                client: ClientAddr::Ip(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), 4567),
+                policy: AckPolicy::Manual,
+                queue_limit: 1 << 20,
+                send_limit: 1 << 20,
+            },
+        )
     }
 
     fn refused(state: &[u8], fd: Option<OwnedFd>, now: Instant) -> String {

@@ -137,7 +137,57 @@ pub(crate) struct Shared {
     pub(crate) send_limit: u64,
 }
 
+impl Inner {
+    /// A session's state with nothing queued either way: the down stream
+    /// from `down`, the up stream consumed (and acked) up to `up`.
+    pub(crate) fn starting(down: Stream, up: u64, epoch: u64) -> Inner {
+        Inner {
+            down,
+            down_fin: false,
+            up: VecDeque::new(),
+            up_queued: 0,
+            up_have: up,
+            up_fin: None,
+            consumed: up,
+            app_acked: up,
+            epoch,
+            pending: None,
+            end: None,
+            app_gone: false,
+            read_waker: None,
+            write_waker: None,
+            hold: Hold::Running,
+            parked: None,
+        }
+    }
+}
+
+/// What a [`Shared`] is besides its state.
+pub(crate) struct Identity {
+    pub(crate) id: SessionId,
+    pub(crate) restored: bool,
+    pub(crate) client: ClientAddr,
+    pub(crate) policy: AckPolicy,
+    pub(crate) queue_limit: usize,
+    pub(crate) send_limit: u64,
+}
+
 impl Shared {
+    /// A session with `inner` as its state.
+    pub(crate) fn from_parts(inner: Inner, who: Identity) -> Arc<Shared> {
+        Arc::new(Shared {
+            inner: Mutex::new(inner),
+            notify: Notify::new(),
+            parked_notify: Notify::new(),
+            id: who.id,
+            restored: who.restored,
+            client: who.client,
+            policy: who.policy,
+            queue_limit: who.queue_limit,
+            send_limit: who.send_limit,
+        })
+    }
+
     /// A new session (`restored_up`: `None`), or one restored with its up
     /// stream consumed up to the given offset. Its first leg is `first`.
     pub(crate) fn new(
@@ -147,34 +197,19 @@ impl Shared {
         first: PendingLeg,
     ) -> Arc<Shared> {
         let up = restored_up.unwrap_or(0);
-        Arc::new(Shared {
-            inner: Mutex::new(Inner {
-                down: Stream::starting_at(hello.recv_offset),
-                down_fin: false,
-                up: VecDeque::new(),
-                up_queued: 0,
-                up_have: up,
-                up_fin: None,
-                consumed: up,
-                app_acked: up,
-                epoch: hello.epoch,
-                pending: Some(first),
-                end: None,
-                app_gone: false,
-                read_waker: None,
-                write_waker: None,
-                hold: Hold::Running,
-                parked: None,
-            }),
-            notify: Notify::new(),
-            parked_notify: Notify::new(),
-            id: hello.session_id,
-            restored: restored_up.is_some(),
-            client: hello.client,
-            policy: cfg.ack,
-            queue_limit: cfg.link.window as usize,
-            send_limit: u64::from(cfg.link.window),
-        })
+        let mut inner = Inner::starting(Stream::starting_at(hello.recv_offset), up, hello.epoch);
+        inner.pending = Some(first);
+        Shared::from_parts(
+            inner,
+            Identity {
+                id: hello.session_id,
+                restored: restored_up.is_some(),
+                client: hello.client,
+                policy: cfg.ack,
+                queue_limit: cfg.link.window as usize,
+                send_limit: u64::from(cfg.link.window),
+            },
+        )
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -162,16 +162,8 @@ impl SockKind {
                     "a resumable session is not one socket",
                 ))
             }
-            SockKind::Tcp => {
-                let s = std::net::TcpStream::from(fd);
-                s.set_nonblocking(true)?;
-                Conn::Tcp(tokio::net::TcpStream::from_std(s)?)
-            }
-            SockKind::Unix => {
-                let s = std::os::unix::net::UnixStream::from(fd);
-                s.set_nonblocking(true)?;
-                Conn::Unix(tokio::net::UnixStream::from_std(s)?)
-            }
+            SockKind::Tcp => Conn::from_tcp_fd(fd)?,
+            SockKind::Unix => Conn::from_unix_fd(fd)?,
         })
     }
 }

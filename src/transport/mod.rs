@@ -54,6 +54,21 @@ macro_rules! each {
 }
 
 impl Conn {
+    /// A connected TCP socket received as a descriptor (a hand-over), made
+    /// non-blocking and registered with the runtime (call it inside one).
+    pub fn from_tcp_fd(fd: OwnedFd) -> io::Result<Conn> {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        Ok(Conn::Tcp(TcpStream::from_std(s)?))
+    }
+
+    /// [`Conn::from_tcp_fd`] for a connected Unix stream socket.
+    pub fn from_unix_fd(fd: OwnedFd) -> io::Result<Conn> {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        s.set_nonblocking(true)?;
+        Ok(Conn::Unix(UnixStream::from_std(s)?))
+    }
+
     /// The kernel's confirmation of bytes written, for `ack = "tcp"`:
     /// `tcpi_bytes_acked` on TCP; on a Unix socket, `written` minus the bytes
     /// still queued (SIOCOUTQ counts what the peer has not read yet).
