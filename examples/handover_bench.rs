@@ -21,6 +21,11 @@
 //! `N` µs (default 0: back to back, which saturates a 2-CPU machine); the
 //! client's worst gap then includes that interval.
 //!
+//! `--holdfast-cpu N` runs holdfast (and every generation it starts) on CPU
+//! `N` only; with `--client-cpu M` as well, the clients and the echo server
+//! run on CPU `M`, so the load does not compete with holdfast for its CPU
+//! (a proxy host whose clients are elsewhere).
+//!
 //! `--client-cpu N` pins the busy clients' threads to CPU `N` (holdfast and
 //! the echo server stay free): on a 2-CPU machine, the 100 clients then
 //! compete with holdfast for one CPU instead of both.
@@ -43,6 +48,8 @@ struct Opts {
     client_cpu: Option<usize>,
     /// Busy clients start a round trip every this long (0: back to back).
     busy_interval: Duration,
+    /// Run holdfast (every generation) on this CPU only.
+    holdfast_cpu: Option<usize>,
 }
 
 fn parse() -> anyhow::Result<Opts> {
@@ -53,6 +60,7 @@ fn parse() -> anyhow::Result<Opts> {
         holdfast: "target/release/holdfast".into(),
         client_cpu: None,
         busy_interval: Duration::ZERO,
+        holdfast_cpu: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -65,6 +73,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--holdfast" => o.holdfast = v.clone(),
             "--client-cpu" => o.client_cpu = Some(v.parse()?),
             "--busy-interval-us" => o.busy_interval = Duration::from_micros(v.parse()?),
+            "--holdfast-cpu" => o.holdfast_cpu = Some(v.parse()?),
             f => bail!("unknown flag {f}"),
         }
         i += 2;
@@ -84,6 +93,26 @@ fn pin(cpu: usize) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Starts `cmd` confined to `cpu` (its children, later holdfast
+/// generations included, inherit the mask).
+fn confine(cmd: &mut Command, cpu: Option<usize>) {
+    use std::os::unix::process::CommandExt;
+    if let Some(cpu) = cpu {
+        // SAFETY: between fork and exec this only calls
+        // sched_setaffinity(2), which is async-signal-safe, on a local set.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
 }
 
 fn field(line: &str, name: &str) -> Option<String> {
@@ -121,14 +150,16 @@ fn echo(c: &mut TcpStream, msg: &[u8]) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let o = parse()?;
-    let mut server = Command::new(&o.holdfast)
-        .args([
-            "example-server",
-            "--listen",
-            "127.0.0.1:0",
-            "--mode",
-            "echo",
-        ])
+    let mut server = Command::new(&o.holdfast);
+    server.args([
+        "example-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        "echo",
+    ]);
+    confine(&mut server, o.client_cpu);
+    let mut server = server
         .stdout(Stdio::piped())
         .spawn()
         .context("start the echo server")?;
@@ -169,7 +200,9 @@ ack = "tcp"
             dir.join("run/handover.sock").display()
         ),
     )?;
-    let mut proxy: Child = Command::new(&o.holdfast)
+    let mut proxy = Command::new(&o.holdfast);
+    confine(&mut proxy, o.holdfast_cpu);
+    let mut proxy: Child = proxy
         .args(["run", "--config", cfg.to_str().context("path")?])
         .env(
             "RUST_LOG",
