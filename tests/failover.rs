@@ -935,7 +935,23 @@ fn an_unmodified_socat_client_keeps_its_connection_through_a_host_failure() {
         eprintln!("SKIP {name}: socat not installed");
         return;
     }
-    e2e_with(name, Mode::Exact, true);
+    e2e_with(name, Mode::Exact, true, false);
+}
+
+/// A live upgrade of the active, then a host failure: the session moves to
+/// the new active process (SIGUSR2) with its replication (the records that
+/// rebuild it on the standby, and where its tap stands), the new process's
+/// link replaces the old one at the standby, and when the new process's
+/// host fails the standby takes the session over: every answer once, in
+/// order, no reset.
+#[test]
+fn a_session_handed_to_a_new_active_process_stays_protected() {
+    e2e_with(
+        "a_session_handed_to_a_new_active_process_stays_protected",
+        Mode::Exact,
+        false,
+        true,
+    );
 }
 
 fn e2e(mode: Mode) {
@@ -943,7 +959,7 @@ fn e2e(mode: Mode) {
         Mode::Exact => "holdfast_processes_fail_over_with_ack_response",
         Mode::Gap => "holdfast_processes_close_a_session_across_a_gap",
     };
-    e2e_with(name, mode, false);
+    e2e_with(name, mode, false, false);
 }
 
 /// Lines through `w`, answers from `r`: 500 answered, then a pause
@@ -1031,7 +1047,7 @@ fn socat_client(
     })
 }
 
-fn e2e_with(name: &str, mode: Mode, socat: bool) {
+fn e2e_with(name: &str, mode: Mode, socat: bool, upgrade: bool) {
     let Some(mut lab) = Lab::new(name) else {
         return;
     };
@@ -1058,9 +1074,17 @@ fn e2e_with(name: &str, mode: Mode, socat: bool) {
         )
     };
     let active_cfg = dir.join("active.toml");
+    let handover = if upgrade {
+        format!(
+            "[handover]\nsocket = \"{}\"\n\n[lifecycle]\ndrain_timeout = \"1s\"\n\n",
+            dir.join("run").join("handover.sock").display()
+        )
+    } else {
+        String::new()
+    };
     std::fs::write(
         &active_cfg,
-        common("role = \"active\"\npeer = \"10.77.1.2:7100\""),
+        handover + &common("role = \"active\"\npeer = \"10.77.1.2:7100\""),
     )
     .unwrap();
     let standby_cfg = dir.join("standby.toml");
@@ -1126,6 +1150,11 @@ fn e2e_with(name: &str, mode: Mode, socat: bool) {
         })
     };
     paused_rx.recv_timeout(IO_TIMEOUT).expect("client paused");
+    // The process that will fail: the first one, or the one it upgraded to.
+    let mut failing = active.child.id();
+    if upgrade {
+        failing = upgrade_active(&active, &standby);
+    }
     // Every answer was replicated before it was written; wait until the
     // standby's kernel acknowledged everything on the replication link.
     let deadline = Instant::now() + IO_TIMEOUT;
@@ -1161,6 +1190,11 @@ fn e2e_with(name: &str, mode: Mode, socat: bool) {
     // The host fails.
     lab.cut("active", "eth0");
     lab.cut("active", "eth1");
+    if failing != active.child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &failing.to_string()])
+            .status();
+    }
     active.kill();
     go_tx.send(()).unwrap();
     let res = client.join().expect("client thread");
@@ -1191,6 +1225,39 @@ fn e2e_with(name: &str, mode: Mode, socat: bool) {
     drop(standby);
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGUSR2 to the active: waits until the new process has taken the
+/// sessions over, the old one has exited, and the standby follows the new
+/// process's replication link; returns the new process's pid.
+fn upgrade_active(active: &HostProcess, standby: &HostProcess) -> u32 {
+    let old = active.child.id();
+    let st = std::process::Command::new("kill")
+        .args(["-USR2", &old.to_string()])
+        .status()
+        .expect("kill -USR2");
+    assert!(st.success());
+    active.wait_log("sessions handed over sessions=1 ");
+    active.wait_log(&format!("holdfast stopped pid={old}"));
+    let new = active
+        .log()
+        .lines()
+        .filter(|l| l.contains("holdfast running"))
+        .filter_map(|l| l.split("pid=").nth(1))
+        .filter_map(|p| p.split_whitespace().next()?.parse::<u32>().ok())
+        .find(|&p| p != old)
+        .expect("the new process's pid");
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while standby.log().matches("replication link up").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the standby never followed the new process:\n{}\nactive:\n{}",
+            standby.log(),
+            active.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    new
 }
 
 /// The client of the gap scenario: 500 answered lines, then (once the

@@ -492,6 +492,7 @@ fn handover_batch_seeds_decode_or_are_refused() {
         "resumable-without-state",
         "state-on-a-tcp-client",
         "resumable-link-fd-missing",
+        "valid-with-replication",
     ] {
         let data = fs::read(corpus_dir("handover_batch").join(name)).unwrap();
         let blob = u64::from(u32::from_be_bytes([data[1], data[2], data[3], data[4]]));

@@ -55,8 +55,22 @@ pub const WRITE_BATCH: usize = 256 << 10;
 /// Hands records to the replication task.
 #[derive(Debug, Clone)]
 pub struct Replicator {
-    tx: mpsc::UnboundedSender<Record>,
+    tx: mpsc::UnboundedSender<Msg>,
     backlog: Arc<Backlog>,
+}
+
+/// What reaches the replication task.
+#[derive(Debug)]
+enum Msg {
+    Record(Record),
+    /// The records that rebuild one session on a standby
+    /// ([`MirrorSession::resend`]), taken once every record queued before
+    /// this message is in the shadow; `None` for a session it does not
+    /// have.
+    Snapshot(
+        crate::session::SessionId,
+        tokio::sync::oneshot::Sender<Option<Vec<Record>>>,
+    ),
 }
 
 /// Bytes queued for the link, and the sessions waiting for room.
@@ -140,9 +154,20 @@ impl Replicator {
     pub fn send(&self, r: Record) {
         let n = cost(&r);
         self.backlog.bytes.fetch_add(n, Ordering::AcqRel);
-        if self.tx.send(r).is_err() {
+        if self.tx.send(Msg::Record(r)).is_err() {
             self.backlog.taken(n);
         }
+    }
+
+    /// The records that rebuild session `id` on a standby, as its shadow
+    /// holds it once every record sent before this call is in (a live
+    /// upgrade carries them to the new process, whose replication task
+    /// sends them on). `None` when the task has ended or does not know
+    /// the session.
+    pub async fn snapshot(&self, id: crate::session::SessionId) -> Option<Vec<Record>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Msg::Snapshot(id, tx)).ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Bytes of records queued and not yet written to the link.
@@ -180,7 +205,7 @@ async fn run(
     peer: String,
     key: Secret,
     heartbeat: Duration,
-    mut rx: mpsc::UnboundedReceiver<Record>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
     backlog: Arc<Backlog>,
     shutdown: CancellationToken,
 ) {
@@ -193,9 +218,23 @@ async fn run(
             link::handshake_active(&mut s, &key.0).await?;
             Ok::<_, LinkError>(s)
         };
-        let attempt = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => r,
-            _ = shutdown.cancelled() => return,
+        // Records (and snapshot requests) keep being taken while it
+        // connects: a standby that does not answer holds nobody up.
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, connect);
+        tokio::pin!(connect);
+        let attempt = loop {
+            tokio::select! {
+                r = &mut connect => break r,
+                _ = shutdown.cancelled() => return,
+                m = rx.recv() => match m {
+                    Some(Msg::Record(r)) => {
+                        absorb(&mut shadow, &r);
+                        backlog.taken(cost(&r));
+                    }
+                    Some(Msg::Snapshot(id, reply)) => snapshot(&shadow, id, reply),
+                    None => return,
+                },
+            }
         };
         let stream = match attempt {
             Ok(Ok(s)) => s,
@@ -241,10 +280,19 @@ fn absorb(shadow: &mut Mirror, r: &Record) {
     }
 }
 
+/// Answers a snapshot request from the shadow.
+fn snapshot(
+    shadow: &Mirror,
+    id: crate::session::SessionId,
+    reply: tokio::sync::oneshot::Sender<Option<Vec<Record>>>,
+) {
+    let _ = reply.send(shadow.get(id).map(|s| s.resend(Instant::now())));
+}
+
 /// Waits `delay` while keeping the shadow current. `false` when the task
 /// should end.
 async fn wait_and_absorb(
-    rx: &mut mpsc::UnboundedReceiver<Record>,
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
     shadow: &mut Mirror,
     backlog: &Backlog,
     delay: Duration,
@@ -257,10 +305,11 @@ async fn wait_and_absorb(
             _ = &mut sleep => return true,
             _ = shutdown.cancelled() => return false,
             r = rx.recv() => match r {
-                Some(r) => {
+                Some(Msg::Record(r)) => {
                     absorb(shadow, &r);
                     backlog.taken(cost(&r));
                 }
+                Some(Msg::Snapshot(id, reply)) => snapshot(shadow, id, reply),
                 None => return false,
             },
         }
@@ -271,7 +320,7 @@ async fn wait_and_absorb(
 /// should end (`Ok`).
 async fn serve(
     w: &mut RecordWriter<TcpStream>,
-    rx: &mut mpsc::UnboundedReceiver<Record>,
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
     shadow: &mut Mirror,
     backlog: &Backlog,
     heartbeat: Duration,
@@ -283,18 +332,30 @@ async fn serve(
     w.flush().await?;
     loop {
         tokio::select! {
-            r = rx.recv() => {
-                let Some(r) = r else { return Ok(()) };
+            m = rx.recv() => {
+                let r = match m {
+                    None => return Ok(()),
+                    Some(Msg::Snapshot(id, reply)) => {
+                        snapshot(shadow, id, reply);
+                        continue;
+                    }
+                    Some(Msg::Record(r)) => r,
+                };
                 let mut taken = cost(&r);
                 absorb(shadow, &r);
                 w.push(&r);
                 // Whatever else is queued goes in the same write, up to
                 // WRITE_BATCH: a heartbeat never waits behind more.
                 while w.buffered() < WRITE_BATCH {
-                    let Ok(r) = rx.try_recv() else { break };
-                    taken += cost(&r);
-                    absorb(shadow, &r);
-                    w.push(&r);
+                    match rx.try_recv() {
+                        Ok(Msg::Record(r)) => {
+                            taken += cost(&r);
+                            absorb(shadow, &r);
+                            w.push(&r);
+                        }
+                        Ok(Msg::Snapshot(id, reply)) => snapshot(shadow, id, reply),
+                        Err(_) => break,
+                    }
                 }
                 let flushed = w.flush().await;
                 // Written, or (link broken) in the shadow, which a
@@ -417,6 +478,34 @@ mod tests {
 
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    /// A snapshot holds every record sent before it, whether the link is
+    /// up or the standby does not answer at all (the task is still
+    /// connecting): it never waits for the standby.
+    #[tokio::test]
+    async fn a_snapshot_has_every_record_sent_before_it_link_or_not() {
+        // Nobody accepts on this listener: the handshake never completes.
+        let (_l, rep, task, shutdown) = replicator(Duration::from_millis(5)).await;
+        let (a, b) = (SessionId(1), SessionId(2));
+        rep.send(session(a));
+        rep.send(Record::Read {
+            id: a,
+            offset: 0,
+            data: Bytes::from_static(b"GET 1\n"),
+        });
+        let got = tokio::time::timeout(Duration::from_millis(500), rep.snapshot(a))
+            .await
+            .expect("answered while the link is still connecting")
+            .expect("a known session");
+        assert!(matches!(&got[0], Record::Session(n) if n.id == a && n.read_from == 0));
+        assert!(got.iter().any(
+            |r| matches!(r, Record::Read { id, offset: 0, data } if *id == a && &data[..] == b"GET 1\n")
+        ));
+        assert_eq!(rep.snapshot(b).await, None, "an unknown session");
+        shutdown.cancel();
+        task.await.unwrap();
+        assert_eq!(rep.snapshot(a).await, None, "the task has ended");
     }
 
     /// Polls `rep.poll_room` once.

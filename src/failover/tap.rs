@@ -34,6 +34,15 @@ use crate::session::core::SessionCore;
 use crate::session::SessionId;
 use crate::stream::Dir;
 
+/// A tap's offsets, carried by a live upgrade ([`Tap::export`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TapCounters {
+    pub written: u64,
+    pub server_acked: u64,
+    pub synced: u64,
+    pub client_acked: u64,
+}
+
 /// One session's replication state on the active.
 #[derive(Debug)]
 pub struct Tap {
@@ -79,6 +88,49 @@ impl Tap {
             server_acked: 0,
             synced: 0,
             client_acked: 0,
+            room: Default::default(),
+        })
+    }
+
+    /// What a live upgrade carries to the new process so that it replicates
+    /// the session on from here ([`Tap::adopted`]): the records that rebuild
+    /// it on a standby, and this tap's counters. `None` when the
+    /// replication task does not have the session (the session then moves
+    /// unreplicated).
+    pub async fn export(&self) -> Option<(Vec<Record>, TapCounters)> {
+        let records = self.replicator.snapshot(self.id).await?;
+        Some((
+            records,
+            TapCounters {
+                written: self.written,
+                server_acked: self.server_acked,
+                synced: self.synced,
+                client_acked: self.client_acked,
+            },
+        ))
+    }
+
+    /// The tap of a session taken over in a live upgrade: `records` (what
+    /// [`Tap::export`] gave the old process) go to this process's
+    /// replication task first, which sends them to the standby on its link
+    /// (and again after any reconnect), then the session replicates on from
+    /// `counters`.
+    pub fn adopted(
+        replicator: Replicator,
+        id: SessionId,
+        records: Vec<Record>,
+        counters: TapCounters,
+    ) -> Box<Tap> {
+        for r in records {
+            replicator.send(r);
+        }
+        Box::new(Tap {
+            replicator,
+            id,
+            written: counters.written,
+            server_acked: counters.server_acked,
+            synced: counters.synced,
+            client_acked: counters.client_acked,
             room: Default::default(),
         })
     }

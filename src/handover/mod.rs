@@ -757,6 +757,9 @@ fn send_exported(
         if let Some(r) = &e.resumable {
             blob.push(IoSlice::new(&r.state));
         }
+        if let Some((records, _)) = &e.replication {
+            blob.push(IoSlice::new(records));
+        }
         sessions.push(SessionEntry {
             id: e.id.to_string(),
             listener: e.listener.clone(),
@@ -766,6 +769,13 @@ fn send_exported(
                 state: r.state.len() as u32,
                 leg: r.leg,
             }),
+            replication: e
+                .replication
+                .as_ref()
+                .map(|(records, counters)| ReplicationEntry {
+                    records: records.len() as u32,
+                    counters: *counters,
+                }),
             server: e.server.as_ref().map(|l| LegEntry {
                 gen: l.gen,
                 kind: l.kind,
@@ -816,6 +826,10 @@ pub struct SessionEntry {
     /// the server library's state of its session, and its leg's socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumable: Option<ResumableEntry>,
+    /// Host failover: the session's replication records (their bytes, in
+    /// the payload after the rest) and its tap's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationEntry>,
     pub server: Option<LegEntry>,
     /// Bytes of the core's snapshot.
     pub snapshot: u32,
@@ -839,6 +853,14 @@ pub struct ResumableEntry {
     /// The socket of its current leg, when one travels (none: no leg, or a
     /// TLS leg, closed once taken; the initiator resumes).
     pub leg: Option<crate::session::driver::SockKind>,
+}
+
+/// The replication of a [`SessionEntry`] (host failover, active).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationEntry {
+    /// Bytes of its records (`failover::codec`).
+    pub records: u32,
+    pub counters: crate::failover::tap::TapCounters,
 }
 
 impl SessionEntry {
@@ -879,6 +901,8 @@ pub struct IncomingSession {
     pub rbuf: bytes::Bytes,
     /// A resumable client's state (empty for others).
     pub resumable: bytes::Bytes,
+    /// The session's replication records (empty without failover).
+    pub replication: bytes::Bytes,
     /// The client's socket (a resumable client's leg, if one travels).
     pub client: Option<OwnedFd>,
     pub server: Option<OwnedFd>,
@@ -901,6 +925,7 @@ impl Batch {
                 u64::from(s.snapshot)
                     + s.server.as_ref().map_or(0, |l| u64::from(l.rbuf))
                     + s.resumable.as_ref().map_or(0, |r| u64::from(r.state))
+                    + s.replication.as_ref().map_or(0, |r| u64::from(r.records))
             })
             .sum()
     }
@@ -962,11 +987,13 @@ impl Batch {
             let snapshot = take(entry.snapshot);
             let rbuf = take(entry.server.as_ref().map_or(0, |l| l.rbuf));
             let resumable = take(entry.resumable.as_ref().map_or(0, |r| r.state));
+            let replication = take(entry.replication.as_ref().map_or(0, |r| r.records));
             out.push(IncomingSession {
                 entry,
                 snapshot,
                 rbuf,
                 resumable,
+                replication,
                 client,
                 server,
             });

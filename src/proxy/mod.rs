@@ -496,6 +496,7 @@ impl Importer {
             snapshot,
             rbuf,
             resumable,
+            replication,
             client,
             server,
         } = s;
@@ -582,17 +583,36 @@ impl Importer {
             }
             go
         };
+        // Host failover: the session's replication, carried on here once
+        // the old process knows we took it (before that its records would
+        // describe a session this process might not run).
+        let replication = match (&entry.replication, &ctx.replicator) {
+            (Some(r), Some(replicator)) => Some((
+                replicator.clone(),
+                replication_records(&replication, id)?,
+                r.counters,
+            )),
+            (Some(_), None) => {
+                tracing::warn!(session.id = %id, listener = %entry.listener, "hand-over: the session was replicated to a failover standby, and this process does not replicate its listener: it carries on unreplicated");
+                None
+            }
+            (None, _) => None,
+        };
         // The session task is built only after the answer went out: the
         // answer waits for the decoding above, not for this.
         let (peer, close) = (entry.peer.clone(), ctx.close_sessions.clone());
         let task_session = session.clone();
         let make = move || -> RunFuture {
+            let tap = replication.map(|(replicator, records, counters)| {
+                crate::failover::tap::Tap::adopted(replicator, id, records, counters)
+            });
             let restored = crate::session::driver::Restored {
                 client_eof: entry.client_eof,
                 age: std::time::Duration::from_millis(entry.age_ms),
                 legs: entry.legs,
                 replayed: entry.replayed,
                 server,
+                tap,
             };
             Box::pin(Driver::restored(core, client, peer, task_session, close, restored).run())
         };
@@ -603,6 +623,46 @@ impl Importer {
         spawn_session(&ctx, &session, id, backend_name, entry.peer, slot, run);
         Ok(())
     }
+}
+
+/// Decodes the replication records a hand-over carried for session `id`:
+/// they must rebuild that session (a `Session` record first, every other
+/// one about it).
+fn replication_records(
+    bytes: &[u8],
+    id: SessionId,
+) -> Result<Vec<crate::failover::codec::Record>, String> {
+    use crate::failover::codec::{self, Record};
+    let mut buf = bytes::BytesMut::from(bytes);
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        match codec::decode(&mut buf) {
+            Ok(Some(r)) => out.push(r),
+            Ok(None) => return Err("replication records: truncated".into()),
+            Err(e) => return Err(format!("replication records: {e}")),
+        }
+    }
+    let about = |r: &Record| match r {
+        Record::Session(n) => Some(n.id),
+        Record::Read { id, .. }
+        | Record::Written { id, .. }
+        | Record::ClientAcked { id, .. }
+        | Record::ServerAcked { id, .. }
+        | Record::Closed { id }
+        | Record::Synced { id, .. } => Some(*id),
+        _ => None,
+    };
+    match out.first() {
+        Some(Record::Session(n)) if n.id == id => {}
+        _ => return Err("replication records: they do not start with this session".into()),
+    }
+    if out
+        .iter()
+        .any(|r| about(r) != Some(id) || matches!(r, Record::Closed { .. }))
+    {
+        return Err("replication records: one is not about this session".into());
+    }
+    Ok(out)
 }
 
 struct RunningListener {
@@ -1319,4 +1379,62 @@ fn spawn_session(
         }
         .instrument(span),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failover::codec::{self, NewSession, Record};
+    use crate::failover::repair::{KernelState, TcpOptions};
+    use crate::failover::RepairWindow;
+
+    fn new_session(id: SessionId) -> Record {
+        Record::Session(Box::new(NewSession {
+            id,
+            listener: "l".into(),
+            backend: "b".into(),
+            client: "127.0.0.1:40000".parse().unwrap(),
+            local: "127.0.0.1:7000".parse().unwrap(),
+            state: KernelState {
+                send_seq: 1,
+                recv_seq: 2,
+                mss_clamp: 1460,
+                options: TcpOptions::default(),
+                window: RepairWindow::default(),
+                timestamp: 10,
+            },
+            read_from: 0,
+            written_from: 0,
+        }))
+    }
+
+    fn encoded(records: &[Record]) -> Vec<u8> {
+        let mut out = bytes::BytesMut::new();
+        for r in records {
+            codec::encode(r, &mut out);
+        }
+        out.to_vec()
+    }
+
+    #[test]
+    fn carried_replication_records_must_rebuild_exactly_this_session() {
+        let (a, b) = (SessionId(1), SessionId(2));
+        let read = |id| Record::Read {
+            id,
+            offset: 0,
+            data: bytes::Bytes::from_static(b"x"),
+        };
+        let ok = encoded(&[new_session(a), read(a)]);
+        assert_eq!(replication_records(&ok, a).unwrap().len(), 2);
+        let refused = |bytes: &[u8], id| replication_records(bytes, id).unwrap_err();
+        assert!(refused(&ok, b).contains("do not start with this session"));
+        assert!(refused(&encoded(&[read(a)]), a).contains("do not start"));
+        assert!(refused(&encoded(&[new_session(a), read(b)]), a).contains("not about this session"));
+        assert!(
+            refused(&encoded(&[new_session(a), Record::Closed { id: a }]), a)
+                .contains("not about this session")
+        );
+        assert!(refused(&ok[..ok.len() - 1], a).contains("truncated"));
+        assert!(refused(&[0xee; 16], a).starts_with("replication records"));
+    }
 }

@@ -37,6 +37,9 @@ const READ_SIZE: usize = 64 * 1024;
 const READ_MIN: usize = 4 * 1024;
 /// Chunks per vectored write.
 const MAX_IOV: usize = 64;
+/// Longest a hand-over waits for the failover replication task's copy of a
+/// session it exports.
+const REPLICATION_EXPORT: Duration = Duration::from_secs(1);
 /// How often `ack = "tcp"` samples the server's acks while bytes are in flight.
 const ACK_SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
 /// How often a session blocked on the global buffer memory looks again.
@@ -184,6 +187,9 @@ pub struct Exported {
     pub client_kind: SockKind,
     /// A resumable client's state (`client_kind` is `Resumable`).
     pub resumable: Option<ExportedResumable>,
+    /// Host failover: the session's replication (its records, encoded,
+    /// and its tap's counters), for the new process to carry on.
+    pub replication: Option<(Vec<u8>, crate::failover::tap::TapCounters)>,
     pub server: Option<ExportedLeg>,
     /// [`SessionCore::export`]'s bytes.
     pub snapshot: Vec<u8>,
@@ -228,6 +234,8 @@ pub struct Restored {
     pub replayed: u64,
     /// The leg's server connection, when one was up.
     pub server: Option<(Generation, Conn, BytesMut, u64)>,
+    /// Host failover: the session's replication, carried on.
+    pub tap: Option<Box<crate::failover::tap::Tap>>,
 }
 
 /// How a session task ended.
@@ -408,6 +416,7 @@ impl Driver {
         d.client_eof = restored.client_eof;
         d.legs = restored.legs;
         d.replayed = restored.replayed;
+        d.tap = restored.tap;
         if let Some((gen, conn, rbuf, written)) = restored.server {
             d.server = Some(ServerConn {
                 gen,
@@ -523,8 +532,29 @@ impl Driver {
                 }
             }
         }
+        // Host failover: what the standby has of this session, for the new
+        // process to replicate it on.
+        // A replication task that does not answer (a stalled link) keeps the
+        // session here, still replicated.
+        let mut replication = None;
+        if ready.is_ok() {
+            if let Some(tap) = &self.tap {
+                match tokio::time::timeout(REPLICATION_EXPORT, tap.export()).await {
+                    Ok(Some((records, counters))) => {
+                        let mut out = bytes::BytesMut::new();
+                        for r in &records {
+                            crate::failover::codec::encode(r, &mut out);
+                        }
+                        replication = Some((out.to_vec(), counters));
+                    }
+                    // The task ended (or lost the session): it moves as it is.
+                    Ok(None) => {}
+                    Err(_) => ready = Err("the failover replication did not answer in time"),
+                }
+            }
+        }
         let bundle = ready.and_then(|()| {
-            self.bundle(verdict_tx, parked)
+            self.bundle(verdict_tx, parked, replication)
                 .map_err(|_| "cannot duplicate a socket")
         });
         let taken = match bundle {
@@ -573,6 +603,7 @@ impl Driver {
         &self,
         verdict: tokio::sync::oneshot::Sender<bool>,
         parked: Option<crate::server::Parked>,
+        replication: Option<(Vec<u8>, crate::failover::tap::TapCounters)>,
     ) -> io::Result<Exported> {
         let (client_kind, client, resumable) = match parked {
             Some(p) => {
@@ -612,6 +643,7 @@ impl Driver {
             client,
             client_kind,
             resumable,
+            replication,
             server,
             snapshot,
             client_eof: self.client_eof,
