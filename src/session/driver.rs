@@ -51,6 +51,73 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const LINGER: Duration = Duration::from_secs(2);
 /// Loop turns before the task yields to others.
 const TURNS_PER_POLL: usize = 64;
+/// [`Driver::read_pending`] bits.
+const PENDING_CLIENT: u8 = 1;
+const PENDING_SERVER: u8 = 2;
+
+/// A session's close token, polled on every turn of its loop at the cost of
+/// one atomic load: the token's own future locks two mutexes per poll (a
+/// tenth of a round trip's instructions), so it is polled only when its
+/// wake-up came, or when the task's waker changed.
+struct CloseSignal {
+    fut: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    flag: Arc<CloseFlag>,
+    /// The flag as a waker, given to `fut`.
+    waker: std::task::Waker,
+    /// The task waker `flag` wakes, as of the last real poll.
+    task: Option<std::task::Waker>,
+}
+
+#[derive(Default)]
+struct CloseFlag {
+    fired: std::sync::atomic::AtomicBool,
+    task: Mutex<Option<std::task::Waker>>,
+}
+
+impl std::task::Wake for CloseFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        if let Some(w) = self.task.lock().ok().and_then(|t| t.clone()) {
+            w.wake();
+        }
+    }
+}
+
+impl CloseSignal {
+    fn new(token: CancellationToken) -> CloseSignal {
+        let flag = Arc::new(CloseFlag::default());
+        CloseSignal {
+            fut: Box::pin(token.cancelled_owned()),
+            waker: std::task::Waker::from(flag.clone()),
+            flag,
+            task: None,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let same_task = self.task.as_ref().is_some_and(|t| t.will_wake(cx.waker()));
+        // `fired` is cleared before the real poll, so a cancel that lands
+        // after the clear sets it again (and wakes the task).
+        if same_task {
+            if !self.flag.fired.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+            self.flag.fired.store(false, Ordering::Release);
+        }
+        if !same_task {
+            if let Ok(mut t) = self.flag.task.lock() {
+                *t = Some(cx.waker().clone());
+            }
+            self.task = Some(cx.waker().clone());
+            self.flag.fired.store(false, Ordering::Release);
+        }
+        self.fut.as_mut().poll(&mut Context::from_waker(&self.waker))
+    }
+}
 
 /// Process-wide state shared by all sessions.
 #[derive(Debug)]
@@ -297,7 +364,7 @@ pub struct Driver {
     /// The process's close token; `close` waits on a child of it, which a
     /// hand-over also cancels to ask for an export.
     close_parent: CancellationToken,
-    close: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    close: CloseSignal,
     /// A hand-over asked for this session.
     export_req: Option<ExportReply>,
     closing_since: Option<Instant>,
@@ -310,9 +377,14 @@ pub struct Driver {
     /// The client connection's write side is shut down (our FIN is sent).
     client_fin_sent: bool,
     /// The time given to the core's inputs: read once per turn of the poll
-    /// loop (a clock read per input was a tenth of a round trip's
-    /// instructions).
+    /// loop but the second (a clock read per input was a tenth of a round
+    /// trip's instructions).
     now: std::time::Instant,
+    /// Reads that returned `Pending` in this call of [`Driver::poll`]
+    /// (`PENDING_CLIENT`, `PENDING_SERVER`): their wakers are registered,
+    /// so later turns of the same call skip them (each poll of a socket that
+    /// is not ready registers the waker again, under a lock).
+    read_pending: u8,
     /// Host failover, on the active: the session's replication hook (one
     /// empty pointer for a session without).
     tap: Option<Box<crate::failover::tap::Tap>>,
@@ -380,7 +452,7 @@ impl Driver {
             mem_timer_armed: false,
             mem_counted: 0,
             close_parent: close,
-            close: Box::pin(wake.cancelled_owned()),
+            close: CloseSignal::new(wake),
             export_req: None,
             closing_since: None,
             legs: 0,
@@ -388,6 +460,7 @@ impl Driver {
             client_shutdown: false,
             client_fin_sent: false,
             now: Self::now(),
+            read_pending: 0,
             tap: None,
         }
     }
@@ -571,7 +644,7 @@ impl Driver {
             // Still ours: listen for close (or another export) again.
             let wake = self.close_parent.child_token();
             self.status.rearm(wake.clone());
-            self.close = Box::pin(wake.cancelled_owned());
+            self.close = CloseSignal::new(wake);
             return None;
         }
         // The new process owns the sockets now: drop our duplicates without
@@ -696,8 +769,13 @@ impl Driver {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
-        for _ in 0..TURNS_PER_POLL {
-            self.now = Self::now();
+        self.read_pending = 0;
+        for turn in 0..TURNS_PER_POLL {
+            // A wake-up usually takes two turns, the second finding nothing
+            // to do: it keeps the first one's time (microseconds old).
+            if turn != 1 {
+                self.now = Self::now();
+            }
             let mut progress = false;
             progress |= self.poll_close(cx);
             progress |= self.run_actions();
@@ -721,10 +799,13 @@ impl Driver {
                 continue;
             }
             progress |= self.poll_connect(cx);
-            progress |= self.poll_write_server(cx);
-            progress |= self.poll_write_client(cx);
+            // Reads before writes: what a turn reads is written in the same
+            // turn, so a wake-up by a readable socket takes two turns (the
+            // second only registers the wakers), not three.
             progress |= self.poll_read_client(cx);
             progress |= self.poll_read_server(cx);
+            progress |= self.poll_write_server(cx);
+            progress |= self.poll_write_client(cx);
             progress |= self.poll_timers(cx);
             progress |= self.poll_server_up(cx);
             self.drain_events();
@@ -741,7 +822,7 @@ impl Driver {
     /// `CLOSE_GRACE`, give up on the client.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> bool {
         if self.closing_since.is_none() && self.export_req.is_none() {
-            if self.close.as_mut().poll(cx).is_ready() {
+            if self.close.poll(cx).is_ready() {
                 if let Some(reply) = self.status.take_export() {
                     // A hand-over asks for this session, not a close.
                     self.export_req = Some(reply);
@@ -905,6 +986,7 @@ impl Driver {
         match res {
             Ok(conn) => {
                 self.legs += 1;
+                self.read_pending &= !PENDING_SERVER;
                 self.server = Some(ServerConn {
                     gen,
                     conn,
@@ -1076,6 +1158,9 @@ impl Driver {
         {
             tracing::info!("buffer_memory available again");
         }
+        if self.read_pending & PENDING_CLIENT != 0 {
+            return false;
+        }
         if let Some(progress) = self.poll_splice_up(cx) {
             return progress;
         }
@@ -1104,13 +1189,19 @@ impl Driver {
                 tracing::debug!(error = %e, "client read failed");
                 self.core.on_client_error(self.now);
             }
-            Poll::Pending => return false,
+            Poll::Pending => {
+                self.read_pending |= PENDING_CLIENT;
+                return false;
+            }
         }
         true
     }
 
     fn poll_read_server(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.core.want_read_server() || !self.replication_room(cx) {
+            return false;
+        }
+        if self.read_pending & PENDING_SERVER != 0 {
             return false;
         }
         let Some(server) = self.server.as_mut() else {
@@ -1178,7 +1269,10 @@ impl Driver {
                 tracing::debug!(leg.gen = gen.0, error = %e, "server read failed");
                 self.server_failed(gen);
             }
-            Poll::Pending => return false,
+            Poll::Pending => {
+                self.read_pending |= PENDING_SERVER;
+                return false;
+            }
         }
         true
     }
@@ -1420,11 +1514,16 @@ impl Driver {
 
     fn account_memory(&mut self) {
         let now = self.core.buffered_bytes();
+        self.status.update(&self.core, self.legs > 0);
+        if now == self.mem_counted {
+            // The gauges are shared by every session: no atomic write
+            // (and no contended cache line) when nothing changed.
+            return;
+        }
         self.shared_backend
             .metrics
             .replay_buffer
             .add(now as i64 - self.mem_counted as i64);
-        self.status.update(&self.core, self.legs > 0);
         if now > self.mem_counted {
             self.shared
                 .buffer_used
@@ -1616,5 +1715,48 @@ fn adapt_read_size(size: &mut usize, n: usize, spare: usize) {
 fn release_idle(buf: &mut BytesMut, size: usize) {
     if size == READ_MIN && buf.is_empty() {
         *buf = BytesMut::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_signal_sees_a_cancel_that_comes_after_it_was_polled() {
+        let token = CancellationToken::new();
+        let mut signal = CloseSignal::new(token.clone());
+        let mut task = tokio_test::task::spawn(());
+        // Polled twice before the cancel: the second poll takes the fast path.
+        assert!(task.enter(|cx, _| signal.poll(cx)).is_pending());
+        assert!(task.enter(|cx, _| signal.poll(cx)).is_pending());
+        assert!(!task.is_woken());
+        token.cancel();
+        assert!(task.is_woken(), "the cancel wakes the session's task");
+        assert!(task.enter(|cx, _| signal.poll(cx)).is_ready());
+    }
+
+    #[test]
+    fn close_signal_polled_by_another_task_registers_that_task() {
+        let token = CancellationToken::new();
+        let mut signal = CloseSignal::new(token.clone());
+        let mut first = tokio_test::task::spawn(());
+        let mut second = tokio_test::task::spawn(());
+        assert!(first.enter(|cx, _| signal.poll(cx)).is_pending());
+        // A session moved to another task (a hand-over that was not taken
+        // re-runs it) must be woken there.
+        assert!(second.enter(|cx, _| signal.poll(cx)).is_pending());
+        token.cancel();
+        assert!(second.is_woken());
+        assert!(second.enter(|cx, _| signal.poll(cx)).is_ready());
+    }
+
+    #[test]
+    fn close_signal_of_a_cancelled_token_is_ready_at_once() {
+        let token = CancellationToken::new();
+        token.cancel();
+        let mut signal = CloseSignal::new(token);
+        let mut task = tokio_test::task::spawn(());
+        assert!(task.enter(|cx, _| signal.poll(cx)).is_ready());
     }
 }
