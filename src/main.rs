@@ -623,13 +623,22 @@ fn runtime() -> tokio::runtime::Runtime {
     runtime_with(&holdfast::config::RuntimeConfig::default())
 }
 
-/// The multi-thread runtime, with `[runtime] worker_threads` when set
-/// (tokio's default otherwise: one worker per CPU).
+/// The runtime: tokio's multi-thread scheduler with `[runtime]
+/// worker_threads` workers (one per CPU when unset), or with
+/// `worker_threads = 1` its current-thread scheduler, which runs every task
+/// on this thread: no work stealing, so a new session or a wake-up never
+/// wakes another thread (a quarter less CPU per connection, a twentieth
+/// less per round trip: docs/benchmarks.md).
 fn runtime_with(cfg: &holdfast::config::RuntimeConfig) -> tokio::runtime::Runtime {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
+    let mut b = match cfg.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all();
-    if let Some(n) = cfg.worker_threads {
-        b.worker_threads(n);
-    }
     b.build().expect("tokio runtime")
 }

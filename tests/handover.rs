@@ -244,11 +244,23 @@ ack = "none"
 /// handed over three times: its echo arrives whole and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_in_mid_bulk_survives_upgrades() {
+    mid_bulk_upgrades("bulk-upgrades", "").await;
+}
+
+/// The same with `[runtime] worker_threads = 1` in both generations
+/// (tokio's current-thread scheduler: the session tasks and the hand-over's
+/// async side share one thread; its export runs on blocking threads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_mid_bulk_survives_upgrades_on_one_thread() {
+    mid_bulk_upgrades("bulk-upgrades-1t", "\n[runtime]\nworker_threads = 1\n").await;
+}
+
+async fn mid_bulk_upgrades(tag: &str, extra: &str) {
     let server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = temp_dir("bulk-upgrades");
+    let dir = temp_dir(tag);
     let socket = dir.join("run").join("handover.sock");
     let cfg = dir.join("holdfast.toml");
-    std::fs::write(&cfg, config(&socket, &server.addr, "")).unwrap();
+    std::fs::write(&cfg, config(&socket, &server.addr, extra)).unwrap();
     let (_first, mut log) = spawn_logged(&cfg);
     let listening = log.until("listening", |l| l.contains("addr=")).await;
     let addr = field(&listening, "addr").unwrap().to_string();

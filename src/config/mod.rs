@@ -122,8 +122,8 @@ pub struct Lifecycle {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RuntimeConfig {
     /// `worker_threads`: threads that run sessions; `None` (the default) is
-    /// one per CPU the process may use. Read at start: a reload does not
-    /// change it.
+    /// one per CPU the process may use; 1 is tokio's current-thread
+    /// scheduler. Read at start: a reload does not change it.
     pub worker_threads: Option<usize>,
 }
 

@@ -16,8 +16,14 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::{REJECT_FD_RESERVE, REJECT_MAX_SESSIONS, REJECT_PER_CLIENT};
 
-/// How often the open descriptors are counted (`/proc/self/fd`) at most.
+/// How often the open descriptors are counted (`/proc/self/fd`) at most,
+/// while the estimate says there is no room.
 const FD_COUNT_INTERVAL: Duration = Duration::from_millis(100);
+/// How old a count may get while the estimate says there is room: a count
+/// reads one directory entry per open descriptor (milliseconds with tens of
+/// thousands open, on the accept path), so a process far from its limit
+/// counts once a second, not ten times.
+const FD_COUNT_MAX_AGE: Duration = Duration::from_secs(1);
 /// Descriptors a session is assumed to take between two counts: its client
 /// and its server connection.
 const FDS_PER_SESSION: usize = 2;
@@ -78,8 +84,10 @@ impl ListenerLimits {
 }
 
 /// The process's descriptor budget: `RLIMIT_NOFILE` (read once at start)
-/// minus what is open, which is counted from `/proc/self/fd` at most every
-/// [`FD_COUNT_INTERVAL`] and estimated in between.
+/// minus what is open, which is counted from `/proc/self/fd` and estimated
+/// in between (2 per session admitted since): counted again once the count
+/// is [`FD_COUNT_MAX_AGE`] old, or [`FD_COUNT_INTERVAL`] old when the
+/// estimate finds no room.
 #[derive(Debug)]
 pub struct FdBudget {
     /// The soft `RLIMIT_NOFILE`; `None` (unlimited or unknown) turns the
@@ -119,6 +127,13 @@ impl FdBudget {
 
     /// Whether a new session leaves at least `fd_reserve` descriptors free.
     fn has_room(&self) -> bool {
+        self.has_room_at(Instant::now(), || {
+            std::fs::read_dir("/proc/self/fd").map(|dir| dir.count())
+        })
+    }
+
+    /// [`FdBudget::has_room`] at `now`, counting with `count`.
+    fn has_room_at(&self, now: Instant, count: impl FnOnce() -> std::io::Result<usize>) -> bool {
         let reserve = self.reserve.load(Ordering::Relaxed);
         let Some(limit) = self.limit.filter(|_| reserve > 0) else {
             return true;
@@ -126,23 +141,26 @@ impl FdBudget {
         let Ok(mut c) = self.count.lock() else {
             return true;
         };
-        let now = Instant::now();
-        if c.at
-            .map_or(true, |at| now.duration_since(at) >= FD_COUNT_INTERVAL)
-        {
+        let fits = |c: &FdCount| c.open + (c.admitted + 1) * FDS_PER_SESSION + reserve <= limit;
+        let age = c.at.map(|at| now.saturating_duration_since(at));
+        let stale = match age {
+            None => true,
+            Some(age) if fits(&c) => age >= FD_COUNT_MAX_AGE,
+            Some(age) => age >= FD_COUNT_INTERVAL,
+        };
+        if stale {
             // Counting needs a descriptor itself: failing to get one means
             // there is no room.
-            match std::fs::read_dir("/proc/self/fd") {
-                Ok(dir) => {
-                    c.open = dir.count();
+            match count() {
+                Ok(open) => {
+                    c.open = open;
                     c.admitted = 0;
                     c.at = Some(now);
                 }
                 Err(_) => return false,
             }
         }
-        let estimate = c.open + c.admitted * FDS_PER_SESSION;
-        estimate + FDS_PER_SESSION + reserve <= limit
+        fits(&c)
     }
 
     fn admitted(&self) {
@@ -335,5 +353,50 @@ mod tests {
         let a = admission(&global, &listener, &roomy);
         assert!(a.admit(Some("10.0.0.9".parse().unwrap())).is_ok());
         assert!(listener.per_client.lock().unwrap().is_empty());
+    }
+
+    /// Far from the limit the descriptors are counted once a second; near
+    /// it, every 100 ms; the estimate in between counts 2 per admission.
+    #[test]
+    fn fds_are_counted_rarely_while_far_from_the_limit() {
+        let budget = FdBudget::new(Some(1000), 100);
+        let counts = std::cell::Cell::new(0);
+        let open = std::cell::Cell::new(10);
+        let count = || {
+            counts.set(counts.get() + 1);
+            Ok(open.get())
+        };
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // The first admission counts; then 100 admissions in 900 ms do not.
+        for i in 0..100 {
+            assert!(budget.has_room_at(at(i * 9), count));
+            budget.admitted();
+        }
+        assert_eq!(counts.get(), 1);
+        // A second after the count: counted again.
+        assert!(budget.has_room_at(at(1000), count));
+        assert_eq!(counts.get(), 2);
+        budget.admitted();
+        // Near the limit: 10 open + 2 per admission reaches 900 (1000 minus
+        // the reserve) after 445 admissions; the estimate refuses, and a
+        // count 100 ms after the last one finds what is really open.
+        for _ in 0..444 {
+            budget.admitted();
+        }
+        assert!(!budget.has_room_at(at(1050), count), "the estimate is full");
+        assert_eq!(counts.get(), 2, "within 100 ms of a count: not counted");
+        open.set(500);
+        assert!(budget.has_room_at(at(1100), count), "500 open: room");
+        assert_eq!(counts.get(), 3);
+        open.set(899);
+        assert!(
+            budget.has_room_at(at(1150), count),
+            "no count, 500 + 2 fits"
+        );
+        assert!(!budget.has_room_at(at(2100), count), "899 open: no room");
+        assert_eq!(counts.get(), 4);
+        // Counting fails (no descriptor to count with): no room.
+        assert!(!budget.has_room_at(at(3200), || Err(std::io::Error::other("EMFILE"))));
     }
 }

@@ -115,7 +115,9 @@ impl CloseSignal {
             self.task = Some(cx.waker().clone());
             self.flag.fired.store(false, Ordering::Release);
         }
-        self.fut.as_mut().poll(&mut Context::from_waker(&self.waker))
+        self.fut
+            .as_mut()
+            .poll(&mut Context::from_waker(&self.waker))
     }
 }
 
