@@ -17,6 +17,12 @@
 # per round trip for rr, per connection for conns. The second run's
 # profile stays in target/callgrind/ for callgrind_annotate.
 #
+# WHO=backend counts the backend instead (`loadgen echo`, or for `resume`
+# the echo service on holdfast's server library, `loadgen resume-echo`):
+# holdfast runs once, uninstrumented, and each run starts the backend under
+# callgrind on the same port, dumps its counts after the load
+# (callgrind_control) and kills it.
+#
 # Needs: valgrind, and `cargo build --release --bin holdfast --example loadgen`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,19 +39,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The backend, in its own process (not counted).
-if [ "$mode" = resume ]; then
-    head -c 32 /dev/urandom >"$tmp/key"
-    "$loadgen" resume-echo "$tmp/key" >"$tmp/echo.out" &
-else
-    "$loadgen" echo >"$tmp/echo.out" &
-fi
-pids+=($!)
-for _ in $(seq 100); do grep -q listening "$tmp/echo.out" && break; sleep 0.1; done
-echo_addr=$(sed -n 's/^listening //p' "$tmp/echo.out")
+who=${WHO:-holdfast}
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+[ "$mode" = resume ] && head -c 32 /dev/urandom >"$tmp/key"
+backend_cmd=("$loadgen" echo)
+[ "$mode" = resume ] && backend_cmd=("$loadgen" resume-echo "$tmp/key")
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-addr=127.0.0.1:$port
+# The backend, in its own process (not counted), unless it is what is counted.
+if [ "$who" = backend ]; then
+    echo_addr=127.0.0.1:$(free_port)
+else
+    "${backend_cmd[@]}" >"$tmp/echo.out" &
+    pids+=($!)
+    for _ in $(seq 100); do grep -q listening "$tmp/echo.out" && break; sleep 0.1; done
+    echo_addr=$(sed -n 's/^listening //p' "$tmp/echo.out")
+fi
+
+addr=127.0.0.1:$(free_port)
 case $mode in
     none|tcp) backend="ack = \"$mode\"" ;;
     response) backend=$'ack = "response"\nframing = "lines"' ;;
@@ -64,10 +76,32 @@ servers = ["$echo_addr"]
 $backend
 EOF
 
+if [ "$who" = backend ]; then
+    RUST_LOG=warn "$holdfast" run --config "$tmp/holdfast.toml" 2>"$tmp/holdfast.log" &
+    pids+=($!)
+fi
+
 # One run: holdfast under callgrind, one warm-up round trip, the load,
 # SIGTERM (holdfast drains and exits). Prints the total instructions.
 run() {
     local n=$1 file=$2
+    if [ "$who" = backend ]; then
+        LOADGEN_LISTEN=$echo_addr valgrind --tool=callgrind --callgrind-out-file="$file" \
+            "${backend_cmd[@]}" >"$tmp/echo.out" 2>"$tmp/vg.log" &
+        local vg=$!
+        for _ in $(seq 300); do
+            "$loadgen" send "$addr" rr 1 2>/dev/null && break
+            sleep 0.1
+        done
+        "$loadgen" send "$addr" "$load" "$n" 2>>"$tmp/load.log"
+        callgrind_control -d "$vg" >/dev/null
+        kill -KILL "$vg"
+        wait "$vg" 2>/dev/null || true
+        # The dump is "$file.1"; its totals line is the count.
+        grep -m1 -E '^(summary|totals):' "$file.1" | awk '{print $2}'
+        mv "$file.1" "$file"
+        return
+    fi
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$file" \
         "$holdfast" run --config "$tmp/holdfast.toml" 2>"$tmp/vg.log" &
     local vg=$!
@@ -82,7 +116,7 @@ run() {
 }
 
 i1=$(run "$n1" "$tmp/cg.1")
-i2=$(run "$n2" "$out/callgrind.$mode.$load.out")
+i2=$(run "$n2" "$out/callgrind.$mode.$load${WHO:+.$WHO}.out")
 python3 - "$mode" "$load" "$n1" "$n2" "$i1" "$i2" <<'EOF'
 import sys
 mode, load, n1, n2, i1, i2 = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])

@@ -59,6 +59,13 @@ fn main() -> anyhow::Result<()> {
 
 // ------------------------------------------------------------------ echo
 
+/// Where `echo` and `resume-echo` listen: `$LOADGEN_LISTEN`, or a free
+/// loopback port (bench/callgrind.sh gives a backend it restarts a fixed
+/// address).
+fn listen_addr() -> String {
+    std::env::var("LOADGEN_LISTEN").unwrap_or_else(|_| "127.0.0.1:0".into())
+}
+
 fn echo_server() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -66,7 +73,7 @@ fn echo_server() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let l = tokio::net::TcpListener::bind(listen_addr()).await?;
         println!("listening {}", l.local_addr()?);
         loop {
             let (mut s, _) = l.accept().await?;
@@ -109,7 +116,7 @@ fn resume_echo_server(key_file: &str) -> anyhow::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut cfg = ServerConfig::new(key);
         cfg.ack = AckPolicy::Auto;
-        let l = ResumeListener::bind("127.0.0.1:0", cfg).await?;
+        let l = ResumeListener::bind(&listen_addr(), cfg).await?;
         println!("listening {}", l.local_addr());
         loop {
             let mut s = l.accept().await?;

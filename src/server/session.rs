@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use super::handshake::Known;
 use super::{hex, AckPolicy, Ctx, ServerConfig, ServerError, SessionId};
 use crate::proto::{ClientAddr, Decoder, Frame, Hello, Incoming, Link, LinkConfig};
+use crate::session::driver::{adapt_read_size, READ_MIN};
 use crate::stream::Stream;
 use crate::transport::Conn;
 
@@ -262,6 +263,8 @@ pub(crate) struct Leg {
     pub(crate) rd: ReadHalf<Conn>,
     pub(crate) wr: WriteHalf<Conn>,
     pub(crate) rbuf: BytesMut,
+    /// Bytes to ask for per read, `READ_MIN..=READ_SIZE`.
+    pub(crate) read_size: usize,
     pub(crate) link: Link,
     /// The WELCOME (or what is left of it) to write first.
     pub(crate) pre: Option<Bytes>,
@@ -293,6 +296,7 @@ fn install(p: PendingLeg, g: &mut Inner, cfg: &ServerConfig, now: Instant) -> Le
         rd,
         wr,
         rbuf: p.rbuf,
+        read_size: READ_MIN,
         link: Link::new(link_cfg, p.peer_max_frame, p.peer_window, p.up_from, now),
         pre: Some(p.welcome),
         epoch: p.epoch,
@@ -314,11 +318,21 @@ enum Event {
     Timer,
 }
 
-async fn read_some(rd: Option<(&mut ReadHalf<Conn>, &mut BytesMut)>) -> io::Result<usize> {
+async fn read_some(
+    rd: Option<(&mut ReadHalf<Conn>, &mut BytesMut, &mut usize)>,
+) -> io::Result<usize> {
     match rd {
-        Some((rd, buf)) => {
-            buf.reserve(64 * 1024);
-            rd.read_buf(buf).await
+        Some((rd, buf, size)) => {
+            // As the proxy's sessions do: 4 KiB reads while messages are
+            // small, up to 64 KiB in bulk (a fresh 64 KiB buffer per read
+            // was an allocation per message).
+            if buf.capacity() - buf.len() < *size / 4 {
+                buf.reserve(*size);
+            }
+            let spare = buf.capacity() - buf.len();
+            let n = rd.read_buf(buf).await?;
+            adapt_read_size(size, n, spare);
+            Ok(n)
         }
         None => std::future::pending().await,
     }
@@ -329,8 +343,13 @@ async fn read_some(rd: Option<(&mut ReadHalf<Conn>, &mut BytesMut)>) -> io::Resu
 async fn write_some(wr: Option<&mut WriteHalf<Conn>>, chunks: &[Bytes], flush: bool) -> Event {
     match wr {
         Some(wr) if !chunks.is_empty() => {
-            let slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
-            Event::Wrote(wr.write_vectored(&slices).await)
+            // On the stack: no allocation per write.
+            let mut slices = [IoSlice::new(&[]); MAX_IOV + 1];
+            let n = chunks.len().min(slices.len());
+            for (s, c) in slices.iter_mut().zip(&chunks[..n]) {
+                *s = IoSlice::new(c);
+            }
+            Event::Wrote(wr.write_vectored(&slices[..n]).await)
         }
         Some(wr) if flush => Event::Flushed(wr.flush().await),
         _ => std::future::pending().await,
@@ -354,6 +373,13 @@ pub(crate) async fn run_from(
     let id = hex(&shared.id);
     let dec = Decoder::new(cfg.link.max_frame);
     let mut chunks: Vec<Bytes> = Vec::new();
+    // Kept across turns of the loop (a new `Notified` and a new timer per
+    // turn registered and dropped a waiter and a timer entry, under locks,
+    // several times per message): the timer moves only when the deadline
+    // does, and `notified` is renewed once it fired.
+    let mut notified = std::pin::pin!(shared.notify.notified());
+    let mut timer_at = Instant::now();
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(timer_at.into()));
     let end: ServerError = loop {
         let now = Instant::now();
         chunks.clear();
@@ -376,7 +402,8 @@ pub(crate) async fn run_from(
         match hold {
             Hold::Running => {}
             Hold::Asked | Hold::Parked => {
-                shared.notify.notified().await;
+                notified.as_mut().await;
+                notified.set(shared.notify.notified());
                 continue;
             }
             Hold::HandedOver => {
@@ -450,17 +477,25 @@ pub(crate) async fn run_from(
                     rd,
                     wr,
                     rbuf,
+                    read_size,
                     unflushed,
                     ..
-                }) => (Some((rd, rbuf)), Some(wr), *unflushed),
+                }) => (Some((rd, rbuf, read_size)), Some(wr), *unflushed),
                 None => (None, None, false),
             };
             let rd = if read_ok { rd } else { None };
+            if deadline != timer_at {
+                timer_at = deadline;
+                timer.as_mut().reset(deadline.into());
+            }
             tokio::select! {
-                _ = shared.notify.notified() => Event::Notified,
+                _ = notified.as_mut() => {
+                    notified.set(shared.notify.notified());
+                    Event::Notified
+                }
                 r = read_some(rd) => Event::Read(r),
                 w = write_some(wr, &chunks, unflushed) => w,
-                _ = tokio::time::sleep_until(deadline.into()) => Event::Timer,
+                _ = timer.as_mut() => Event::Timer,
             }
         };
         let now = Instant::now();

@@ -31,10 +31,10 @@ use crate::transport::{self, Conn};
 /// Bytes asked of the kernel per read, at most: a direction's read size
 /// doubles from `READ_MIN` while reads fill the space they were given and
 /// halves when they return under an eighth of it.
-const READ_SIZE: usize = 64 * 1024;
+pub(crate) const READ_SIZE: usize = 64 * 1024;
 /// The smallest read size. At this size a read buffer left empty is freed,
 /// so an idle session holds no read buffer.
-const READ_MIN: usize = 4 * 1024;
+pub(crate) const READ_MIN: usize = 4 * 1024;
 /// Chunks per vectored write.
 const MAX_IOV: usize = 64;
 /// Longest a hand-over waits for the failover replication task's copy of a
@@ -1704,7 +1704,7 @@ fn poll_read_frames(
 
 /// Grows the read size while reads fill the space they were given (bulk),
 /// shrinks it while they return little (requests, responses, idle).
-fn adapt_read_size(size: &mut usize, n: usize, spare: usize) {
+pub(crate) fn adapt_read_size(size: &mut usize, n: usize, spare: usize) {
     if n >= spare {
         *size = (*size * 2).min(READ_SIZE);
     } else if n < *size / 8 {
