@@ -81,6 +81,16 @@ if [ "$who" = backend ]; then
     pids+=($!)
 fi
 
+# One warm-up round trip (retried until the instrumented process answers),
+# then the load of size $1.
+drive() {
+    for _ in $(seq 300); do
+        "$loadgen" send "$addr" rr 1 2>/dev/null && break
+        sleep 0.1
+    done
+    "$loadgen" send "$addr" "$load" "$1" 2>>"$tmp/load.log"
+}
+
 # One run: holdfast under callgrind, one warm-up round trip, the load,
 # SIGTERM (holdfast drains and exits). Prints the total instructions.
 run() {
@@ -89,11 +99,7 @@ run() {
         LOADGEN_LISTEN=$echo_addr valgrind --tool=callgrind --callgrind-out-file="$file" \
             "${backend_cmd[@]}" >"$tmp/echo.out" 2>"$tmp/vg.log" &
         local vg=$!
-        for _ in $(seq 300); do
-            "$loadgen" send "$addr" rr 1 2>/dev/null && break
-            sleep 0.1
-        done
-        "$loadgen" send "$addr" "$load" "$n" 2>>"$tmp/load.log"
+        drive "$n"
         callgrind_control -d "$vg" >/dev/null
         kill -KILL "$vg"
         wait "$vg" 2>/dev/null || true
@@ -105,11 +111,7 @@ run() {
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$file" \
         "$holdfast" run --config "$tmp/holdfast.toml" 2>"$tmp/vg.log" &
     local vg=$!
-    for _ in $(seq 300); do
-        "$loadgen" send "$addr" rr 1 2>/dev/null && break
-        sleep 0.1
-    done
-    "$loadgen" send "$addr" "$load" "$n" 2>>"$tmp/load.log"
+    drive "$n"
     kill -TERM "$vg"
     wait "$vg" || true
     grep -m1 '^summary:' "$file" | awk '{print $2}'

@@ -11,6 +11,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixStream};
 
 fn plain_config(server: &str) -> String {
+    proxy_config(server, r#"ack = "none""#)
+}
+
+/// One listener in front of `server`, the backend with `keys`.
+fn proxy_config(server: &str, keys: &str) -> String {
     format!(
         r#"
 [[listener]]
@@ -21,7 +26,7 @@ backend = "b"
 [[backend]]
 name = "b"
 servers = ["{server}"]
-ack = "none"
+{keys}
 "#
     )
 }
@@ -336,16 +341,20 @@ async fn spawn_binary(
 /// A fresh directory with `holdfast.toml`: one plain listener in front of
 /// `server`, a 500 ms drain.
 fn draining_config(tag: &str, server: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("holdfast-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("holdfast.toml"),
-        format!(
+    config_dir(
+        tag,
+        &format!(
             "[lifecycle]\ndrain_timeout = \"500ms\"\n{}",
             plain_config(server)
         ),
     )
-    .unwrap();
+}
+
+/// A fresh directory with `toml` as its `holdfast.toml`.
+fn config_dir(tag: &str, toml: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("holdfast-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("holdfast.toml"), toml).unwrap();
     dir
 }
 
@@ -424,33 +433,13 @@ async fn binary_on_one_thread_keeps_sessions_through_server_kills() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     let mut server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = std::env::temp_dir().join(format!("holdfast-onethread-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("holdfast.toml"),
-        format!(
-            r#"
-[runtime]
-worker_threads = 1
-
-[lifecycle]
-drain_timeout = "2s"
-
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-backend = "b"
-
-[[backend]]
-name = "b"
-servers = ["{}"]
-ack = "response"
-framing = "lines"
-"#,
-            server.addr
+    let dir = config_dir(
+        "onethread",
+        &format!(
+            "[runtime]\nworker_threads = 1\n[lifecycle]\ndrain_timeout = \"2s\"\n{}",
+            proxy_config(&server.addr, "ack = \"response\"\nframing = \"lines\"")
         ),
-    )
-    .unwrap();
+    );
     let (mut child, addr, _log) = spawn_binary(&dir.join("holdfast.toml")).await;
     let progress = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
