@@ -1136,6 +1136,15 @@ impl Driver {
     }
 
     fn poll_read_client(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.core.want_read_client()
+            && matches!(self.backend.ack, AckMode::Tcp)
+            && self.core.stream(Dir::Up).in_flight() > 0
+        {
+            // `ack = "tcp"` with the replay buffer full: what the server's
+            // host acknowledged since the last sample may free it (else the
+            // client waits for the next timed sample).
+            self.sample_acks();
+        }
         if !self.core.want_read_client() || !self.replication_room(cx) {
             return false;
         }
