@@ -451,7 +451,45 @@ mod props {
         prop::collection::vec(byte, 0..200)
     }
 
+    /// The lines scanner, one byte at a time: a line ends at each LF; the
+    /// stream is broken once a line holds more than `max` bytes.
+    fn lines_model(input: &[u8], max: usize) -> Outcome {
+        let (mut ends, mut start) = (Vec::new(), 0u64);
+        for (o, &b) in input.iter().enumerate() {
+            let end = o as u64 + 1;
+            if end - start > max as u64 {
+                let e = FrameError::TooLarge { start, limit: max };
+                return (ends, Some(e));
+            }
+            if b == b'\n' {
+                ends.push(end);
+                start = end;
+            }
+        }
+        (ends, None)
+    }
+
+    /// Up to a few hundred bytes, LFs dense or sparse: blocks of 64 and
+    /// their remainders, lines across them.
+    fn long_input() -> impl Strategy<Value = Vec<u8>> {
+        (1u32..40).prop_flat_map(|lf_in| {
+            prop::collection::vec(
+                (0..lf_in).prop_map(|k| if k == 0 { b'\n' } else { b'a' + (k % 26) as u8 }),
+                0..700,
+            )
+        })
+    }
+
     proptest! {
+        #[test]
+        fn lines_match_a_byte_by_byte_model(
+            input in long_input(),
+            cuts in cuts(),
+            max in 1usize..200,
+        ) {
+            prop_assert_eq!(feed(&lines(max), split(&input, &cuts)), lines_model(&input, max));
+        }
+
         #[test]
         fn lines_find_every_line(frames in prop::collection::vec(line(), 0..20), cuts in cuts()) {
             let (stream, ends) = concat(&frames);
