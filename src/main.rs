@@ -627,7 +627,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// worker_threads` workers (one per CPU when unset), or with
 /// `worker_threads = 1` its current-thread scheduler, which runs every task
 /// on this thread: no work stealing, so a new session or a wake-up never
-/// wakes another thread (a quarter less CPU per connection, a twentieth
+/// wakes another thread (about a fifth less CPU per connection, a twentieth
 /// less per round trip: docs/benchmarks.md).
 fn runtime_with(cfg: &holdfast::config::RuntimeConfig) -> tokio::runtime::Runtime {
     let mut b = match cfg.worker_threads {
