@@ -26,16 +26,14 @@ pub struct Backend {
     pub metrics: BackendMetrics,
     /// Round robin across sessions.
     next_server: AtomicUsize,
-    /// Sessions of this backend with no working leg.
-    held: AtomicUsize,
     /// Sessions of this backend that lost their server (what
     /// `max_held_sessions` bounds; a first connect in flight is not one).
     holding: AtomicUsize,
     /// A refusal to hold was warned about and none was admitted since (one
     /// warning per burst).
     refusing: AtomicBool,
-    /// Woken when `held` leaves 0.
-    held_changed: Notify,
+    /// Woken when `holding` leaves 0.
+    holding_changed: Notify,
     /// A connection the prober made, per server, for the next taker.
     ready: Mutex<Vec<Option<Conn>>>,
     /// Bumped with the server's index each time a server is found up.
@@ -54,10 +52,9 @@ impl Backend {
             config,
             metrics,
             next_server: AtomicUsize::new(0),
-            held: AtomicUsize::new(0),
             holding: AtomicUsize::new(0),
             refusing: AtomicBool::new(false),
-            held_changed: Notify::new(),
+            holding_changed: Notify::new(),
             ready: Mutex::new((0..n).map(|_| None).collect()),
             up: watch::channel((0, 0)).0,
             successor: Mutex::new(None),
@@ -91,19 +88,13 @@ impl Backend {
         self.next_server.fetch_add(1, Ordering::Relaxed) % self.config.servers.len().max(1)
     }
 
-    /// A session started or stopped holding.
+    /// A session has no working leg now (`held`), or has one again: the
+    /// `holdfast_sessions_held` gauge.
     pub fn set_held(&self, held: bool) {
         if held {
             self.metrics.held.inc();
         } else {
             self.metrics.held.dec();
-        }
-        if held {
-            if self.held.fetch_add(1, Ordering::AcqRel) == 0 {
-                self.held_changed.notify_one();
-            }
-        } else {
-            self.held.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -112,12 +103,16 @@ impl Backend {
     /// session is to be closed instead).
     pub fn try_start_holding(&self) -> bool {
         let max = self.config.max_held_sessions.unwrap_or(usize::MAX);
-        let ok = self
+        let before = self
             .holding
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
-            })
-            .is_ok();
+            });
+        let ok = before.is_ok();
+        if before == Ok(0) {
+            // The prober has someone to probe for.
+            self.holding_changed.notify_one();
+        }
         if ok {
             self.refusing.store(false, Ordering::Relaxed);
         } else if !self.refusing.swap(true, Ordering::Relaxed) {
@@ -131,8 +126,10 @@ impl Backend {
         self.holding.fetch_sub(1, Ordering::AcqRel);
     }
 
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Acquire)
+    /// Sessions that lost their server (or failed their first connect)
+    /// and wait for one: what the prober works for.
+    fn holding(&self) -> usize {
+        self.holding.load(Ordering::Acquire)
     }
 
     /// A probed connection to `server`, if one is waiting.
@@ -153,7 +150,10 @@ impl Backend {
         self.up.subscribe()
     }
 
-    /// Probes the servers while sessions are held, until `stop`.
+    /// Probes the servers while sessions hold (lost their server or failed
+    /// to connect), until `stop`. A session in its first connect is no
+    /// reason: probing for it opened (and closed) a second connection to
+    /// the server per new session.
     pub async fn probe(self: Arc<Self>) {
         let stop = self.stop.clone();
         let interval = (self.config.retry_initial * 2).max(Duration::from_millis(1));
@@ -162,13 +162,13 @@ impl Backend {
         // them skip their backoff.
         let mut was_down = vec![true; self.config.servers.len()];
         loop {
-            while self.held() == 0 {
+            while self.holding() == 0 {
                 // Nobody waits: drop parked connections, sleep until someone holds.
                 if let Ok(mut r) = self.ready.lock() {
                     r.iter_mut().for_each(|c| *c = None);
                 }
-                let notified = self.held_changed.notified();
-                if self.held() > 0 {
+                let notified = self.holding_changed.notified();
+                if self.holding() > 0 {
                     break;
                 }
                 tokio::select! {
