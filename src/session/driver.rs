@@ -387,6 +387,9 @@ pub struct Driver {
     /// so later turns of the same call skip them (each poll of a socket that
     /// is not ready registers the waker again, under a lock).
     read_pending: u8,
+    /// The server's acks were sampled in this call of [`Driver::poll`]
+    /// (`ack = "tcp"`): a full replay buffer does not sample them again.
+    acks_sampled: bool,
     /// Host failover, on the active: the session's replication hook (one
     /// empty pointer for a session without).
     tap: Option<Box<crate::failover::tap::Tap>>,
@@ -463,6 +466,7 @@ impl Driver {
             client_fin_sent: false,
             now: Self::now(),
             read_pending: 0,
+            acks_sampled: false,
             tap: None,
         }
     }
@@ -772,6 +776,7 @@ impl Driver {
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         self.read_pending = 0;
+        self.acks_sampled = false;
         for turn in 0..TURNS_PER_POLL {
             // A wake-up usually takes two turns, the second finding nothing
             // to do: it keeps the first one's time (microseconds old).
@@ -1027,6 +1032,7 @@ impl Driver {
             return;
         }
         if let Some(s) = &self.server {
+            self.acks_sampled = true;
             if let Ok(acked) = s.conn.bytes_acked(s.written) {
                 self.core.on_server_acked(s.gen, acked, self.now);
             }
@@ -1138,6 +1144,7 @@ impl Driver {
     fn poll_read_client(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.core.want_read_client()
             && matches!(self.backend.ack, AckMode::Tcp)
+            && !self.acks_sampled
             && self.core.stream(Dir::Up).in_flight() > 0
         {
             // `ack = "tcp"` with the replay buffer full: what the server's
