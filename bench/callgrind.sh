@@ -17,6 +17,9 @@
 # per round trip for rr, per connection for conns. The second run's
 # profile stays in target/callgrind/ for callgrind_annotate.
 #
+# EXTRA_CONFIG='...' is appended to holdfast's config file (for example
+# $'[runtime]\nworker_threads = 1').
+#
 # WHO=backend counts the backend instead (`loadgen echo`, or for `resume`
 # the echo service on holdfast's server library, `loadgen resume-echo`):
 # holdfast runs once, uninstrumented, and each run starts the backend under
@@ -74,6 +77,7 @@ backend = "echo"
 name = "echo"
 servers = ["$echo_addr"]
 $backend
+${EXTRA_CONFIG:-}
 EOF
 
 if [ "$who" = backend ]; then

@@ -10,10 +10,14 @@
 //! It starts `holdfast example-server --mode echo` and `holdfast run` (the
 //! binary given by `--holdfast`, default `target/release/holdfast`) with one
 //! listener (`ack = "tcp"`), opens the sessions, and upgrades holdfast
-//! `--rounds` times with SIGUSR2. For each upgrade it prints what the old
-//! process measured (sessions handed over, total time, per-session pause
-//! p50/p99/max: from the export request to the new process's answer) and
-//! what the clients saw: every idle session echoes again afterwards; busy
+//! `--rounds` times with SIGUSR2. For each upgrade it prints what the two
+//! processes measured: sessions handed over and total time (the old
+//! process); each session's pause p50/p99/max, from the moment it stopped
+//! moving bytes in the old process to its first run in the new one (the
+//! new process, from CLOCK_MONOTONIC timestamps the batches carry); and
+//! "answered", from the same moment to the old process having the new
+//! one's verdict on its batch (the old process; what earlier versions
+//! reported as the pause). Then what the clients saw: every idle session echoes again afterwards; busy
 //! sessions (each streaming 16 KiB echo round trips) report the longest gap
 //! between two round trips during the upgrade and check every byte.
 //!
@@ -230,10 +234,18 @@ ack = "tcp"
         }
     });
     let log = Log(rx);
-    let listening = log.until("listening", |l| l.contains("addr="))?;
-    let addr = field(&listening, "addr").context("listener address")?;
+    // The listener's address and the hand-over socket, in either order.
+    let (mut addr, mut handover) = (None, false);
+    while addr.is_none() || !handover {
+        let line = log.until("listening", |_| true)?;
+        if line.contains("hand-over socket listening") {
+            handover = true;
+        } else if line.contains("addr=") {
+            addr = field(&line, "addr");
+        }
+    }
+    let addr = addr.context("listener address")?;
     let mut pid = proxy.id();
-    log.until("hand-over socket listening", |_| true)?;
 
     // Idle sessions: each with its leg up (one echo), then silent.
     let started = Instant::now();
@@ -294,8 +306,8 @@ ack = "tcp"
         }));
     }
 
-    println!("| round | sessions | total ms | pause p50 µs | pause p99 µs | pause max µs | client worst gap µs | same, no upgrade µs |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| round | sessions | total ms | pause p50 µs | pause p99 µs | pause max µs | answered p50 µs | answered p99 µs | client worst gap µs | same, no upgrade µs |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for round in 0..o.rounds {
         thread::sleep(Duration::from_millis(100));
         let quiet = Instant::now();
@@ -316,10 +328,22 @@ ack = "tcp"
             field(l, "pid").is_some_and(|p| p != old.to_string())
         })?;
         pid = field(&running, "pid").context("pid")?.parse()?;
-        let done = log.until("sessions handed over", |_| true)?;
-        log.until("holdfast stopped", |l| {
-            field(l, "pid") == Some(old.to_string())
-        })?;
+        // The old process's summary, the new one's, and the old one's exit,
+        // in whichever order they come.
+        let (mut done, mut taken, mut stopped) = (None, None, false);
+        while done.is_none() || taken.is_none() || !stopped {
+            let line = log.until("", |_| true)?;
+            if line.contains("sessions handed over") {
+                done = Some(line);
+            } else if line.contains("sessions taken over") {
+                taken = Some(line);
+            } else if line.contains("holdfast stopped")
+                && field(&line, "pid") == Some(old.to_string())
+            {
+                stopped = true;
+            }
+        }
+        let (done, taken) = (done.unwrap_or_default(), taken.unwrap_or_default());
         thread::sleep(Duration::from_millis(100));
         upgrading.store(false, Ordering::Relaxed);
         let upgrade = upgrade.elapsed();
@@ -332,13 +356,23 @@ ack = "tcp"
             baseline.store(false, Ordering::Relaxed);
         }
         let f = |k: &str| field(&done, k).unwrap_or_default();
+        let t = |k: &str| field(&taken, k).unwrap_or_default();
+        if t("running") != f("sessions") {
+            bail!(
+                "{} sessions handed over, {} running in the new process",
+                f("sessions"),
+                t("running")
+            );
+        }
         println!(
-            "| {round} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {round} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             f("sessions"),
             f("total_ms").parse::<f64>().unwrap_or(0.0),
-            f("pause_p50_us"),
-            f("pause_p99_us"),
-            f("pause_max_us"),
+            t("pause_p50_us"),
+            t("pause_p99_us"),
+            t("pause_max_us"),
+            f("answered_p50_us"),
+            f("answered_p99_us"),
             if o.busy > 0 {
                 worst_gap_us.load(Ordering::Relaxed).to_string()
             } else {

@@ -399,18 +399,33 @@ async fn take_sessions(
     };
     // Fault injection for the tests: a new process that dies half-way.
     let fault = std::env::var("HOLDFAST_TEST_HANDOVER_FAULT").ok();
-    let got =
-        tokio::task::spawn_blocking(move || take_batches(&sock, &importer, fault.as_deref())).await;
-    let Ok((taken, refused)) = got else {
+    let got = tokio::task::spawn_blocking(move || {
+        let (taken, refused) = take_batches(&sock, &importer, fault.as_deref());
+        (taken, refused, started.elapsed(), importer)
+    })
+    .await;
+    let Ok((taken, refused, total, importer)) = got else {
         tracing::error!("hand-over task failed");
         return;
     };
-    tracing::info!(
-        sessions = taken,
-        refused,
-        total_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "hand-over: sessions taken over; the old process drains what stays"
-    );
+    // Each session's pause ends at its first run here, just after the
+    // answer on its batch: the summary waits (briefly, off the path to
+    // the next hand-over socket) for the last ones to start.
+    tokio::task::spawn_blocking(move || {
+        let (running, mut pauses) = importer.wait_started(taken, std::time::Duration::from_secs(1));
+        let mut q = |p| holdfast::handover::quantile_us(&mut pauses, p);
+        let (p50, p99, max) = (q(0.50), q(0.99), q(1.0));
+        tracing::info!(
+            sessions = taken,
+            refused,
+            total_ms = total.as_secs_f64() * 1000.0,
+            running,
+            pause_p50_us = p50,
+            pause_p99_us = p99,
+            pause_max_us = max,
+            "hand-over: sessions taken over; the old process drains what stays"
+        );
+    });
 }
 
 /// The new process's hand-over thread: reads each batch as the old process

@@ -308,6 +308,18 @@ async fn mid_bulk_upgrades(tag: &str, extra: &str) {
             Some("1"),
             "round {round}: the session moved in mid-bulk: {taken}"
         );
+        // It runs in the new process, and its pause was measured there:
+        // from its export in the old process to its first run here.
+        assert_eq!(field(&taken, "running"), Some("1"), "{taken}");
+        let pause: u64 = field(&taken, "pause_max_us")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no pause_max_us: {taken}"));
+        assert!(pause > 0, "a pause across two processes: {taken}");
+        let handed = log.until("sessions handed over", |_| true).await;
+        assert!(
+            field(&handed, "answered_p99_us").is_some(),
+            "the old process's summary: {handed}"
+        );
     }
     let got = tokio::time::timeout(Duration::from_secs(60), reader)
         .await

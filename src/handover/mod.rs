@@ -331,19 +331,29 @@ pub async fn serve(
 struct ExportStats {
     taken: usize,
     stayed: usize,
-    /// Per taken session: from its pause (the export) to the verdict.
-    pauses: Vec<std::time::Duration>,
+    /// Per taken session: from its pause (the export) to the verdict here.
+    answered: Vec<std::time::Duration>,
 }
 
-impl ExportStats {
-    fn percentile(&mut self, p: f64) -> u64 {
-        if self.pauses.is_empty() {
-            return 0;
-        }
-        self.pauses.sort_unstable();
-        let i = ((self.pauses.len() as f64 * p).ceil() as usize).clamp(1, self.pauses.len()) - 1;
-        self.pauses[i].as_micros() as u64
+/// The `p` quantile (0 to 1, nearest rank) of `d` in µs; sorts `d`. 0 when
+/// empty.
+pub fn quantile_us(d: &mut [std::time::Duration], p: f64) -> u64 {
+    if d.is_empty() {
+        return 0;
     }
+    d.sort_unstable();
+    let i = ((d.len() as f64 * p).ceil() as usize).clamp(1, d.len()) - 1;
+    d[i].as_micros() as u64
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process of the
+/// machine (what `std::time::Instant` reads on Linux), so a pause that
+/// starts in the old process can end in the new one.
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
 }
 
 /// How long a session task may take to answer an export request (it
@@ -395,18 +405,21 @@ async fn hand_over(
             .map_err(io::Error::other)??
     };
     let total = started.elapsed();
+    let a = &mut stats.answered;
     let (p50, p99, max) = (
-        stats.percentile(0.50),
-        stats.percentile(0.99),
-        stats.percentile(1.0),
+        quantile_us(a, 0.50),
+        quantile_us(a, 0.99),
+        quantile_us(a, 1.0),
     );
+    // (Each session's pause itself ends when the new process first runs
+    // it: that process logs it.)
     tracing::info!(
         sessions = stats.taken,
         stayed = stats.stayed,
         total_ms = total.as_secs_f64() * 1000.0,
-        pause_p50_us = p50,
-        pause_p99_us = p99,
-        pause_max_us = max,
+        answered_p50_us = p50,
+        answered_p99_us = p99,
+        answered_max_us = max,
         "hand-over: sessions handed over"
     );
     Ok(export)
@@ -484,8 +497,8 @@ enum Event {
 struct Answered {
     taken: usize,
     stayed: usize,
-    /// Per taken session: from its export to its verdict.
-    pauses: Vec<std::time::Duration>,
+    /// Per taken session: from its export to its verdict here.
+    answered: Vec<std::time::Duration>,
 }
 
 /// What the coordinating thread hands to the answer thread, in the order
@@ -647,7 +660,7 @@ impl Pump<'_> {
                 self.unanswered -= a.taken + a.stayed;
                 self.stats.taken += a.taken;
                 self.stats.stayed += a.stayed;
-                self.stats.pauses.extend(a.pauses);
+                self.stats.answered.extend(a.answered);
             }
             Event::Broken(e) => return Err(e),
             Event::Finished => {}
@@ -710,12 +723,12 @@ fn read_answers(
                 let mut a = Answered {
                     taken: 0,
                     stayed: 0,
-                    pauses: Vec::with_capacity(batch.len()),
+                    answered: Vec::with_capacity(batch.len()),
                 };
                 for (e, taken) in batch.into_iter().zip(verdicts) {
                     if taken {
                         a.taken += 1;
-                        a.pauses.push(e.paused_at.elapsed());
+                        a.answered.push(e.paused_at.elapsed());
                     } else {
                         a.stayed += 1;
                     }
@@ -745,6 +758,7 @@ fn send_exported(
     let mut fds = Vec::with_capacity(2 * exported.len());
     let mut blob = Vec::with_capacity(2 * exported.len());
     let mut sessions = Vec::with_capacity(exported.len());
+    let now = monotonic_ns();
     for e in exported {
         if let Some(fd) = &e.client {
             fds.push(fd.as_fd());
@@ -785,6 +799,7 @@ fn send_exported(
             snapshot: e.snapshot.len() as u32,
             client_eof: e.client_eof,
             age_ms: e.age.as_millis() as u64,
+            paused_ns: now.saturating_sub(e.paused_at.elapsed().as_nanos() as u64),
             legs: e.legs,
             replayed: e.replayed,
             ack: e.ack.clone(),
@@ -837,6 +852,11 @@ pub struct SessionEntry {
     pub client_eof: bool,
     /// How long the session has been open, in milliseconds.
     pub age_ms: u64,
+    /// When it stopped moving bytes in the old process: [`monotonic_ns`]
+    /// (0: not said). The new process measures the session's pause from it
+    /// to its first run there.
+    #[serde(default)]
+    pub paused_ns: u64,
     pub legs: u64,
     pub replayed: u64,
     /// The backend's ack mode ([`crate::proxy::ack_kind`]): the new process
@@ -1185,6 +1205,46 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let ms = |v: &[u64]| -> Vec<std::time::Duration> {
+            v.iter()
+                .map(|&m| std::time::Duration::from_millis(m))
+                .collect()
+        };
+        let mut d = ms(&[5, 1, 4, 2, 3, 10, 9, 8, 7, 6]);
+        assert_eq!(quantile_us(&mut d, 0.5), 5_000);
+        assert_eq!(quantile_us(&mut d, 0.99), 10_000);
+        assert_eq!(quantile_us(&mut d, 1.0), 10_000);
+        assert_eq!(quantile_us(&mut d, 0.0), 1_000);
+        assert_eq!(quantile_us(&mut [], 0.99), 0);
+    }
+
+    #[test]
+    fn a_pause_stamp_reads_the_clock_instant_reads() {
+        // The old process stamps a pause as `monotonic_ns() - elapsed`
+        // since an `Instant`: that lands between two readings taken around
+        // the `Instant` only if both read the same clock.
+        let before = monotonic_ns();
+        let at = std::time::Instant::now();
+        let after = monotonic_ns();
+        let stamp = monotonic_ns().saturating_sub(at.elapsed().as_nanos() as u64);
+        assert!(
+            (before..=after + 1_000).contains(&stamp),
+            "{before} <= {stamp} <= {after}"
+        );
+    }
+
+    #[test]
+    fn a_batch_without_pause_stamps_still_decodes() {
+        // A batch from a holdfast before `paused_ns` existed.
+        let json = br#"{"version":1,"done":false,"sessions":[{"id":"a","listener":"l",
+            "peer":"127.0.0.1:1","client":"tcp","server":null,"snapshot":0,
+            "client_eof":false,"age_ms":1,"legs":1,"replayed":0,"ack":"tcp"}]}"#;
+        let b = Batch::decode(json, 1, 0).unwrap();
+        assert_eq!(b.sessions[0].paused_ns, 0);
     }
 
     #[test]

@@ -453,6 +453,30 @@ pub struct Importer {
     backends: HashMap<String, Arc<Backend>>,
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
+    started: Arc<Started>,
+}
+
+/// The sessions of a hand-over that started running here, and the pause
+/// each one saw: from the moment it stopped moving bytes in the old
+/// process to its first run here (both read from CLOCK_MONOTONIC).
+#[derive(Default)]
+struct Started {
+    /// Sessions started, and the pauses of those whose old process said
+    /// when they paused.
+    state: std::sync::Mutex<(usize, Vec<Duration>)>,
+    changed: std::sync::Condvar,
+}
+
+impl Started {
+    fn record(&self, paused_ns: u64) {
+        let now = crate::handover::monotonic_ns();
+        let Ok(mut s) = self.state.lock() else { return };
+        s.0 += 1;
+        if paused_ns != 0 {
+            s.1.push(Duration::from_nanos(now.saturating_sub(paused_ns)));
+        }
+        self.changed.notify_all();
+    }
 }
 
 impl std::fmt::Debug for Importer {
@@ -462,6 +486,27 @@ impl std::fmt::Debug for Importer {
 }
 
 impl Importer {
+    /// Waits (blocking) until `n` sessions taken over have started running
+    /// here, or `timeout`; returns how many did and the pause each one saw
+    /// (from its export in the old process to its first run here).
+    pub fn wait_started(&self, n: usize, timeout: Duration) -> (usize, Vec<Duration>) {
+        let deadline = std::time::Instant::now() + timeout;
+        let Ok(mut s) = self.started.state.lock() else {
+            return (0, Vec::new());
+        };
+        while s.0 < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = match self.started.changed.wait_timeout(s, left) {
+                Ok((s, _)) => s,
+                Err(_) => return (0, Vec::new()),
+            };
+        }
+        (s.0, std::mem::take(&mut s.1))
+    }
+
     /// Prepares each session of a batch and says which were taken; each
     /// starts when `go` says `Some(true)` (once the old process has the
     /// answer) and is dropped untouched on `Some(false)`.
@@ -602,6 +647,7 @@ impl Importer {
         // answer waits for the decoding above, not for this.
         let (peer, close) = (entry.peer.clone(), ctx.close_sessions.clone());
         let task_session = session.clone();
+        let (started, paused_ns) = (self.started.clone(), entry.paused_ns);
         let make = move || -> RunFuture {
             let tap = replication.map(|(replicator, records, counters)| {
                 crate::failover::tap::Tap::adopted(replicator, id, records, counters)
@@ -614,7 +660,11 @@ impl Importer {
                 server,
                 tap,
             };
-            Box::pin(Driver::restored(core, client, peer, task_session, close, restored).run())
+            let run =
+                Box::pin(Driver::restored(core, client, peer, task_session, close, restored).run());
+            // Its first poll follows at once: the pause ends here.
+            started.record(paused_ns);
+            run
         };
         let run = SessionRun::TakenOver {
             start: Box::pin(start),
@@ -839,6 +889,7 @@ impl Running {
             backends: self.backends.clone(),
             shared: self.shared.clone(),
             runtime: tokio::runtime::Handle::current(),
+            started: Arc::default(),
         }
     }
 

@@ -268,7 +268,8 @@ pub struct Exported {
     pub replayed: u64,
     /// The backend's ack mode ([`crate::proxy::ack_kind`]).
     pub ack: String,
-    /// When the session paused (its pause ends with the verdict).
+    /// When the session stopped moving bytes here (its pause ends when the
+    /// new process first runs it).
     pub paused_at: std::time::Instant,
     pub verdict: tokio::sync::oneshot::Sender<bool>,
 }
@@ -599,6 +600,8 @@ impl Driver {
     /// Exports the session on `reply` and waits, paused, for the verdict.
     /// Returns the summary when the new process took it; None when it stays.
     async fn export(&mut self, reply: ExportReply) -> Option<HandedOver> {
+        // The session stops moving bytes here: its pause starts.
+        let paused_at = std::time::Instant::now();
         let (verdict_tx, verdict) = tokio::sync::oneshot::channel();
         // A resumable client's own task parks too (its state is its own).
         let mut parked = None;
@@ -633,7 +636,7 @@ impl Driver {
             }
         }
         let bundle = ready.and_then(|()| {
-            self.bundle(verdict_tx, parked, replication)
+            self.bundle(verdict_tx, parked, replication, paused_at)
                 .map_err(|_| "cannot duplicate a socket")
         });
         let taken = match bundle {
@@ -683,6 +686,7 @@ impl Driver {
         verdict: tokio::sync::oneshot::Sender<bool>,
         parked: Option<crate::server::Parked>,
         replication: Option<(Vec<u8>, crate::failover::tap::TapCounters)>,
+        paused_at: std::time::Instant,
     ) -> io::Result<Exported> {
         let (client_kind, client, resumable) = match parked {
             Some(p) => {
@@ -730,7 +734,7 @@ impl Driver {
             legs: self.legs,
             replayed: self.replayed,
             ack: crate::proxy::ack_kind(&self.backend.ack),
-            paused_at: std::time::Instant::now(),
+            paused_at,
             verdict,
         })
     }
