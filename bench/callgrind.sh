@@ -17,6 +17,7 @@
 # per round trip for rr, per connection for conns. The second run's
 # profile stays in target/callgrind/ for callgrind_annotate.
 #
+# HOLDFAST_LOG sets holdfast's RUST_LOG (default warn, as compare.sh).
 # EXTRA_CONFIG='...' is appended to holdfast's config file (for example
 # $'[runtime]\nworker_threads = 1').
 #
@@ -81,7 +82,7 @@ ${EXTRA_CONFIG:-}
 EOF
 
 if [ "$who" = backend ]; then
-    RUST_LOG=warn "$holdfast" run --config "$tmp/holdfast.toml" 2>"$tmp/holdfast.log" &
+    RUST_LOG=${HOLDFAST_LOG:-warn} "$holdfast" run --config "$tmp/holdfast.toml" 2>"$tmp/holdfast.log" &
     pids+=($!)
 fi
 
@@ -112,7 +113,7 @@ run() {
         mv "$file.1" "$file"
         return
     fi
-    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$file" \
+    RUST_LOG=${HOLDFAST_LOG:-warn} valgrind --tool=callgrind --callgrind-out-file="$file" \
         "$holdfast" run --config "$tmp/holdfast.toml" 2>"$tmp/vg.log" &
     local vg=$!
     drive "$n"

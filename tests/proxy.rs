@@ -310,7 +310,23 @@ async fn spawn_binary(
     String,
     tokio::io::BufReader<tokio::process::ChildStderr>,
 ) {
-    let mut child = tokio::process::Command::new(BIN)
+    spawn_binary_logging(cfg, None).await
+}
+
+/// [`spawn_binary`] with `RUST_LOG` set (`None`: inherited).
+async fn spawn_binary_logging(
+    cfg: &std::path::Path,
+    rust_log: Option<&str>,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::io::BufReader<tokio::process::ChildStderr>,
+) {
+    let mut cmd = tokio::process::Command::new(BIN);
+    if let Some(l) = rust_log {
+        cmd.env("RUST_LOG", l);
+    }
+    let mut child = cmd
         .args(["run", "--config", cfg.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -467,6 +483,60 @@ async fn binary_on_one_thread_keeps_sessions_through_server_kills() {
     for c in clients {
         let sent = c.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
         assert!(sent > 0);
+    }
+    let status = sigterm_and_wait(&mut child).await;
+    assert!(status.success(), "exit status {status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every log line of a session carries its span (session id, listener,
+/// backend), from the proxy's lines (opened, closed) and from the driver's
+/// (a leg resumed after a server SIGKILL), though the session task no
+/// longer runs inside the span.
+#[tokio::test]
+async fn a_sessions_log_lines_carry_its_span() {
+    use tokio::io::AsyncBufReadExt;
+    let mut server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = config_dir("spanlines", &proxy_config(&server.addr, "ack = \"tcp\""));
+    let (mut child, addr, mut log) =
+        spawn_binary_logging(&dir.join("holdfast.toml"), Some("info")).await;
+    let mut c = connect(&addr).await;
+    let mut buf = [0u8; 2];
+    c.write_all(b"a\n").await.unwrap();
+    c.read_exact(&mut buf).await.unwrap();
+    server.kill().await;
+    server.restart().await;
+    c.write_all(b"b\n").await.unwrap();
+    c.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"b\n");
+    drop(c);
+    let mut seen = Vec::new();
+    let wanted = ["session opened", "leg resumed", "session closed"];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut line = String::new();
+        while seen.len() < wanted.len() {
+            line.clear();
+            assert!(log.read_line(&mut line).await.unwrap() > 0, "log ended");
+            if wanted.iter().any(|w| line.contains(w)) {
+                seen.push(line.clone());
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("lines seen: {seen:?}"));
+    let span_of = |l: &str| {
+        let at = l.find("session{").unwrap_or_else(|| panic!("no span: {l}"));
+        let end = at + l[at..].find('}').unwrap();
+        l[at..=end].to_string()
+    };
+    let span = span_of(&seen[0]);
+    assert!(
+        span.contains("session.id=") && span.contains("listener=l") && span.contains("backend=b"),
+        "{span}"
+    );
+    for (l, w) in seen.iter().zip(wanted) {
+        assert!(l.contains(w), "{w} in order: {seen:?}");
+        assert_eq!(span_of(l), span, "{l}");
     }
     let status = sigterm_and_wait(&mut child).await;
     assert!(status.success(), "exit status {status:?}");

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::config::{Config, Endpoint, ListenerConfig, ListenerProtocol};
 use crate::lifecycle::{Phase, Shutdown};
@@ -648,6 +647,8 @@ impl Importer {
         let (peer, close) = (entry.peer.clone(), ctx.close_sessions.clone());
         let task_session = session.clone();
         let (started, paused_ns) = (self.started.clone(), entry.paused_ns);
+        let span = session_span(id, &ctx.listener_name, &backend_name);
+        let driver_span = span.clone();
         let make = move || -> RunFuture {
             let tap = replication.map(|(replicator, records, counters)| {
                 crate::failover::tap::Tap::adopted(replicator, id, records, counters)
@@ -660,8 +661,9 @@ impl Importer {
                 server,
                 tap,
             };
-            let run =
-                Box::pin(Driver::restored(core, client, peer, task_session, close, restored).run());
+            let mut driver = Driver::restored(core, client, peer, task_session, close, restored);
+            driver.set_span(driver_span);
+            let run = Box::pin(driver.run());
             // Its first poll follows at once: the pause ends here.
             started.record(paused_ns);
             run
@@ -670,7 +672,7 @@ impl Importer {
             start: Box::pin(start),
             make: Box::new(make),
         };
-        spawn_session(&ctx, &session, id, backend_name, entry.peer, slot, run);
+        spawn_session(&ctx, &session, id, entry.peer, slot, run, span);
         Ok(())
     }
 }
@@ -954,13 +956,16 @@ impl Running {
         };
         let close = ctx.close_sessions.child_token();
         let peer = new.client.to_string();
-        let driver = Driver::new(
+        let mut driver = Driver::new(
             core,
             client,
             peer.clone(),
             session_ctx.clone(),
             close.clone(),
         );
+        let name = backend.config.name.clone();
+        let span = session_span(new.id, &ctx.listener_name, &name);
+        driver.set_span(span.clone());
         tokio::spawn(watch_gap(
             watch_fd,
             close,
@@ -969,8 +974,7 @@ impl Running {
             peer.clone(),
         ));
         let run = SessionRun::Now(Box::pin(driver.run()));
-        let name = backend.config.name.clone();
-        spawn_session(&ctx, &session_ctx, new.id, name, peer, slot, run);
+        spawn_session(&ctx, &session_ctx, new.id, peer, slot, run, span);
         Ok(())
     }
 
@@ -1250,9 +1254,11 @@ fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, 
     if let Some(tap) = tap {
         driver.set_tap(tap);
     }
+    let span = session_span(id, &ctx.listener_name, &backend.name);
+    driver.set_span(span.clone());
     let _ = lm;
     let run = SessionRun::Now(Box::pin(driver.run()));
-    spawn_session(ctx, session, id, backend.name.clone(), peer, slot, run);
+    spawn_session(ctx, session, id, peer, slot, run, span);
 }
 
 /// Host failover, active role: captures the client connection's kernel
@@ -1356,43 +1362,52 @@ enum SessionRun {
     },
 }
 
-/// Spawns a session's task, which holds `slot` until it ends.
+/// The span of a session's log lines. The session task does not run in
+/// it: entering a span on every poll cost 5% of a round trip's
+/// instructions at the default log level, so each line enters it (the
+/// driver's `slog!`, `in_scope` here).
+fn session_span(id: SessionId, listener: &str, backend: &str) -> tracing::Span {
+    tracing::info_span!("session", session.id = %id, listener = %listener, backend = %backend)
+}
+
+/// Spawns a session's task, which holds `slot` until it ends; its log
+/// lines go in `span` ([`session_span`], the one its driver has).
 fn spawn_session(
     ctx: &AcceptCtx,
     session: &SessionCtx,
     id: SessionId,
-    backend_name: String,
     peer: String,
     slot: Slot,
     run: SessionRun,
+    span: tracing::Span,
 ) {
     let lm = session.listener.clone();
     let access = ctx.access.clone();
     let listener_name = ctx.listener_name.clone();
-    let span = tracing::info_span!("session", session.id = %id, listener = %ctx.listener_name, backend = %backend_name);
-    ctx.sessions.spawn(
-        async move {
-            let run = match run {
-                SessionRun::Now(run) => {
-                    tracing::info!(client.addr = %peer, "session opened");
-                    run
-                }
-                SessionRun::TakenOver { start, make } => {
-                    if !start.await {
-                        drop(slot);
-                        return;
-                    }
-                    tracing::debug!(client.addr = %peer, "session taken over");
-                    make()
-                }
-            };
-            lm.sessions.inc();
-            let s = match run.await {
-                Ended::Closed(s) => s,
-                Ended::HandedOver(h) => {
+    let backend_name = session.backend.config.name.clone();
+    ctx.sessions.spawn(async move {
+        let run = match run {
+            SessionRun::Now(run) => {
+                span.in_scope(|| tracing::info!(client.addr = %peer, "session opened"));
+                run
+            }
+            SessionRun::TakenOver { start, make } => {
+                if !start.await {
                     drop(slot);
-                    lm.sessions.dec();
-                    lm.closed("handed_over");
+                    return;
+                }
+                span.in_scope(|| tracing::debug!(client.addr = %peer, "session taken over"));
+                make()
+            }
+        };
+        lm.sessions.inc();
+        let s = match run.await {
+            Ended::Closed(s) => s,
+            Ended::HandedOver(h) => {
+                drop(slot);
+                lm.sessions.dec();
+                lm.closed("handed_over");
+                span.in_scope(|| {
                     tracing::info!(
                         reason = "handed_over",
                         bytes_up = h.bytes_up,
@@ -1400,13 +1415,15 @@ fn spawn_session(
                         legs = h.legs,
                         duration_ms = h.duration.as_millis() as u64,
                         "session handed over to the new process"
-                    );
-                    return;
-                }
-            };
-            drop(slot);
-            lm.sessions.dec();
-            lm.closed(s.reason.as_str());
+                    )
+                });
+                return;
+            }
+        };
+        drop(slot);
+        lm.sessions.dec();
+        lm.closed(s.reason.as_str());
+        span.in_scope(|| {
             if s.client_reset {
                 lm.client_reset(s.reason.as_str());
                 tracing::warn!(
@@ -1424,12 +1441,11 @@ fn spawn_session(
                 error = s.error.as_deref().unwrap_or(""),
                 "session closed"
             );
-            if let Some(log) = access {
-                log.record(&id.to_string(), &peer, &listener_name, &backend_name, &s);
-            }
+        });
+        if let Some(log) = access {
+            log.record(&id.to_string(), &peer, &listener_name, &backend_name, &s);
         }
-        .instrument(span),
-    );
+    });
 }
 
 #[cfg(test)]

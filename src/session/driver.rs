@@ -330,9 +330,22 @@ enum Outcome {
     Export(ExportReply),
 }
 
+/// A log line of the session, in its span: entered for the line only (the
+/// span entered on every poll cost 5% of a round trip's instructions at
+/// the default log level).
+macro_rules! slog {
+    ($self:ident, $($event:tt)+) => {{
+        let _in = $self.span.enter();
+        tracing::$($event)+;
+    }};
+}
+
 /// Drives one session to its end.
 pub struct Driver {
     core: SessionCore,
+    /// The session's span (`session.id`, `listener`, `backend`), for its log
+    /// lines ([`slog!`]).
+    span: tracing::Span,
     backend: Arc<BackendConfig>,
     shared_backend: Arc<Backend>,
     /// Whether this session is counted as held in `shared_backend`.
@@ -433,6 +446,7 @@ impl Driver {
         }
         Driver {
             core,
+            span: tracing::Span::none(),
             backend,
             shared_backend: ctx.backend,
             held: false,
@@ -470,6 +484,11 @@ impl Driver {
             acks_sampled: false,
             tap: None,
         }
+    }
+
+    /// The span the session's log lines go in (before it runs).
+    pub fn set_span(&mut self, span: tracing::Span) {
+        self.span = span;
     }
 
     /// Host failover, on the active: replicate this session through `tap`
@@ -864,16 +883,17 @@ impl Driver {
                             t.client_config.0.clone(),
                             t.server_names[server].clone(),
                             self.backend.servers[server].to_string(),
+                            self.span.clone(),
                         )
                     });
                     let handshake = move |conn: Conn| async move {
-                        let Some((config, name, addr)) = tls else {
+                        let Some((config, name, addr, span)) = tls else {
                             return Ok(conn);
                         };
                         transport::tls::connect(config, name, conn, timeout)
                             .await
                             .inspect_err(|e| {
-                                tracing::warn!(server.addr = %addr, error = %e, "tls handshake with the server failed");
+                                span.in_scope(|| tracing::warn!(server.addr = %addr, error = %e, "tls handshake with the server failed"));
                             })
                     };
                     if let Some(conn) = self.shared_backend.take_ready(server) {
@@ -927,7 +947,7 @@ impl Driver {
                     }
                     Poll::Ready(Err(e)) => {
                         self.server_shutdown = None;
-                        tracing::debug!(error = %e, "server shutdown failed");
+                        slog!(self, debug!(error = %e, "server shutdown failed"));
                         self.server_failed(gen);
                         progress = true;
                     }
@@ -945,7 +965,7 @@ impl Driver {
                 }
                 Poll::Ready(Err(e)) => {
                     self.client_shutdown = false;
-                    tracing::debug!(error = %e, "client shutdown failed");
+                    slog!(self, debug!(error = %e, "client shutdown failed"));
                     self.core.on_client_error(self.now);
                     progress = true;
                 }
@@ -1017,7 +1037,7 @@ impl Driver {
                     io::ErrorKind::TimedOut => LegFailure::ConnectTimeout,
                     _ => LegFailure::ConnectError,
                 };
-                tracing::debug!(leg.gen = gen.0, error = %e, "connect failed");
+                slog!(self, debug!(leg.gen = gen.0, error = %e, "connect failed"));
                 self.core.on_connect_failed(gen, reason, self.now);
             }
         }
@@ -1067,7 +1087,10 @@ impl Driver {
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
-                    tracing::debug!(leg.gen = gen.0, error = %e, "server write failed");
+                    slog!(
+                        self,
+                        debug!(leg.gen = gen.0, error = %e, "server write failed")
+                    );
                     self.server_failed(gen);
                     return true;
                 }
@@ -1078,7 +1101,10 @@ impl Driver {
             // TLS buffers records that a write could not send yet.
             if let Poll::Ready(Err(e)) = Pin::new(&mut server.conn).poll_flush(cx) {
                 let gen = server.gen;
-                tracing::debug!(leg.gen = gen.0, error = %e, "server flush failed");
+                slog!(
+                    self,
+                    debug!(leg.gen = gen.0, error = %e, "server flush failed")
+                );
                 self.server_failed(gen);
                 return true;
             }
@@ -1112,7 +1138,7 @@ impl Driver {
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
-                    tracing::debug!(error = %e, "client write failed");
+                    slog!(self, debug!(error = %e, "client write failed"));
                     self.core.on_client_error(self.now);
                     return true;
                 }
@@ -1122,7 +1148,7 @@ impl Driver {
         if self.client.is_buffered() {
             // TLS buffers records that a write could not send yet.
             if let Poll::Ready(Err(e)) = Pin::new(&mut self.client).poll_flush(cx) {
-                tracing::debug!(error = %e, "client flush failed");
+                slog!(self, debug!(error = %e, "client flush failed"));
                 self.core.on_client_error(self.now);
                 return true;
             }
@@ -1164,10 +1190,10 @@ impl Driver {
             // session to find it full says so (once per episode).
             if !self.shared.memory_full.swap(true, Ordering::Relaxed) {
                 self.listener.all().buffer_memory_full();
-                tracing::warn!(
+                slog!(self, warn!(
                     limit = self.shared.buffer_limit(),
                     "[limits] buffer_memory reached: sessions stop reading their clients until servers catch up"
-                );
+                ));
             }
             if !self.mem_timer_armed {
                 self.mem_timer.reset(Instant::now() + MEMORY_RETRY);
@@ -1178,7 +1204,7 @@ impl Driver {
         if self.shared.memory_full.load(Ordering::Relaxed)
             && self.shared.memory_full.swap(false, Ordering::Relaxed)
         {
-            tracing::info!("buffer_memory available again");
+            slog!(self, info!("buffer_memory available again"));
         }
         if self.read_pending & PENDING_CLIENT != 0 {
             return false;
@@ -1208,7 +1234,7 @@ impl Driver {
                 self.core.on_client_data(chunk, self.now);
             }
             Poll::Ready(Err(e)) => {
-                tracing::debug!(error = %e, "client read failed");
+                slog!(self, debug!(error = %e, "client read failed"));
                 self.core.on_client_error(self.now);
             }
             Poll::Pending => {
@@ -1270,7 +1296,10 @@ impl Driver {
                             Ok(Some(frame)) => self.core.on_server_frame(gen, frame, self.now),
                             Ok(None) => break,
                             Err(e) => {
-                                tracing::warn!(leg.gen = gen.0, error = %e, "server broke the resume protocol");
+                                slog!(
+                                    self,
+                                    warn!(leg.gen = gen.0, error = %e, "server broke the resume protocol")
+                                );
                                 self.core.on_server_protocol_error(gen, &e, self.now);
                                 break;
                             }
@@ -1288,7 +1317,10 @@ impl Driver {
                 }
             }
             Poll::Ready(Err(e)) => {
-                tracing::debug!(leg.gen = gen.0, error = %e, "server read failed");
+                slog!(
+                    self,
+                    debug!(leg.gen = gen.0, error = %e, "server read failed")
+                );
                 self.server_failed(gen);
             }
             Poll::Pending => {
@@ -1340,7 +1372,7 @@ impl Driver {
         let r = match transport::splice::poll_relay(client, to, self.splice_max(), cx) {
             Poll::Pending => return Some(false),
             Poll::Ready(Err(e)) => {
-                tracing::debug!(error = %e, "client read failed");
+                slog!(self, debug!(error = %e, "client read failed"));
                 self.core.on_client_error(self.now);
                 return Some(true);
             }
@@ -1365,7 +1397,10 @@ impl Driver {
             self.core.on_client_data(rest, self.now);
         }
         if let Some(e) = r.write_error {
-            tracing::debug!(leg.gen = gen.0, error = %e, "server write failed");
+            slog!(
+                self,
+                debug!(leg.gen = gen.0, error = %e, "server write failed")
+            );
             self.server_failed(gen);
         }
         Some(true)
@@ -1386,7 +1421,10 @@ impl Driver {
         let r = match transport::splice::poll_relay(from, to, self.splice_max(), cx) {
             Poll::Pending => return Some(false),
             Poll::Ready(Err(e)) => {
-                tracing::debug!(leg.gen = gen.0, error = %e, "server read failed");
+                slog!(
+                    self,
+                    debug!(leg.gen = gen.0, error = %e, "server read failed")
+                );
                 self.server_failed(gen);
                 return Some(true);
             }
@@ -1409,7 +1447,7 @@ impl Driver {
             self.core.on_server_data(gen, rest, self.now);
         }
         if let Some(e) = r.write_error {
-            tracing::debug!(error = %e, "client write failed");
+            slog!(self, debug!(error = %e, "client write failed"));
             self.core.on_client_error(self.now);
         }
         Some(true)
@@ -1479,8 +1517,9 @@ impl Driver {
             if self.shared_backend.try_start_holding() {
                 self.holding = Some(self.shared_backend.clone());
             } else {
-                tracing::debug!(
-                    "max_held_sessions reached: closing the session instead of holding it"
+                slog!(
+                    self,
+                    debug!("max_held_sessions reached: closing the session instead of holding it")
                 );
                 self.core.on_hold_refused(self.now);
                 return true;
@@ -1594,18 +1633,21 @@ impl Driver {
                         if let Some(h) = held {
                             m.hold_duration.observe(h.as_secs_f64());
                         }
-                        tracing::info!(
-                            leg.gen = gen.0,
-                            server.addr = %addr,
-                            up.acked = up.acked(),
-                            up.read = up.read(),
-                            down.sent = self.core.stream(Dir::Down).sent(),
-                            replay_bytes = replay,
-                            held_ms = held.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
-                            "leg resumed"
+                        slog!(
+                            self,
+                            info!(
+                                leg.gen = gen.0,
+                                server.addr = %addr,
+                                up.acked = up.acked(),
+                                up.read = up.read(),
+                                down.sent = self.core.stream(Dir::Down).sent(),
+                                replay_bytes = replay,
+                                held_ms = held.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
+                                "leg resumed"
+                            )
                         );
                     } else {
-                        tracing::debug!(leg.gen = gen.0, server.addr = %addr, "leg up");
+                        slog!(self, debug!(leg.gen = gen.0, server.addr = %addr, "leg up"));
                     }
                 }
                 Event::LegFailed {
@@ -1626,14 +1668,17 @@ impl Driver {
                         | LegFailure::ConnectError => m.connect_failed(reason.as_str()),
                         _ => m.leg_failed(reason.as_str()),
                     }
-                    tracing::debug!(
-                        leg.gen = gen.0,
-                        server.addr = %addr,
-                        reason = reason.as_str(),
-                        "leg failed"
+                    slog!(
+                        self,
+                        debug!(
+                            leg.gen = gen.0,
+                            server.addr = %addr,
+                            reason = reason.as_str(),
+                            "leg failed"
+                        )
                     );
                 }
-                Event::HoldStarted => tracing::debug!("holding"),
+                Event::HoldStarted => slog!(self, debug!("holding")),
                 Event::Closed { .. } => {}
             }
         }
