@@ -16,7 +16,7 @@
 #       (idle memory alone)
 #   bench/compare.sh --rounds 5 --idle 0 --holdfast-b OTHER \
 #       --only holdfast-none,holdfast-none-b,nginx
-#       (A/B: rows holdfast-none-b / holdfast-tcp-b run OTHER, a binary or a
+#       (A/B: rows holdfast-none-b / holdfast-tcp-b / holdfast-response-b run OTHER, a binary or a
 #       wrapper script, interleaved with target/release/holdfast)
 #
 # Prints the table; JSON goes to target/compare.json.

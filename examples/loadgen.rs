@@ -8,7 +8,8 @@
 //! the same echo on `holdfast::server` (HFRP/1, `AckPolicy::Auto`).
 //! `loadgen send ADDR bulk MIB | rr N | conns N` is a fixed amount of load
 //! for `bench/callgrind.sh`, which counts instructions rather than time.
-//! `--holdfast-b PATH` adds the rows `holdfast-none-b` and `holdfast-tcp-b`:
+//! `--holdfast-b PATH` adds the rows `holdfast-none-b`, `holdfast-tcp-b` and
+//! `holdfast-response-b`:
 //! another binary (or a wrapper script setting its environment), measured
 //! interleaved with the first, for A/B comparisons on a noisy machine.
 //! `loadgen compare` starts the echo server and every proxy as child
@@ -366,8 +367,12 @@ fn start_target(
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let log = std::fs::File::create(dir.join("log"))?;
     let mut cmd = match name {
-        "holdfast-none" | "holdfast-tcp" | "holdfast-response" | "holdfast-none-b"
-        | "holdfast-tcp-b" => {
+        "holdfast-none"
+        | "holdfast-tcp"
+        | "holdfast-response"
+        | "holdfast-none-b"
+        | "holdfast-tcp-b"
+        | "holdfast-response-b" => {
             let ack = name.trim_start_matches("holdfast-").trim_end_matches("-b");
             let binary = match &opts.holdfast_b {
                 Some(b) if name.ends_with("-b") => b,
@@ -863,7 +868,7 @@ fn fmt(v: Option<f64>, prec: usize) -> String {
         .unwrap_or_else(|| "–".into())
 }
 
-const ALL: [&str; 10] = [
+const ALL: [&str; 11] = [
     "direct",
     "holdfast-none",
     "holdfast-none-b",
@@ -871,6 +876,7 @@ const ALL: [&str; 10] = [
     "holdfast-response",
     "holdfast-resume",
     "holdfast-tcp-b",
+    "holdfast-response-b",
     "haproxy",
     "nginx",
     "socat",
@@ -1032,6 +1038,7 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
         "holdfast-tcp",
         "holdfast-tcp-b",
         "holdfast-response",
+        "holdfast-response-b",
         "holdfast-resume",
     ] {
         let Some(m) = med.get(n) else { continue };

@@ -752,7 +752,14 @@ impl SessionCore {
         let res = scanner.scan(&chunk, &mut self.ends_scratch);
         let no_reply_possible = matches!(scanner, Scanner::Resp(_));
         self.up.push(chunk);
-        for &end in &self.ends_scratch {
+        if !no_reply_possible {
+            // Every frame is a request that gets an answer.
+            if let Some(&last) = self.ends_scratch.last() {
+                self.req_last_end = last;
+                self.req_ends.extend(self.ends_scratch.iter().copied());
+            }
+        }
+        for &end in self.ends_scratch.iter().filter(|_| no_reply_possible) {
             let start = std::mem::replace(&mut self.req_last_end, end);
             // Redis answers nothing to an empty inline line or an empty array.
             if no_reply_possible
@@ -963,9 +970,14 @@ impl SessionCore {
         // The answered requests are acknowledged once per chunk, not once
         // per frame (`on_response_frame` applies it early where it must).
         let mut ack = None;
-        for &end in &ends {
-            if !self.on_response_frame(gen, end, now, &mut ack) {
-                break;
+        if self.plain_responses() {
+            // Nothing to check per frame: each answers the oldest request.
+            self.answer_all(&ends, &mut ack);
+        } else {
+            for &end in &ends {
+                if !self.on_response_frame(gen, end, now, &mut ack) {
+                    break;
+                }
             }
         }
         if let Some(a) = ack {
@@ -974,6 +986,39 @@ impl SessionCore {
         self.ends_scratch = ends;
         self.flush_responses();
         self.step(now);
+    }
+
+    /// Whether response frames need no check of their own now: the greeting
+    /// is past, no retry prefixes, no preamble answer expected or captured.
+    /// Then each frame only answers the oldest request
+    /// ([`SessionCore::answer_all`]), exactly as
+    /// [`SessionCore::on_response_frame`] would.
+    fn plain_responses(&self) -> bool {
+        let LegState::Up(leg) = &self.leg else {
+            return false;
+        };
+        leg.greeting_seen >= self.backend.greeting
+            && self.backend.retry_responses.is_empty()
+            && leg.preamble_expect.is_empty()
+            && (self.answered as u128) >= self.backend.preamble as u128
+    }
+
+    /// [`SessionCore::on_response_frame`] for every frame ending at `ends`,
+    /// when [`SessionCore::plain_responses`]: pops one request per frame
+    /// (while there are any), and delivers up to the last frame.
+    fn answer_all(&mut self, ends: &[u64], ack: &mut Option<Offset>) {
+        let Some(&last) = ends.last() else { return };
+        let LegState::Up(leg) = &mut self.leg else {
+            return;
+        };
+        let resp = leg.resp.as_mut().expect("response mode");
+        let n = ends.len().min(self.req_ends.len());
+        if let Some(req_end) = self.req_ends.drain(..n).next_back() {
+            self.answered += n as u64;
+            self.retries = 0;
+            *ack = Some(req_end);
+        }
+        resp.deliver_to = last;
     }
 
     /// One whole response frame ends at leg-local offset `end`. Returns false
@@ -1277,8 +1322,13 @@ impl SessionCore {
             // Every whole request answered: what may remain unacked after
             // the client's FIN is a partial request (the client stopped
             // mid-frame), which no server will ever answer, so replaying it
-            // on a new leg would loop until `hold_timeout`.
-            AckMode::Response(_) => self.req_ends.is_empty(),
+            // on a new leg would loop until `hold_timeout`. And the
+            // greeting delivered: a client that half-closed at once is
+            // still owed it, so a server that closes in the middle of it
+            // failed (a new leg's greeting goes to the client).
+            AckMode::Response(_) => {
+                self.req_ends.is_empty() && self.greeting_delivered >= self.backend.greeting
+            }
         };
         let normal_end = leg.fin_sent && all_answered;
         let closes = matches!(self.backend.ack, AckMode::None)

@@ -12,7 +12,9 @@
 //! rebuilt from its snapshot at random quiescent points (a hand-over to a
 //! new process). Both runs must be identical: the bytes every server and
 //! the client got, the events, the close reason, the final state. A failure
-//! names its seed; set `HOLDFAST_SIM_SEEDS` to run more seeds.
+//! names its seed; set `HOLDFAST_SIM_SEEDS` to run more seeds, and
+//! `HOLDFAST_SIM_SEED=N` (with `HOLDFAST_SIM_TRACE=1` for every step) to
+//! run seed N alone.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -766,6 +768,14 @@ pub(in crate::session::core) fn assert_same<T: PartialEq + std::fmt::Debug>(
     }
 }
 
+/// `HOLDFAST_SIM_SEED=N`: run seed N alone (to trace it); what a whole
+/// run must have covered is then not checked.
+fn one_seed() -> Option<u64> {
+    std::env::var("HOLDFAST_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+}
+
 fn seeds() -> u64 {
     std::env::var("HOLDFAST_SIM_SEEDS")
         .ok()
@@ -786,7 +796,9 @@ pub(in crate::session::core) fn run_seeds_with<K: std::fmt::Debug + Copy, O>(
     let n = seeds();
     let mut legs = 0;
     let mut tally = Tally::default();
-    for seed in 0..n {
+    let only = one_seed();
+    let range = only.map_or(0..n, |s| s..s + 1);
+    for seed in range {
         let kind = kind_of(seed);
         let both = catch_unwind(AssertUnwindSafe(|| {
             let (plain, l, _) = run(seed, kind, false);
@@ -808,6 +820,9 @@ pub(in crate::session::core) fn run_seeds_with<K: std::fmt::Debug + Copy, O>(
                 panic!("seed {seed} ({kind:?}): {msg}");
             }
         }
+    }
+    if only.is_some() {
+        return tally;
     }
     // A simulation that never failed a leg would test nothing.
     assert!(
@@ -847,7 +862,10 @@ fn run_seeds(kind_of: impl Fn(u64) -> Kind) -> Tally {
 fn sim_none() {
     let t = run_seeds(|_| Kind::None);
     // (Never waiting: a plain proxy connects at once or not at all.)
-    assert!(t.ending > 0 && t.no_leg > 0, "{t:?}");
+    assert!(
+        one_seed().is_some() || (t.ending > 0 && t.no_leg > 0),
+        "{t:?}"
+    );
 }
 
 #[test]
@@ -855,7 +873,7 @@ fn sim_tcp() {
     let t = run_seeds(|seed| Kind::Tcp {
         echo: seed % 2 == 0,
     });
-    assert!(t.waiting > 0, "{t:?}");
+    assert!(one_seed().is_some() || t.waiting > 0, "{t:?}");
 }
 
 fn response(framing: Fr, seed: u64) -> Kind {
@@ -870,17 +888,26 @@ fn response(framing: Fr, seed: u64) -> Kind {
 #[test]
 fn sim_response_lines() {
     let t = run_seeds(|seed| response(Fr::Lines, seed));
-    assert!(t.waiting > 0 && t.mid_frame > 0, "{t:?}");
+    assert!(
+        one_seed().is_some() || (t.waiting > 0 && t.mid_frame > 0),
+        "{t:?}"
+    );
 }
 
 #[test]
 fn sim_response_length_prefixed() {
     let t = run_seeds(|seed| response(Fr::Length, seed));
-    assert!(t.waiting > 0 && t.mid_frame > 0, "{t:?}");
+    assert!(
+        one_seed().is_some() || (t.waiting > 0 && t.mid_frame > 0),
+        "{t:?}"
+    );
 }
 
 #[test]
 fn sim_response_resp() {
     let t = run_seeds(|seed| response(Fr::Resp, seed));
-    assert!(t.waiting > 0 && t.mid_frame > 0, "{t:?}");
+    assert!(
+        one_seed().is_some() || (t.waiting > 0 && t.mid_frame > 0),
+        "{t:?}"
+    );
 }

@@ -865,6 +865,34 @@ fn response_mode_greeting_is_delivered_once() {
     }
 }
 
+/// A client that half-closes at once, sending nothing, is still owed the
+/// greeting: a server that closes in the middle of it failed, and the next
+/// leg's greeting goes to the client (found by the simulation, seed 2881 of
+/// `sim_response_resp` with `HOLDFAST_SIM_SEEDS=4000`).
+#[test]
+fn response_mode_greeting_cut_by_the_servers_close_comes_from_the_next_leg() {
+    for mode in response_modes() {
+        let mut cfg = backend(mode.clone(), 1);
+        cfg.greeting = 1;
+        let mut h = Harness::new(cfg);
+        h.client_eof();
+        let g0 = h.connect_last();
+        let hello = frame(&mode, b"HELLO from the server");
+        h.server(g0, &hello[..hello.len() - 3]);
+        h.server_eof(g0);
+        assert!(h.core.done().is_none(), "{mode:?}: the greeting is owed");
+        assert!(h.client_rx.is_empty(), "{mode:?}: no partial greeting");
+        let g1 = h.connect_last();
+        assert_ne!(g0, g1);
+        h.server(g1, &hello);
+        assert_eq!(h.client_rx, hello, "{mode:?}");
+        // Greeting delivered, nothing asked: the server's close ends it.
+        h.server_eof(g1);
+        assert_eq!(h.core.done(), Some(CloseReason::ClientClosed), "{mode:?}");
+        assert!(h.client_fin, "{mode:?}");
+    }
+}
+
 #[test]
 fn response_mode_preamble_is_resent_and_its_answer_swallowed() {
     for mode in response_modes() {
@@ -1203,7 +1231,7 @@ fn idle_timeout_off_by_default_and_hold_refusal_ends_gracefully() {
 fn examples_with_a_snapshot_after_every_input() {
     assert_eq!(
         include_str!("tests.rs").matches("#[test]\n").count(),
-        23 + 1,
+        24 + 1,
         "a new example is listed here too"
     );
     super::tests::SNAPSHOTS.with(|s| s.set(true));
@@ -1220,6 +1248,7 @@ fn examples_with_a_snapshot_after_every_input() {
     response_mode_resends_exactly_the_unanswered_requests();
     response_mode_server_close_with_requests_unanswered_is_a_failure();
     response_mode_greeting_is_delivered_once();
+    response_mode_greeting_cut_by_the_servers_close_comes_from_the_next_leg();
     response_mode_preamble_is_resent_and_its_answer_swallowed();
     response_mode_retry_response_restarts_the_leg_after_a_backoff();
     response_mode_frame_too_large();
