@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use super::handshake::Known;
 use super::{hex, AckPolicy, Ctx, ServerConfig, ServerError, SessionId};
 use crate::proto::{ClientAddr, Decoder, Frame, Hello, Incoming, Link, LinkConfig};
-use crate::session::driver::{adapt_read_size, READ_MIN};
+use crate::session::driver::{adapt_read_size, READ_MIN, READ_SIZE};
 use crate::stream::Stream;
 use crate::transport::Conn;
 
@@ -320,8 +320,28 @@ enum Event {
 
 async fn read_some(
     rd: Option<(&mut ReadHalf<Conn>, &mut BytesMut, &mut usize)>,
+    dec: &Decoder,
 ) -> io::Result<usize> {
     match rd {
+        Some((rd, buf, size)) if *size == READ_SIZE => {
+            // In bulk, as the proxy's sessions do: each read asks for the
+            // rest of the frame being read and the next one's header, with
+            // room for them reserved first, so reads end on frame
+            // boundaries and the decoder never grows the buffer by copying
+            // a partial 64 KiB frame (that was about a copy of every byte).
+            use bytes::BufMut;
+            let wanted = dec.wanted(buf);
+            if buf.capacity() - buf.len() < wanted {
+                buf.reserve(wanted);
+            }
+            let n = rd.read_buf(&mut (&mut *buf).limit(wanted)).await?;
+            if wanted >= READ_MIN {
+                // (The last few bytes of a frame say nothing about the
+                // traffic: they do not shrink the read size.)
+                adapt_read_size(size, n, wanted.min(READ_SIZE));
+            }
+            Ok(n)
+        }
         Some((rd, buf, size)) => {
             // As the proxy's sessions do: 4 KiB reads while messages are
             // small, up to 64 KiB in bulk (a fresh 64 KiB buffer per read
@@ -493,7 +513,7 @@ pub(crate) async fn run_from(
                     notified.set(shared.notify.notified());
                     Event::Notified
                 }
-                r = read_some(rd) => Event::Read(r),
+                r = read_some(rd, &dec) => Event::Read(r),
                 w = write_some(wr, &chunks, unflushed) => w,
                 _ = timer.as_mut() => Event::Timer,
             }
