@@ -120,6 +120,17 @@ mod tests {
     }
 
     #[test]
+    fn session_ids_show_as_lowercase_hex() {
+        let mut id = [0u8; 16];
+        id[0] = 0x0f;
+        id[1] = 0xab;
+        id[15] = 0x10;
+        let want = "0fab0000000000000000000000000010";
+        assert_eq!(crate::server::hex(&id), want);
+        assert_eq!(crate::server::Hex(id).to_string(), want);
+    }
+
+    #[test]
     fn table() {
         let live = Known::Live {
             epoch: 2,

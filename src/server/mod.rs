@@ -950,7 +950,19 @@ async fn handshake_task(ctx: Arc<Ctx>, conn: Conn, peer: String, tls: Option<Tls
 
 /// Lowercase hex of a session id, for logs and file names.
 pub fn hex(id: &SessionId) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    Hex(*id).to_string()
+}
+
+/// A session id that displays as lowercase hex, formatted only when shown
+/// (a log line that is filtered out formats nothing; [`hex`] allocated 16
+/// strings per session).
+#[derive(Clone, Copy)]
+pub(crate) struct Hex(pub(crate) SessionId);
+
+impl std::fmt::Display for Hex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
 }
 
 /// One resumable session, as the application sees it: the up stream is

@@ -390,7 +390,7 @@ pub(crate) async fn run_from(
     mut lost_at: Instant,
 ) {
     let cfg = &ctx.cfg;
-    let id = hex(&shared.id);
+    let id = super::Hex(shared.id);
     let dec = Decoder::new(cfg.link.max_frame);
     let mut chunks: Vec<Bytes> = Vec::new();
     // Kept across turns of the loop (a new `Notified` and a new timer per
