@@ -853,7 +853,14 @@ async fn handshake_task(ctx: Arc<Ctx>, conn: Conn, peer: String, tls: Option<Tls
         let mut table = ctx.table.lock().expect("session table lock");
         table.purge(now);
         let entry = table.map.get(&id);
-        if matches!(entry, Some(Entry::Moved { .. })) {
+        // (A session released to the new process is moved already, even
+        // before its task here has marked it so.)
+        let moved = match entry {
+            Some(Entry::Moved { .. }) => true,
+            Some(Entry::Live(s)) => s.handed_over(),
+            _ => false,
+        };
+        if moved {
             drop(table);
             tracing::debug!(client.addr = %peer, "resume of a session handed over to another process: closed unanswered, the initiator retries there");
             return;

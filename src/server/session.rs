@@ -217,6 +217,13 @@ impl Shared {
         self.inner.lock().expect("session lock")
     }
 
+    /// Whether the new process of a hand-over took this session: its task
+    /// here may not have noticed yet (it marks the table's entry moved
+    /// when it does), but it serves nothing any more.
+    pub(crate) fn handed_over(&self) -> bool {
+        self.lock().hold == Hold::HandedOver
+    }
+
     /// What the handshake checks need (called with the table locked).
     pub(crate) fn known(&self) -> Known {
         let g = self.lock();
