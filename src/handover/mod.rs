@@ -474,7 +474,8 @@ fn send_listeners(
 /// Sessions asked to export themselves and not yet answered for (no reply
 /// yet, or exported and waiting for the new process's verdict). Each
 /// session's pause runs from its export to its first run in the new
-/// process, so it waits behind at most this many others; sessions that are slow to reach a quiescent
+/// process, so it waits behind at most this many others; sessions that are
+/// slow to reach a quiescent
 /// point (busy ones, on a loaded machine) hold up only themselves.
 const WINDOW: usize = 8;
 

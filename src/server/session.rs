@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use super::handshake::Known;
 use super::{hex, AckPolicy, Ctx, ServerConfig, ServerError, SessionId};
 use crate::proto::{ClientAddr, Decoder, Frame, Hello, Incoming, Link, LinkConfig};
-use crate::session::driver::{adapt_read_size, READ_MIN, READ_SIZE};
+use crate::session::driver::{adapt_frame_read_size, adapt_read_size, READ_MIN, READ_SIZE};
 use crate::stream::Stream;
 use crate::transport::Conn;
 
@@ -342,11 +342,7 @@ async fn read_some(
                 buf.reserve(wanted);
             }
             let n = rd.read_buf(&mut (&mut *buf).limit(wanted)).await?;
-            if wanted >= READ_MIN {
-                // (The last few bytes of a frame say nothing about the
-                // traffic: they do not shrink the read size.)
-                adapt_read_size(size, n, wanted.min(READ_SIZE));
-            }
+            adapt_frame_read_size(size, n, wanted);
             Ok(n)
         }
         Some((rd, buf, size)) => {

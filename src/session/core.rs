@@ -752,23 +752,20 @@ impl SessionCore {
         let res = scanner.scan(&chunk, &mut self.ends_scratch);
         let no_reply_possible = matches!(scanner, Scanner::Resp(_));
         self.up.push(chunk);
-        if !no_reply_possible {
+        if no_reply_possible {
+            for &end in &self.ends_scratch {
+                let start = std::mem::replace(&mut self.req_last_end, end);
+                // Redis answers nothing to an empty inline line or an empty
+                // array.
+                if end - start <= 5 && is_resp_no_reply(&self.up.buffer().copy_range(start, end)) {
+                    continue;
+                }
+                self.req_ends.push_back(end);
+            }
+        } else if let Some(&last) = self.ends_scratch.last() {
             // Every frame is a request that gets an answer.
-            if let Some(&last) = self.ends_scratch.last() {
-                self.req_last_end = last;
-                self.req_ends.extend(self.ends_scratch.iter().copied());
-            }
-        }
-        for &end in self.ends_scratch.iter().filter(|_| no_reply_possible) {
-            let start = std::mem::replace(&mut self.req_last_end, end);
-            // Redis answers nothing to an empty inline line or an empty array.
-            if no_reply_possible
-                && end - start <= 5
-                && is_resp_no_reply(&self.up.buffer().copy_range(start, end))
-            {
-                continue;
-            }
-            self.req_ends.push_back(end);
+            self.req_last_end = last;
+            self.req_ends.extend(self.ends_scratch.iter().copied());
         }
         if let Err(e) = res {
             self.abort(frame_reason(&e), now);

@@ -1759,12 +1759,17 @@ fn poll_read_frames(
         cx,
         &mut limited
     ))?;
+    adapt_frame_read_size(size, n, wanted);
+    Poll::Ready(Ok(n))
+}
+
+/// [`adapt_read_size`] after a read of at most `wanted` bytes that ends on
+/// a frame boundary: a read of the last few bytes of a frame says nothing
+/// about the traffic, so it does not shrink the read size.
+pub(crate) fn adapt_frame_read_size(size: &mut usize, n: usize, wanted: usize) {
     if wanted >= READ_MIN {
-        // (A read of the last few bytes of a frame says nothing about the
-        // traffic: it does not shrink the read size.)
         adapt_read_size(size, n, wanted.min(READ_SIZE));
     }
-    Poll::Ready(Ok(n))
 }
 
 /// Grows the read size while reads fill the space they were given (bulk),
