@@ -510,11 +510,14 @@ async fn a_sessions_log_lines_carry_its_span() {
     c.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"b\n");
     drop(c);
-    let mut seen = Vec::new();
+    // A leg may resume more than once: the prober can reach the killed
+    // server's listener while the kernel is still closing it, and that
+    // leg is reset at once. So: opened, one or more resumed, closed.
+    let mut seen: Vec<String> = Vec::new();
     let wanted = ["session opened", "leg resumed", "session closed"];
     tokio::time::timeout(Duration::from_secs(10), async {
         let mut line = String::new();
-        while seen.len() < wanted.len() {
+        while !seen.last().is_some_and(|l| l.contains("session closed")) {
             line.clear();
             assert!(log.read_line(&mut line).await.unwrap() > 0, "log ended");
             if wanted.iter().any(|w| line.contains(w)) {
@@ -534,8 +537,15 @@ async fn a_sessions_log_lines_carry_its_span() {
         span.contains("session.id=") && span.contains("listener=l") && span.contains("backend=b"),
         "{span}"
     );
-    for (l, w) in seen.iter().zip(wanted) {
-        assert!(l.contains(w), "{w} in order: {seen:?}");
+    assert!(seen[0].contains("session opened"), "{seen:?}");
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(
+        seen[1..seen.len() - 1]
+            .iter()
+            .all(|l| l.contains("leg resumed")),
+        "{seen:?}"
+    );
+    for l in &seen {
         assert_eq!(span_of(l), span, "{l}");
     }
     let status = sigterm_and_wait(&mut child).await;
