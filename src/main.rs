@@ -468,13 +468,21 @@ fn take_batches(
             std::thread::sleep(2 * ack_timeout());
         }
         let at = std::time::Instant::now();
+        // How long the batch's longest-paused session has been paused.
+        let arrived = handover::monotonic_ns();
+        let waited_us = batch
+            .sessions
+            .iter()
+            .map(|s| arrived.saturating_sub(s.paused_ns) / 1000)
+            .max()
+            .unwrap_or(0);
         let sessions = batch.split(blob, fds);
         let n = sessions.len();
-        let (go_tx, go) = tokio::sync::watch::channel(None);
-        let verdicts = importer.import_batch(sessions, &go);
+        let (verdicts, prepared) = importer.import_batch(sessions);
         let ok = handover::send_verdicts(sock, &verdicts).is_ok();
+        let answered_us = at.elapsed().as_micros() as u64;
         // Start the sessions we took only now that the old process knows.
-        go_tx.send_replace(Some(ok));
+        importer.start(prepared, ok);
         if !ok {
             tracing::error!("hand-over: cannot answer the old process; it keeps this batch");
             refused += n;
@@ -486,7 +494,9 @@ fn take_batches(
         tracing::debug!(
             target: "holdfast::handover",
             sessions = n,
-            import_us = at.elapsed().as_micros() as u64,
+            waited_us,
+            answered_us,
+            started_us = at.elapsed().as_micros() as u64,
             "hand-over: batch answered"
         );
     }

@@ -17,7 +17,7 @@
 //! the new process's verdicts in order and releases each session: taken (it
 //! ends here without a shutdown) or not (it carries on here). The new
 //! process takes each batch over on a thread of its own, answers, and only
-//! then starts the sessions. Neither side's steps wait for an async runtime
+//! then starts the sessions (their first run on that thread too). Neither side's steps wait for an async runtime
 //! to schedule a task, so a busy process does not lengthen the pauses.
 //!
 //! This module owns the wire format and the socket calls (through `rustix`,
@@ -475,8 +475,8 @@ fn send_listeners(
 /// yet, or exported and waiting for the new process's verdict). Each
 /// session's pause runs from its export to its first run in the new
 /// process, so it waits behind at most this many others; sessions that are
-/// slow to reach a quiescent
-/// point (busy ones, on a loaded machine) hold up only themselves.
+/// slow to reach a quiescent point (busy ones, on a loaded machine) hold up
+/// only themselves.
 const WINDOW: usize = 8;
 
 /// What reaches the hand-over's coordinating thread.
