@@ -17,8 +17,9 @@
 //! the new process's verdicts in order and releases each session: taken (it
 //! ends here without a shutdown) or not (it carries on here). The new
 //! process takes each batch over on a thread of its own, answers, and only
-//! then starts the sessions (their first run on that thread too). Neither side's steps wait for an async runtime
-//! to schedule a task, so a busy process does not lengthen the pauses.
+//! then starts the sessions (their first run on that thread too). Neither
+//! side's steps wait for an async runtime to schedule a task, so a busy
+//! process does not lengthen the pauses.
 //!
 //! This module owns the wire format and the socket calls (through `rustix`,
 //! no `unsafe` here); what to export and how to serve what arrives belong to
