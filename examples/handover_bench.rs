@@ -17,13 +17,16 @@
 //! new process, from CLOCK_MONOTONIC timestamps the batches carry); and
 //! "answered", from the same moment to the old process having the new
 //! one's verdict on its batch (the old process; what earlier versions
-//! reported as the pause). Then what the clients saw: every idle session echoes again afterwards; busy
-//! sessions (each streaming 16 KiB echo round trips) report the longest gap
-//! between two round trips during the upgrade and check every byte.
+//! reported as the pause). Then what the clients saw: every idle session
+//! echoes again afterwards; busy sessions (each streaming 16 KiB echo round
+//! trips) report the longest gap between two round trips during the upgrade
+//! and check every byte.
 //!
 //! `--busy-interval-us N` paces each busy client to one round trip every
 //! `N` µs (default 0: back to back, which saturates a 2-CPU machine); the
-//! client's worst gap then includes that interval.
+//! client's worst gap then includes that interval. `--busy-bytes N` sets
+//! the size of a busy round trip (default 16384; 262144 keeps bulk in
+//! flight in every busy session when it is handed over).
 //!
 //! `--holdfast-cpu N` runs holdfast (and every generation it starts) on CPU
 //! `N` only; with `--client-cpu M` as well, the clients and the echo server
@@ -52,6 +55,8 @@ struct Opts {
     client_cpu: Option<usize>,
     /// Busy clients start a round trip every this long (0: back to back).
     busy_interval: Duration,
+    /// Bytes of each busy round trip.
+    busy_bytes: usize,
     /// Run holdfast (every generation) on this CPU only.
     holdfast_cpu: Option<usize>,
 }
@@ -64,6 +69,7 @@ fn parse() -> anyhow::Result<Opts> {
         holdfast: "target/release/holdfast".into(),
         client_cpu: None,
         busy_interval: Duration::ZERO,
+        busy_bytes: 16384,
         holdfast_cpu: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -77,6 +83,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--holdfast" => o.holdfast = v.clone(),
             "--client-cpu" => o.client_cpu = Some(v.parse()?),
             "--busy-interval-us" => o.busy_interval = Duration::from_micros(v.parse()?),
+            "--busy-bytes" => o.busy_bytes = v.parse()?,
             "--holdfast-cpu" => o.holdfast_cpu = Some(v.parse()?),
             f => bail!("unknown flag {f}"),
         }
@@ -259,7 +266,8 @@ ack = "tcp"
         println!("{} idle sessions open in {:?}", o.idle, started.elapsed());
     }
 
-    // Busy sessions: 16 KiB echo round trips, checked, as fast as they go.
+    // Busy sessions: echo round trips of `busy_bytes` (16 KiB), checked, as
+    // fast as they go.
     let stop = Arc::new(AtomicBool::new(false));
     let upgrading = Arc::new(AtomicBool::new(false));
     let worst_gap_us = Arc::new(AtomicU64::new(0));
@@ -271,7 +279,7 @@ ack = "tcp"
         let mut c = TcpStream::connect(&addr)?;
         let (stop, upgrading, worst) = (stop.clone(), upgrading.clone(), worst_gap_us.clone());
         let (baseline, worst_base) = (baseline.clone(), worst_base_us.clone());
-        let (cpu, interval) = (o.client_cpu, o.busy_interval);
+        let (cpu, interval, bytes) = (o.client_cpu, o.busy_interval, o.busy_bytes as u64);
         busy.push(thread::spawn(move || -> anyhow::Result<u64> {
             if let Some(cpu) = cpu {
                 pin(cpu)?;
@@ -288,8 +296,8 @@ ack = "tcp"
                         next = Instant::now();
                     }
                 }
-                let msg: Vec<u8> = (0..16384u32)
-                    .map(|i| (i as u64 * 31 + n * 7 + id as u64) as u8)
+                let msg: Vec<u8> = (0..bytes)
+                    .map(|i| (i * 31 + n * 7 + id as u64) as u8)
                     .collect();
                 echo(&mut c, &msg)?;
                 let gap = last.elapsed().as_micros() as u64;
@@ -397,7 +405,10 @@ ack = "tcp"
             .map_err(|_| anyhow::anyhow!("busy client panicked"))??;
     }
     if o.busy > 0 {
-        println!("busy sessions: {trips} round trips of 16 KiB, all verified");
+        println!(
+            "busy sessions: {trips} round trips of {} bytes, all verified",
+            o.busy_bytes
+        );
     }
     println!("all {} idle sessions echoed after every upgrade", o.idle);
     // SAFETY: as above.
