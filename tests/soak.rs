@@ -1,10 +1,12 @@
 //! The soak test: 30 sessions across `ack = "tcp"`, `ack = "response"`
 //! (lines) and the resume protocol run while a seeded RNG injects a fault
 //! every ~100 ms: server SIGKILL + restart, relay cuts and resets, black
-//! holes, slow periods, 1-byte segments and one direction closed. No client sees a reset or an
-//! early EOF; streams are byte-exact (tcp: at most one discontinuity per
-//! fault that could reach it); afterwards the replay buffers and the session
-//! registry are empty.
+//! holes, slow periods, 1-byte segments and one direction closed. No client
+//! sees a reset or an early EOF; streams are byte-exact (tcp: at most one
+//! discontinuity per fault that could reach it, and the last 1,000 lines,
+//! sent once every tcp session echoes on a leg made after a final cut,
+//! exact); afterwards the replay buffers and the session registry are
+//! empty.
 //!
 //! `HOLDFAST_SOAK_SECS` sets the duration (default 5), `HOLDFAST_SOAK_SEED`
 //! replays a run (the seed is printed).
@@ -316,11 +318,42 @@ hold_timeout = "60s"
         ));
         tokio::time::sleep(Duration::from_millis(50 + rng.below(100))).await;
     }
+    // A last cut of the plain path. A fault can outlive its end (the relay
+    // may go on acking a tcp session's bytes on a connection whose server
+    // side died, and pass them on to nobody), and the final lines below
+    // must travel on legs made after every fault. Like any cut it may cost
+    // each tcp session its window once.
+    let cut_at: std::collections::HashMap<String, u64> =
+        h.rt.shared
+            .session_views()
+            .into_iter()
+            .filter(|v| v.listener == "tcp")
+            .map(|v| (v.id, v.leg_generation))
+            .collect();
+    plain.cut();
+    plain_faults += 1;
+    log.push("final cut (plain)".to_string());
     println!("soak: {} faults: {log:?}", log.len());
     let before = progress.load(Ordering::Relaxed);
-    // Some traffic after the last fault, then everyone finishes.
+    // Some traffic after the last fault, then everyone finishes: every tcp
+    // session on a leg made after the cut, with echoes read from it.
+    // Per tcp session: its echoes read (down.read) when its post-cut leg
+    // was first seen, and whether 100 lines' worth came since.
+    let mut fresh: std::collections::HashMap<String, (u64, bool)> = Default::default();
     let mut n = 0;
-    while progress.load(Ordering::Relaxed) < before + 200 && n < 5000 {
+    loop {
+        for v in h.rt.shared.session_views() {
+            if cut_at.get(&v.id).is_some_and(|&g| v.leg_generation > g) {
+                let (at, done) = fresh.entry(v.id).or_insert((v.down.read, false));
+                *done |= v.down.read >= *at + 900;
+            }
+        }
+        let tcp_ready = cut_at
+            .keys()
+            .all(|id| fresh.get(id).is_some_and(|&(_, done)| done));
+        if (tcp_ready && progress.load(Ordering::Relaxed) >= before + 200) || n >= 5000 {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(2)).await;
         n += 1;
     }

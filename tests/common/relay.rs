@@ -236,21 +236,20 @@ async fn pipe(
         let rate = shape.rate.load(Ordering::Relaxed);
         let delay = Duration::from_micros(shape.delay_us.load(Ordering::Relaxed));
         let chunk = &buf[..n];
-        let written = if shape.split.load(Ordering::Relaxed) {
-            let mut ok = true;
-            for byte in chunk.chunks(1) {
-                if w.write_all(byte).await.is_err() {
-                    ok = false;
-                    break;
-                }
-                // One segment per byte: let the kernel send it before the
-                // next write (nodelay is on).
-                tokio::task::yield_now().await;
-            }
-            ok
-        } else {
-            w.write_all(chunk).await.is_ok()
-        };
+        let mut rest = chunk;
+        let mut written = true;
+        // One segment per byte while split is on (looked at per byte: once
+        // it is turned off, the rest goes at once, so the fault ends when
+        // it is ended, not when a 64 KiB chunk has dribbled out).
+        while written && !rest.is_empty() && shape.split.load(Ordering::Relaxed) {
+            written = w.write_all(&rest[..1]).await.is_ok();
+            rest = &rest[1..];
+            // Let the kernel send it before the next write (nodelay is on).
+            tokio::task::yield_now().await;
+        }
+        if written && !rest.is_empty() {
+            written = w.write_all(rest).await.is_ok();
+        }
         if !written {
             return;
         }
