@@ -336,9 +336,9 @@ hold_timeout = "60s"
     println!("soak: {} faults: {log:?}", log.len());
     let before = progress.load(Ordering::Relaxed);
     // Some traffic after the last fault, then everyone finishes: every tcp
-    // session on a leg made after the cut, with echoes read from it.
-    // Per tcp session: its echoes read (down.read) when its post-cut leg
-    // was first seen, and whether 100 lines' worth came since.
+    // session on a leg made after the cut, with 100 lines' worth of echoes
+    // read from it (per session: `down.read` when that leg was first seen,
+    // and whether they came).
     let mut fresh: std::collections::HashMap<String, (u64, bool)> = Default::default();
     let mut n = 0;
     loop {
