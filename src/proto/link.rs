@@ -266,6 +266,12 @@ impl Link {
 
     fn push(&mut self, b: Bytes) {
         self.wire_bytes += b.len();
+        if self.wire.capacity() == 0 {
+            // A message's header and payload, or one control frame: room
+            // for two, not the four a first push would make (an idle
+            // session keeps the queue).
+            self.wire.reserve_exact(2);
+        }
         self.wire.push_back(b);
     }
 

@@ -395,6 +395,7 @@ pub async fn run_full(
         }
     }
     proxy.close_sessions.cancel();
+    proxy.shared.close_sessions();
     if tokio::time::timeout(STOP_GRACE, sessions.wait())
         .await
         .is_err()
@@ -991,21 +992,21 @@ impl Running {
             listener: ctx.session.listener.clone(),
             shared: self.shared.clone(),
         };
-        let close = ctx.close_sessions.child_token();
         let peer = new.client.to_string();
         let mut driver = Driver::new(
             core,
             client,
             peer.clone(),
             session_ctx.clone(),
-            close.clone(),
+            ctx.close_sessions.clone(),
         );
         let name = backend.config.name.clone();
         let span = session_span(new.id, &ctx.listener_name, &name);
         driver.set_span(span.clone());
         tokio::spawn(watch_gap(
             watch_fd,
-            close,
+            ctx.close_sessions.clone(),
+            driver.status(),
             ctx.session.listener.clone(),
             new.id,
             peer.clone(),
@@ -1347,6 +1348,7 @@ const GAP_POLL: Duration = Duration::from_millis(50);
 async fn watch_gap(
     fd: std::os::fd::OwnedFd,
     close: CancellationToken,
+    status: Arc<crate::session::status::SessionStatus>,
     lm: crate::metrics::ListenerMetrics,
     id: SessionId,
     peer: String,
@@ -1374,7 +1376,7 @@ async fn watch_gap(
                 // SO_LINGER 0 on the shared socket: its last close resets.
                 let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
                 let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
-                close.cancel();
+                status.close();
                 return;
             }
         }

@@ -282,6 +282,74 @@ struct RespLeg {
     deliver_to: u64,
 }
 
+/// A vector one call borrows from its thread for as long as it runs (frame
+/// ends found in a chunk, response pieces on their way down), so that no
+/// session keeps one between calls: an idle session holds none. Dropping
+/// it gives it back, emptied; one that grew past [`SCRATCH_KEEP`] entries
+/// is freed instead.
+struct Scratch<T: Pooled>(Vec<T>);
+
+/// Most entries a thread's scratch vector keeps room for between calls.
+const SCRATCH_KEEP: usize = 4096;
+
+/// The element types with a scratch vector per thread.
+trait Pooled: Sized + 'static {
+    fn slot() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Self>>>;
+}
+
+thread_local! {
+    static SCRATCH_ENDS: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
+    static SCRATCH_PIECES: std::cell::Cell<Vec<Bytes>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Pooled for u64 {
+    fn slot() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<u64>>> {
+        &SCRATCH_ENDS
+    }
+}
+
+impl Pooled for Bytes {
+    fn slot() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Bytes>>> {
+        &SCRATCH_PIECES
+    }
+}
+
+impl<T: Pooled> Scratch<T> {
+    /// The thread's vector (empty), or a new one while another call holds it.
+    fn take() -> Scratch<T> {
+        Scratch(
+            T::slot()
+                .try_with(std::cell::Cell::take)
+                .unwrap_or_default(),
+        )
+    }
+}
+
+impl<T: Pooled> std::ops::Deref for Scratch<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.0
+    }
+}
+
+impl<T: Pooled> std::ops::DerefMut for Scratch<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        &mut self.0
+    }
+}
+
+impl<T: Pooled> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let mut v = std::mem::take(&mut self.0);
+        if v.capacity() > SCRATCH_KEEP {
+            return;
+        }
+        v.clear();
+        // (During the thread's own exit there is nothing to give back to.)
+        let _ = T::slot().try_with(|slot| slot.set(v));
+    }
+}
+
 /// The pure state of one session.
 pub struct SessionCore {
     id: SessionId,
@@ -319,10 +387,6 @@ pub struct SessionCore {
     error: Option<String>,
     /// The client's address, for the resume protocol's HELLO.
     client_addr: ClientAddr,
-    /// Scratch for moving response chunks.
-    pieces_scratch: Vec<Bytes>,
-    /// Scratch for scanners.
-    ends_scratch: Vec<u64>,
     /// Requests answered so far (for the preamble).
     answered: u64,
     /// Captured preamble: (request, original response), in order.
@@ -393,8 +457,6 @@ impl SessionCore {
             req_scanner,
             req_ends: VecDeque::new(),
             req_last_end: 0,
-            ends_scratch: Vec::new(),
-            pieces_scratch: Vec::new(),
             resume_known: false,
             up_sent_high: 0,
             error: None,
@@ -748,12 +810,17 @@ impl SessionCore {
             self.step(now);
             return;
         };
-        self.ends_scratch.clear();
-        let res = scanner.scan(&chunk, &mut self.ends_scratch);
+        let mut ends = Scratch::<u64>::take();
+        let res = scanner.scan(&chunk, &mut ends);
         let no_reply_possible = matches!(scanner, Scanner::Resp(_));
         self.up.push(chunk);
+        if self.req_ends.capacity() == 0 && !ends.is_empty() {
+            // One request at a time is the common case: room for that only
+            // (an idle session keeps the queue).
+            self.req_ends.reserve_exact(ends.len());
+        }
         if no_reply_possible {
-            for &end in &self.ends_scratch {
+            for &end in ends.iter() {
                 let start = std::mem::replace(&mut self.req_last_end, end);
                 // Redis answers nothing to an empty inline line or an empty
                 // array.
@@ -762,10 +829,10 @@ impl SessionCore {
                 }
                 self.req_ends.push_back(end);
             }
-        } else if let Some(&last) = self.ends_scratch.last() {
+        } else if let Some(&last) = ends.last() {
             // Every frame is a request that gets an answer.
             self.req_last_end = last;
-            self.req_ends.extend(self.ends_scratch.iter().copied());
+            self.req_ends.extend(ends.iter().copied());
         }
         if let Err(e) = res {
             self.abort(frame_reason(&e), now);
@@ -954,8 +1021,8 @@ impl SessionCore {
             self.step(now);
             return;
         };
-        self.ends_scratch.clear();
-        let res = resp.scanner.scan(&chunk, &mut self.ends_scratch);
+        let mut ends = Scratch::<u64>::take();
+        let res = resp.scanner.scan(&chunk, &mut ends);
         resp.pending.push(chunk);
         if let Err(e) = res {
             // The server broke the framing: that is not the client's fault,
@@ -963,7 +1030,6 @@ impl SessionCore {
             self.abort(frame_reason(&e), now);
             return;
         }
-        let ends = std::mem::take(&mut self.ends_scratch);
         // The answered requests are acknowledged once per chunk, not once
         // per frame (`on_response_frame` applies it early where it must).
         let mut ack = None;
@@ -971,7 +1037,7 @@ impl SessionCore {
             // Nothing to check per frame: each answers the oldest request.
             self.answer_all(&ends, &mut ack);
         } else {
-            for &end in &ends {
+            for &end in ends.iter() {
                 if !self.on_response_frame(gen, end, now, &mut ack) {
                     break;
                 }
@@ -980,7 +1046,6 @@ impl SessionCore {
         if let Some(a) = ack {
             self.up.ack_to(a);
         }
-        self.ends_scratch = ends;
         self.flush_responses();
         self.step(now);
     }
@@ -1103,12 +1168,11 @@ impl SessionCore {
         if resp.deliver_to <= resp.pending.start() {
             return;
         }
-        let mut pieces = std::mem::take(&mut self.pieces_scratch);
+        let mut pieces = Scratch::<Bytes>::take();
         resp.pending.pop_to(resp.deliver_to, &mut pieces);
         for piece in pieces.drain(..) {
             self.down.push(piece);
         }
-        self.pieces_scratch = pieces;
     }
 
     /// Drops the response frame ending at `end` (after delivering the ones
@@ -1266,6 +1330,11 @@ impl SessionCore {
         if !leg.prefix_out.is_empty() {
             let k = n.min(leg.prefix_out.len());
             bytes::Buf::advance(&mut leg.prefix_out, k);
+            if leg.prefix_out.is_empty() {
+                // An empty `Bytes` still holds its allocation (the HELLO,
+                // the preamble): a leg keeps none once it is out.
+                leg.prefix_out = Bytes::new();
+            }
             n -= k;
         }
         if let Some(link) = &mut leg.link {
@@ -1660,7 +1729,7 @@ fn is_resp_no_reply(frame: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 #[cfg(test)]
 mod resume_tests;

@@ -55,72 +55,6 @@ const TURNS_PER_POLL: usize = 64;
 const PENDING_CLIENT: u8 = 1;
 const PENDING_SERVER: u8 = 2;
 
-/// A session's close token, polled on every turn of its loop at the cost of
-/// one atomic load: the token's own future locks two mutexes per poll (a
-/// tenth of a round trip's instructions), so it is polled only when its
-/// wake-up came, or when the task's waker changed.
-struct CloseSignal {
-    fut: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-    flag: Arc<CloseFlag>,
-    /// The flag as a waker, given to `fut`.
-    waker: std::task::Waker,
-    /// The task waker `flag` wakes, as of the last real poll.
-    task: Option<std::task::Waker>,
-}
-
-#[derive(Default)]
-struct CloseFlag {
-    fired: std::sync::atomic::AtomicBool,
-    task: Mutex<Option<std::task::Waker>>,
-}
-
-impl std::task::Wake for CloseFlag {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
-        if let Some(w) = self.task.lock().ok().and_then(|t| t.clone()) {
-            w.wake();
-        }
-    }
-}
-
-impl CloseSignal {
-    fn new(token: CancellationToken) -> CloseSignal {
-        let flag = Arc::new(CloseFlag::default());
-        CloseSignal {
-            fut: Box::pin(token.cancelled_owned()),
-            waker: std::task::Waker::from(flag.clone()),
-            flag,
-            task: None,
-        }
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let same_task = self.task.as_ref().is_some_and(|t| t.will_wake(cx.waker()));
-        // `fired` is cleared before the real poll, so a cancel that lands
-        // after the clear sets it again (and wakes the task).
-        if same_task {
-            if !self.flag.fired.load(Ordering::Acquire) {
-                return Poll::Pending;
-            }
-            self.flag.fired.store(false, Ordering::Release);
-        }
-        if !same_task {
-            if let Ok(mut t) = self.flag.task.lock() {
-                *t = Some(cx.waker().clone());
-            }
-            self.task = Some(cx.waker().clone());
-            self.flag.fired.store(false, Ordering::Release);
-        }
-        self.fut
-            .as_mut()
-            .poll(&mut Context::from_waker(&self.waker))
-    }
-}
-
 /// Process-wide state shared by all sessions.
 #[derive(Debug)]
 pub struct Shared {
@@ -161,6 +95,19 @@ impl Shared {
         let mut views: Vec<_> = list.iter().map(|s| s.view()).collect();
         views.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
         views
+    }
+
+    /// Asks every open session to close gracefully, each at its next turn.
+    /// Call it after cancelling the close token the sessions were given:
+    /// a session that publishes itself after this looks finds it cancelled.
+    pub fn close_sessions(&self) {
+        let list: Vec<Arc<SessionStatus>> = match self.sessions.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        for s in list {
+            s.close();
+        }
     }
 }
 
@@ -377,10 +324,9 @@ pub struct Driver {
     mem_timer_armed: bool,
     /// Bytes of this session counted in `shared.buffer_used`.
     mem_counted: u64,
-    /// The process's close token; `close` waits on a child of it, which a
-    /// hand-over also cancels to ask for an export.
-    close_parent: CancellationToken,
-    close: CloseSignal,
+    /// The task waker last given to the status's bell (a close or an
+    /// export request rings it: [`SessionStatus::poll_bell`]).
+    bell_task: Option<std::task::Waker>,
     /// A hand-over asked for this session.
     export_req: Option<ExportReply>,
     closing_since: Option<Instant>,
@@ -410,6 +356,12 @@ pub struct Driver {
 }
 
 impl Driver {
+    /// The status this session publishes (through which it can be asked
+    /// to close).
+    pub fn status(&self) -> Arc<SessionStatus> {
+        self.status.clone()
+    }
+
     pub fn new(
         core: SessionCore,
         client: Conn,
@@ -432,17 +384,20 @@ impl Driver {
     ) -> Driver {
         let backend = core.backend().clone();
         let up_rx = Some(ctx.backend.subscribe());
-        let wake = close.child_token();
         let status = Arc::new(SessionStatus::new(
             core.id(),
             ctx.listener.shared_name(),
             backend.clone(),
             client_addr,
-            wake.clone(),
             started,
         ));
         if let Ok(mut m) = ctx.shared.sessions.lock() {
             m.insert(core.id(), status.clone());
+        }
+        // Published first: a shutdown that started before this rang every
+        // session it found, and this one it finds cancelled.
+        if close.is_cancelled() {
+            status.close();
         }
         Driver {
             core,
@@ -471,8 +426,7 @@ impl Driver {
             mem_timer: LazyTimer(None),
             mem_timer_armed: false,
             mem_counted: 0,
-            close_parent: close,
-            close: CloseSignal::new(wake),
+            bell_task: None,
             export_req: None,
             closing_since: None,
             legs: 0,
@@ -669,10 +623,8 @@ impl Driver {
             s.release_handover(taken);
         }
         if !taken {
-            // Still ours: listen for close (or another export) again.
-            let wake = self.close_parent.child_token();
-            self.status.rearm(wake.clone());
-            self.close = CloseSignal::new(wake);
+            // Still ours: a close asked for meanwhile still comes.
+            self.status.rearm();
             return None;
         }
         // The new process owns the sockets now: drop our duplicates without
@@ -852,7 +804,7 @@ impl Driver {
     /// `CLOSE_GRACE`, give up on the client.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> bool {
         if self.closing_since.is_none() && self.export_req.is_none() {
-            if self.close.poll(cx).is_ready() {
+            if self.status.poll_bell(cx, &mut self.bell_task).is_ready() {
                 if let Some(reply) = self.status.take_export() {
                     // A hand-over asks for this session, not a close.
                     self.export_req = Some(reply);
@@ -1787,48 +1739,5 @@ pub(crate) fn adapt_read_size(size: &mut usize, n: usize, spare: usize) {
 fn release_idle(buf: &mut BytesMut, size: usize) {
     if size == READ_MIN && buf.is_empty() {
         *buf = BytesMut::new();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn close_signal_sees_a_cancel_that_comes_after_it_was_polled() {
-        let token = CancellationToken::new();
-        let mut signal = CloseSignal::new(token.clone());
-        let mut task = tokio_test::task::spawn(());
-        // Polled twice before the cancel: the second poll takes the fast path.
-        assert!(task.enter(|cx, _| signal.poll(cx)).is_pending());
-        assert!(task.enter(|cx, _| signal.poll(cx)).is_pending());
-        assert!(!task.is_woken());
-        token.cancel();
-        assert!(task.is_woken(), "the cancel wakes the session's task");
-        assert!(task.enter(|cx, _| signal.poll(cx)).is_ready());
-    }
-
-    #[test]
-    fn close_signal_polled_by_another_task_registers_that_task() {
-        let token = CancellationToken::new();
-        let mut signal = CloseSignal::new(token.clone());
-        let mut first = tokio_test::task::spawn(());
-        let mut second = tokio_test::task::spawn(());
-        assert!(first.enter(|cx, _| signal.poll(cx)).is_pending());
-        // A session moved to another task (a hand-over that was not taken
-        // re-runs it) must be woken there.
-        assert!(second.enter(|cx, _| signal.poll(cx)).is_pending());
-        token.cancel();
-        assert!(second.is_woken());
-        assert!(second.enter(|cx, _| signal.poll(cx)).is_ready());
-    }
-
-    #[test]
-    fn close_signal_of_a_cancelled_token_is_ready_at_once() {
-        let token = CancellationToken::new();
-        token.cancel();
-        let mut signal = CloseSignal::new(token);
-        let mut task = tokio_test::task::spawn(());
-        assert!(task.enter(|cx, _| signal.poll(cx)).is_ready());
     }
 }

@@ -4,12 +4,12 @@
 //! of its loop); readers take a consistent-enough snapshot without touching
 //! the task. It owns nothing else.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use super::core::{SessionCore, SessionId};
 use crate::config::BackendConfig;
@@ -64,7 +64,12 @@ pub struct SessionStatus {
     up: [AtomicU64; 3],
     down: [AtomicU64; 3],
     buffered: AtomicU64,
-    /// How a hand-over reaches the session task (see [`Self::request_export`]).
+    /// Rung (set) when someone asked the session task for something since
+    /// it last looked: a close, or a hand-over's export request. Checked on
+    /// every turn of the task's loop, so the common case is one atomic load.
+    bell: AtomicBool,
+    /// How others reach the session task (see [`Self::request_export`],
+    /// [`Self::close`]).
     handover: Mutex<Handover>,
 }
 
@@ -96,13 +101,14 @@ impl std::fmt::Debug for ExportReply {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Handover {
-    /// The session task's own wake-up token (a child of the process's
-    /// close token): cancelled to close the session, or to ask for an export.
-    wake: CancellationToken,
+    /// The task the bell wakes, as it last registered.
+    task: Option<Waker>,
     /// A pending export request.
     reply: Option<ExportReply>,
+    /// Asked to close (by the process's shutdown, or a failover gap).
+    close: bool,
     /// The session is ending: no export.
     closing: bool,
 }
@@ -135,7 +141,6 @@ impl SessionStatus {
         listener: Arc<str>,
         backend: Arc<BackendConfig>,
         client: String,
-        wake: CancellationToken,
         started: Instant,
     ) -> SessionStatus {
         SessionStatus {
@@ -149,16 +154,54 @@ impl SessionStatus {
             up: Default::default(),
             down: Default::default(),
             buffered: AtomicU64::new(0),
-            handover: Mutex::new(Handover {
-                wake,
-                reply: None,
-                closing: false,
-            }),
+            bell: AtomicBool::new(false),
+            handover: Mutex::new(Handover::default()),
         }
     }
 
     fn handover(&self) -> std::sync::MutexGuard<'_, Handover> {
         self.handover.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rings the bell: the task looks at what it was asked at its next turn.
+    fn ring(&self, h: &Handover) {
+        self.bell.store(true, Ordering::Release);
+        if let Some(task) = &h.task {
+            task.wake_by_ref();
+        }
+    }
+
+    /// The session task's side: ready once the bell rang since the last
+    /// time this returned ready (then see [`Self::take_export`]: an export
+    /// request, or else a close). `registered` is the task waker this task
+    /// last gave the bell; while it is the same, a poll costs one atomic load.
+    pub(crate) fn poll_bell(
+        &self,
+        cx: &mut Context<'_>,
+        registered: &mut Option<Waker>,
+    ) -> Poll<()> {
+        let same_task = registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same_task && !self.bell.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        if !same_task {
+            // Registered before the bell is looked at: a ring after the look
+            // wakes this task.
+            self.handover().task = Some(cx.waker().clone());
+            *registered = Some(cx.waker().clone());
+        }
+        if self.bell.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Asks the session to close gracefully (at its next turn).
+    pub fn close(&self) {
+        let mut h = self.handover();
+        h.close = true;
+        self.ring(&h);
     }
 
     /// Asks the session task to export itself for a hand-over: it answers on
@@ -170,12 +213,12 @@ impl SessionStatus {
             return false;
         }
         h.reply = Some(reply);
-        h.wake.cancel();
+        self.ring(&h);
         true
     }
 
-    /// The session task's side: the pending export request, if its wake-up
-    /// token was cancelled for one (None: it was cancelled to close).
+    /// The session task's side, after the bell rang: the pending export
+    /// request, if the bell rang for one (None: it rang to close).
     pub(crate) fn take_export(&self) -> Option<ExportReply> {
         self.handover().reply.take()
     }
@@ -190,9 +233,13 @@ impl SessionStatus {
         }
     }
 
-    /// After an export that did not happen: a fresh wake-up token.
-    pub(crate) fn rearm(&self, wake: CancellationToken) {
-        self.handover().wake = wake;
+    /// After an export that did not happen: a close asked for meanwhile
+    /// (its ring was taken for the export) rings again.
+    pub(crate) fn rearm(&self) {
+        let h = self.handover();
+        if h.close {
+            self.ring(&h);
+        }
     }
 
     /// Publishes the core's current offsets and state.
@@ -236,5 +283,118 @@ impl SessionStatus {
             buffered_bytes: self.buffered.load(Ordering::Relaxed),
             age_seconds: self.started.elapsed().as_secs_f64(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> SessionStatus {
+        let backend = crate::session::core::tests::backend(crate::config::AckMode::None, 1);
+        SessionStatus::new(
+            SessionId::random(),
+            "l".into(),
+            Arc::new(backend),
+            "127.0.0.1:1".into(),
+            Instant::now(),
+        )
+    }
+
+    fn reply() -> ExportReply {
+        ExportReply::new(|_| true)
+    }
+
+    #[test]
+    fn the_bell_wakes_a_task_that_looked_before_it_rang() {
+        let s = status();
+        let mut registered = None;
+        let mut task = tokio_test::task::spawn(());
+        // Looked at twice before the ring: the second look is the fast path.
+        assert!(task
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_pending());
+        assert!(task
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_pending());
+        assert!(!task.is_woken());
+        s.close();
+        assert!(task.is_woken(), "a close wakes the session's task");
+        assert!(task
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_ready());
+        assert!(s.take_export().is_none(), "it rang to close");
+        // Rung once, answered once.
+        assert!(task
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_pending());
+    }
+
+    #[test]
+    fn the_bell_wakes_the_task_that_looked_last() {
+        let s = status();
+        let mut registered = None;
+        let mut first = tokio_test::task::spawn(());
+        let mut second = tokio_test::task::spawn(());
+        assert!(first
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_pending());
+        // A session moved to another task (a hand-over that was not taken
+        // runs it on) must be woken there.
+        assert!(second
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_pending());
+        assert!(s.request_export(reply()));
+        assert!(second.is_woken());
+        assert!(second
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_ready());
+        assert!(s.take_export().is_some(), "it rang for the export");
+    }
+
+    #[test]
+    fn a_bell_rung_before_the_first_look_is_heard() {
+        let s = status();
+        s.close();
+        let mut registered = None;
+        let mut task = tokio_test::task::spawn(());
+        assert!(task
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_ready());
+    }
+
+    #[test]
+    fn a_close_asked_during_an_export_comes_after_it_was_not_taken() {
+        let s = status();
+        let mut registered = None;
+        let mut task = tokio_test::task::spawn(());
+        assert!(s.request_export(reply()));
+        assert!(task
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_ready());
+        let pending = s.take_export();
+        assert!(pending.is_some());
+        // The shutdown rings while the task is exporting: the one ring is
+        // taken by whatever looks next, so the export's end rings again.
+        s.close();
+        assert!(task
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_ready());
+        assert!(task
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_pending());
+        drop(pending);
+        s.rearm();
+        assert!(task
+            .enter(|cx, _| s.poll_bell(cx, &mut registered))
+            .is_ready());
+        assert!(s.take_export().is_none(), "the close");
+    }
+
+    #[test]
+    fn a_closing_session_refuses_exports() {
+        let s = status();
+        s.mark_closing();
+        assert!(!s.request_export(reply()));
     }
 }

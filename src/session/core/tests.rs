@@ -24,7 +24,7 @@ pub(super) mod sim;
 
 // ---- configs ----
 
-pub(super) fn backend(ack: AckMode, servers: usize) -> BackendConfig {
+pub(crate) fn backend(ack: AckMode, servers: usize) -> BackendConfig {
     BackendConfig {
         name: "test".into(),
         servers: (0..servers)
