@@ -175,6 +175,7 @@ impl SessionStatus {
     /// time this returned ready (then see [`Self::take_export`]: an export
     /// request, or else a close). `registered` is the task waker this task
     /// last gave the bell; while it is the same, a poll costs one atomic load.
+    #[inline]
     pub(crate) fn poll_bell(
         &self,
         cx: &mut Context<'_>,
