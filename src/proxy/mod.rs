@@ -1191,12 +1191,12 @@ impl AcceptCtx {
 fn start_session(
     ctx: &Arc<AcceptCtx>,
     conn: Conn,
-    peer: String,
+    transport::Peer { text: peer, addr }: transport::Peer,
     inherited: Option<&crate::config::SocketOptions>,
 ) {
     let lm = &ctx.session.listener;
     let admission = ctx.admission();
-    let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+    let ip = addr.map(|a| a.ip());
     let slot = match admission.admit(ip) {
         Ok(slot) => slot,
         Err((refusal, limit)) => {
@@ -1220,7 +1220,7 @@ fn start_session(
     }
     let Some(tls) = &ctx.tls else {
         lm.accepted.inc();
-        run_session(ctx, &ctx.session, conn, peer, slot);
+        run_session(ctx, &ctx.session, conn, peer, addr, slot);
         return;
     };
     // The handshake runs in its own task: a slow or silent client holds up
@@ -1239,7 +1239,7 @@ fn start_session(
                 lm.accepted.inc();
                 let tls = ctx.tls.as_ref().expect("tls listener");
                 let session = tls.route(conn.sni(), &ctx.session);
-                run_session(&ctx, session, conn, peer, slot);
+                run_session(&ctx, session, conn, peer, addr, slot);
             }
             Err(transport::tls::HandshakeError::Failed(e))
                 if e.kind() == io::ErrorKind::UnexpectedEof =>
@@ -1267,14 +1267,21 @@ fn start_session(
 
 /// Spawns the session task of an accepted (and, on a TLS listener,
 /// handshaken) client, which holds `slot` until it ends.
-fn run_session(ctx: &AcceptCtx, session: &SessionCtx, conn: Conn, peer: String, slot: Slot) {
+fn run_session(
+    ctx: &AcceptCtx,
+    session: &SessionCtx,
+    conn: Conn,
+    peer: String,
+    addr: Option<std::net::SocketAddr>,
+    slot: Slot,
+) {
     let lm = &session.listener;
     let backend = session.backend.config.clone();
     let first = session.backend.pick_server();
     let id = SessionId::random();
     let now = tokio::time::Instant::now().into_std();
     let mut core = SessionCore::new(id, backend.clone(), first, now);
-    if let Ok(addr) = peer.parse::<std::net::SocketAddr>() {
+    if let Some(addr) = addr {
         core.set_client_addr(crate::proto::ClientAddr::Ip(addr.ip(), addr.port()));
     }
     core.set_idle_timeout(ctx.cfg.idle_timeout, now);

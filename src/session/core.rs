@@ -371,8 +371,9 @@ pub struct SessionCore {
     hold_since: Option<Instant>,
     /// `up.acked` when the hold started: progress past it ends the hold.
     hold_acked: Offset,
-    /// Response mode: request frame scanner over the up stream.
-    req_scanner: Option<Scanner>,
+    /// Response mode: request frame scanner over the up stream (boxed: 120
+    /// bytes that sessions of the other modes do not carry).
+    req_scanner: Option<Box<Scanner>>,
     /// Response mode: ends of the requests read and not yet answered, in order.
     req_ends: VecDeque<Offset>,
     /// Response mode: end of the last request frame scanned.
@@ -437,7 +438,7 @@ impl SessionCore {
         now: Instant,
     ) -> SessionCore {
         let req_scanner = match &backend.ack {
-            AckMode::Response(framing) => Some(Scanner::new(framing)),
+            AckMode::Response(framing) => Some(Box::new(Scanner::new(framing))),
             _ => None,
         };
         let mut core = SessionCore {
@@ -812,7 +813,7 @@ impl SessionCore {
         };
         let mut ends = Scratch::<u64>::take();
         let res = scanner.scan(&chunk, &mut ends);
-        let no_reply_possible = matches!(scanner, Scanner::Resp(_));
+        let no_reply_possible = matches!(**scanner, Scanner::Resp(_));
         self.up.push(chunk);
         if self.req_ends.capacity() == 0 && !ends.is_empty() {
             // One request at a time is the common case: room for that only

@@ -95,7 +95,7 @@ impl SessionCore {
         core.hold_acked = r.server_acked;
         core.up_sent_high = r.server_acked;
         core.req_last_end = r.server_acked;
-        core.req_scanner = framing.map(|f| Scanner::starting_at(&f, r.server_acked));
+        core.req_scanner = framing.map(|f| Box::new(Scanner::starting_at(&f, r.server_acked)));
         // Later legs are resumes: the active's leg was the first.
         core.had_leg = true;
         if written > 0 {

@@ -313,7 +313,7 @@ impl SessionCore {
         let hold_since = r.option("hold_since", |r| r.instant("hold_since"))?;
         let hold_acked = r.counter("hold_acked")?;
         let req_scanner = r.option("request scanner", |r| {
-            Scanner::read_snapshot(r, "request scanner")
+            Scanner::read_snapshot(r, "request scanner").map(Box::new)
         })?;
         match (&req_scanner, &framing) {
             (None, None) => {}
