@@ -306,29 +306,30 @@ mod tests {
         ExportReply::new(|_| true)
     }
 
+    /// One look at the bell from `task`.
+    fn look(
+        task: &mut tokio_test::task::Spawn<()>,
+        s: &SessionStatus,
+        registered: &mut Option<Waker>,
+    ) -> Poll<()> {
+        task.enter(|cx, _| s.poll_bell(cx, registered))
+    }
+
     #[test]
     fn the_bell_wakes_a_task_that_looked_before_it_rang() {
         let s = status();
         let mut registered = None;
         let mut task = tokio_test::task::spawn(());
         // Looked at twice before the ring: the second look is the fast path.
-        assert!(task
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_pending());
-        assert!(task
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_pending());
+        assert!(look(&mut task, &s, &mut registered).is_pending());
+        assert!(look(&mut task, &s, &mut registered).is_pending());
         assert!(!task.is_woken());
         s.close();
         assert!(task.is_woken(), "a close wakes the session's task");
-        assert!(task
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_ready());
+        assert!(look(&mut task, &s, &mut registered).is_ready());
         assert!(s.take_export().is_none(), "it rang to close");
         // Rung once, answered once.
-        assert!(task
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_pending());
+        assert!(look(&mut task, &s, &mut registered).is_pending());
     }
 
     #[test]
@@ -337,19 +338,13 @@ mod tests {
         let mut registered = None;
         let mut first = tokio_test::task::spawn(());
         let mut second = tokio_test::task::spawn(());
-        assert!(first
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_pending());
+        assert!(look(&mut first, &s, &mut registered).is_pending());
         // A session moved to another task (a hand-over that was not taken
         // runs it on) must be woken there.
-        assert!(second
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_pending());
+        assert!(look(&mut second, &s, &mut registered).is_pending());
         assert!(s.request_export(reply()));
         assert!(second.is_woken());
-        assert!(second
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_ready());
+        assert!(look(&mut second, &s, &mut registered).is_ready());
         assert!(s.take_export().is_some(), "it rang for the export");
     }
 
@@ -359,9 +354,7 @@ mod tests {
         s.close();
         let mut registered = None;
         let mut task = tokio_test::task::spawn(());
-        assert!(task
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_ready());
+        assert!(look(&mut task, &s, &mut registered).is_ready());
     }
 
     #[test]
@@ -370,25 +363,17 @@ mod tests {
         let mut registered = None;
         let mut task = tokio_test::task::spawn(());
         assert!(s.request_export(reply()));
-        assert!(task
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_ready());
+        assert!(look(&mut task, &s, &mut registered).is_ready());
         let pending = s.take_export();
         assert!(pending.is_some());
         // The shutdown rings while the task is exporting: the one ring is
         // taken by whatever looks next, so the export's end rings again.
         s.close();
-        assert!(task
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_ready());
-        assert!(task
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_pending());
+        assert!(look(&mut task, &s, &mut registered).is_ready());
+        assert!(look(&mut task, &s, &mut registered).is_pending());
         drop(pending);
         s.rearm();
-        assert!(task
-            .enter(|cx, _| s.poll_bell(cx, &mut registered))
-            .is_ready());
+        assert!(look(&mut task, &s, &mut registered).is_ready());
         assert!(s.take_export().is_none(), "the close");
     }
 
