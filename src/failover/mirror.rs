@@ -139,7 +139,10 @@ impl MirrorSession {
     /// The records that rebuild this session on a standby that (re)connects:
     /// `Session` from the acknowledged offsets, the unacknowledged bytes of
     /// both directions, and a `ClientAcked` with the timestamp clock moved
-    /// forward to `now`.
+    /// forward to `now`; then what is staged (`Written` bytes and a
+    /// `ServerAcked` since the last `Synced`), staged there too: the
+    /// `Synced` that applies them is still to come from the session, and
+    /// must find them.
     pub fn resend(&self, now: Instant) -> Vec<Record> {
         let id = self.id();
         let mut new = self.new.clone();
@@ -172,6 +175,18 @@ impl MirrorSession {
             rcv_wnd: self.rcv_wnd,
             timestamp: self.offsets(now).timestamp,
         });
+        let mut offset = self.written;
+        for data in &self.staged_down {
+            out.push(Record::Written {
+                id,
+                offset,
+                data: data.clone(),
+            });
+            offset += data.len() as u64;
+        }
+        if let Some(offset) = self.staged_acked {
+            out.push(Record::ServerAcked { id, offset });
+        }
         out
     }
 
@@ -531,6 +546,43 @@ mod tests {
         );
         // The clock never goes back; the margin is added once more.
         assert_eq!(ob.timestamp, oa.timestamp + 2);
+    }
+
+    /// A link that comes up (or a live upgrade that snapshots the session)
+    /// between a session's `Written`/`ServerAcked` records and the `Synced`
+    /// that applies them: the resent session has them staged, so the
+    /// `Synced` still to come fits.
+    #[test]
+    fn a_resent_session_keeps_what_is_staged() {
+        let t0 = Instant::now();
+        let id = SessionId(5);
+        let mut m = Mirror::new();
+        m.apply(new_session(5, 0, 0), t0).unwrap();
+        m.apply(read(id, 0, "GET a\nGET b\n"), t0).unwrap();
+        m.apply(written(id, 0, "A\n"), t0).unwrap();
+        m.apply(Record::Synced { id, offset: 2 }, t0).unwrap();
+        // Staged: the answer to the second request and the ack of the first.
+        m.apply(written(id, 2, "B"), t0).unwrap();
+        m.apply(written(id, 3, "\n"), t0).unwrap();
+        m.apply(Record::ServerAcked { id, offset: 6 }, t0).unwrap();
+        let mut again = Mirror::new();
+        for r in m.get(id).unwrap().resend(t0) {
+            again.apply(r, t0).unwrap();
+        }
+        let s = again.get(id).unwrap();
+        assert_eq!((s.server_acked, s.written), (0, 2), "staged, not applied");
+        assert_eq!(concat(s.unacked_down()), b"A\n");
+        let sync = Record::Synced { id, offset: 4 };
+        m.apply(sync.clone(), t0).unwrap();
+        again.apply(sync, t0).expect("the sync still to come fits");
+        let (a, b2) = (m.get(id).unwrap(), again.get(id).unwrap());
+        assert_eq!(
+            (b2.read, b2.server_acked, b2.written),
+            (a.read, a.server_acked, a.written)
+        );
+        assert_eq!((b2.server_acked, b2.written), (6, 4));
+        assert_eq!(concat(b2.unacked_up()), b"GET b\n");
+        assert_eq!(concat(b2.unacked_down()), b"A\nB\n");
     }
 
     #[test]
