@@ -350,6 +350,47 @@ impl<T: Pooled> Drop for Scratch<T> {
     }
 }
 
+/// A first-in first-out queue of a session's actions, which come one or
+/// two at a time (a connect, a shutdown, a close): the oldest is held
+/// inline, so most never allocate, and the rest go to a queue that is
+/// freed once drained, so an idle session holds no allocation for them.
+#[derive(Debug)]
+struct Queue<T> {
+    /// The oldest item; `None` only when `rest` is empty too.
+    head: Option<T>,
+    rest: VecDeque<T>,
+}
+
+impl<T> Queue<T> {
+    const fn new() -> Queue<T> {
+        Queue {
+            head: None,
+            rest: VecDeque::new(),
+        }
+    }
+
+    fn push_back(&mut self, item: T) {
+        if self.head.is_none() {
+            self.head = Some(item);
+        } else {
+            self.rest.push_back(item);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<T> {
+        let item = self.head.take()?;
+        self.head = self.rest.pop_front();
+        if self.head.is_none() && self.rest.capacity() != 0 {
+            self.rest = VecDeque::new();
+        }
+        Some(item)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head.is_none()
+    }
+}
+
 /// The pure state of one session.
 pub struct SessionCore {
     id: SessionId,
@@ -403,7 +444,7 @@ pub struct SessionCore {
     /// A graceful end is under way: deliver `down`, FIN the client, stop.
     ending: Option<CloseReason>,
     done: Option<CloseReason>,
-    actions: VecDeque<Action>,
+    actions: Queue<Action>,
     events: VecDeque<Event>,
     rng: u64,
     /// The listener's `idle_timeout`: `None` never ends a session for
@@ -470,7 +511,7 @@ impl SessionCore {
             first_closer: None,
             ending: None,
             done: None,
-            actions: VecDeque::new(),
+            actions: Queue::new(),
             events: VecDeque::new(),
             rng: (id.0 as u64) ^ ((id.0 >> 64) as u64) | 1,
             idle_timeout: None,
@@ -589,19 +630,14 @@ impl SessionCore {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        let a = self.actions.pop_front();
-        if a.is_none() && self.actions.capacity() != 0 {
-            // Actions are rare (connects, closes): an idle session keeps no
-            // queue for them.
-            self.actions = VecDeque::new();
-        }
-        a
+        self.actions.pop_front()
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
         let e = self.events.pop_front();
         if e.is_none() && self.events.capacity() != 0 {
-            // Events are rare (legs up and failed): as for actions.
+            // Events are rare (legs up and failed, the end), and larger than
+            // actions: an idle session keeps no queue for them.
             self.events = VecDeque::new();
         }
         e
@@ -1734,3 +1770,34 @@ pub(crate) mod tests;
 
 #[cfg(test)]
 mod resume_tests;
+
+#[cfg(test)]
+mod queue_tests {
+    use super::Queue;
+    use std::collections::VecDeque;
+    proptest::proptest! {
+        /// `Queue` against a `VecDeque` model: the same items out in the same
+        /// order, whatever the interleaving of pushes and pops, and nothing
+        /// allocated once it is drained.
+        #[test]
+        fn the_session_queue_is_first_in_first_out(ops in proptest::collection::vec(proptest::option::of(0u32..1000), 0..200)) {
+            let mut q = Queue::new();
+            let mut model = VecDeque::new();
+            for op in ops {
+                match op {
+                    Some(v) => {
+                        q.push_back(v);
+                        model.push_back(v);
+                    }
+                    None => proptest::prop_assert_eq!(q.pop_front(), model.pop_front()),
+                }
+                proptest::prop_assert_eq!(q.is_empty(), model.is_empty());
+            }
+            while let Some(v) = model.pop_front() {
+                proptest::prop_assert_eq!(q.pop_front(), Some(v));
+            }
+            proptest::prop_assert_eq!(q.pop_front(), None);
+            proptest::prop_assert_eq!(q.rest.capacity(), 0);
+        }
+    }
+}

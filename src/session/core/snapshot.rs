@@ -392,7 +392,7 @@ impl SessionCore {
             first_closer,
             ending,
             done,
-            actions: VecDeque::new(),
+            actions: super::Queue::new(),
             events: VecDeque::new(),
             rng,
             idle_timeout,

@@ -323,7 +323,7 @@ impl Harness {
 /// Exports a core that was just imported, with the actions import issued
 /// again still pending (export wants them carried out first).
 pub(super) fn export_again(core: &mut SessionCore, now: Instant) -> Vec<u8> {
-    let pending = std::mem::take(&mut core.actions);
+    let pending = std::mem::replace(&mut core.actions, Queue::new());
     let mut out = Vec::new();
     core.export(now, &mut out);
     core.actions = pending;
