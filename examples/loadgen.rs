@@ -14,7 +14,8 @@
 //! interleaved with the first, for A/B comparisons on a noisy machine.
 //! `loadgen compare` starts the echo server and every proxy as child
 //! processes on ports chosen free at run time, runs the rounds interleaved
-//! (A B C … A B C …), prints a table and writes JSON. It owns no proxy
+//! and every other one reversed (A B C, C B A, A B C …, so that no target
+//! always runs first), prints a table and writes JSON. It owns no proxy
 //! logic; it knows holdfast only as a binary and a config file.
 //!
 //! Figures per target: bulk echo throughput over 1 and 8 connections with
@@ -921,7 +922,16 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
     let chunk = Arc::new(bulk_chunk());
     let mut s: BTreeMap<&str, Samples> = BTreeMap::new();
     for round in 0..opts.rounds {
-        for t in &targets {
+        // Every other round runs the targets in reverse: a target's place in
+        // the round moves its figures (the second of two holdfast rows made
+        // more connections per second whichever binary it was), so each
+        // target takes each place equally often.
+        let order: Vec<&Target> = if round % 2 == 1 {
+            targets.iter().rev().collect()
+        } else {
+            targets.iter().collect()
+        };
+        for t in order {
             let e = s.entry(t.name).or_default();
             let b1 = bulk(t, 1, opts.secs, &chunk)?;
             let b8 = bulk(t, 8, opts.secs, &chunk)?;
