@@ -87,6 +87,25 @@ fn contiguous(id: SessionId, what: &'static str, got: u64, want: u64) -> Result<
     }
 }
 
+/// `Written` records of `chunks`, the first at `offset`; returns where
+/// they end.
+fn push_written(
+    id: SessionId,
+    mut offset: u64,
+    chunks: &VecDeque<Bytes>,
+    out: &mut Vec<Record>,
+) -> u64 {
+    for data in chunks {
+        out.push(Record::Written {
+            id,
+            offset,
+            data: data.clone(),
+        });
+        offset += data.len() as u64;
+    }
+    offset
+}
+
 /// Drops the first `n` bytes of a chunk queue.
 fn trim(q: &mut VecDeque<Bytes>, mut n: u64) {
     while n > 0 {
@@ -158,15 +177,7 @@ impl MirrorSession {
             });
             offset += data.len() as u64;
         }
-        let mut offset = self.client_acked;
-        for data in &self.down {
-            out.push(Record::Written {
-                id,
-                offset,
-                data: data.clone(),
-            });
-            offset += data.len() as u64;
-        }
+        let offset = push_written(id, self.client_acked, &self.down, &mut out);
         out.push(Record::Synced { id, offset });
         out.push(Record::ClientAcked {
             id,
@@ -175,15 +186,7 @@ impl MirrorSession {
             rcv_wnd: self.rcv_wnd,
             timestamp: self.offsets(now).timestamp,
         });
-        let mut offset = self.written;
-        for data in &self.staged_down {
-            out.push(Record::Written {
-                id,
-                offset,
-                data: data.clone(),
-            });
-            offset += data.len() as u64;
-        }
+        push_written(id, self.written, &self.staged_down, &mut out);
         if let Some(offset) = self.staged_acked {
             out.push(Record::ServerAcked { id, offset });
         }
