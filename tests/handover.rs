@@ -272,8 +272,16 @@ async fn mid_bulk_upgrades(tag: &str, extra: &str) {
     let data = pattern(192 << 20, 21);
     let (mut r, mut w) = connect(&addr).await.into_split();
     let sent = data.clone();
+    // The last 16 MiB wait for the last upgrade: on a loaded machine an
+    // upgrade can take long enough for the rest of the stream to go
+    // through, and a session that ended has nothing left to move.
+    let (last_upgrade_done, mut go) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
-        for chunk in sent.chunks(64 * 1024) {
+        let hold_at = sent.len() - (16 << 20);
+        for (i, chunk) in sent.chunks(64 * 1024).enumerate() {
+            if i * 64 * 1024 == hold_at {
+                let _ = (&mut go).await;
+            }
             w.write_all(chunk).await?;
         }
         w.shutdown().await?;
@@ -321,6 +329,7 @@ async fn mid_bulk_upgrades(tag: &str, extra: &str) {
             "the old process's summary: {handed}"
         );
     }
+    let _ = last_upgrade_done.send(());
     let got = tokio::time::timeout(Duration::from_secs(60), reader)
         .await
         .expect("the echo ends")
