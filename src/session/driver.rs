@@ -88,11 +88,7 @@ impl Shared {
 
     /// Snapshots of every open session.
     pub fn session_views(&self) -> Vec<super::status::SessionView> {
-        let list: Vec<Arc<SessionStatus>> = match self.sessions.lock() {
-            Ok(m) => m.values().cloned().collect(),
-            Err(_) => Vec::new(),
-        };
-        let mut views: Vec<_> = list.iter().map(|s| s.view()).collect();
+        let mut views: Vec<_> = self.statuses().iter().map(|s| s.view()).collect();
         views.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
         views
     }
@@ -101,12 +97,16 @@ impl Shared {
     /// Call it after cancelling the close token the sessions were given:
     /// a session that publishes itself after this looks finds it cancelled.
     pub fn close_sessions(&self) {
-        let list: Vec<Arc<SessionStatus>> = match self.sessions.lock() {
+        for s in self.statuses() {
+            s.close();
+        }
+    }
+
+    /// Every open session's status, taken out of the lock.
+    fn statuses(&self) -> Vec<Arc<SessionStatus>> {
+        match self.sessions.lock() {
             Ok(m) => m.values().cloned().collect(),
             Err(_) => Vec::new(),
-        };
-        for s in list {
-            s.close();
         }
     }
 }

@@ -133,14 +133,14 @@ impl Conn {
         match self {
             Conn::Tcp(s) => s
                 .peer_addr()
-                .map(|a| a.to_string())
+                .map(|a| addr_text(&a))
                 .unwrap_or_else(|_| "?".into()),
             Conn::Unix(_) => "unix".into(),
             Conn::TlsIn(s) => s.get_ref().0.peer(),
             Conn::TlsOut(s) => s.get_ref().0.peer(),
             Conn::Resumable(s) => match s.client_addr() {
                 crate::proto::ClientAddr::Ip(ip, port) => {
-                    std::net::SocketAddr::new(ip, port).to_string()
+                    addr_text(&std::net::SocketAddr::new(ip, port))
                 }
                 crate::proto::ClientAddr::Unknown => "resume".into(),
             },
@@ -578,7 +578,7 @@ impl Listener {
                     crate::proto::ClientAddr::Unknown => None,
                 };
                 let conn = Conn::Resumable(Box::new(session));
-                let text = addr.map_or_else(|| conn.peer(), |a| addr_text(&a));
+                let text = conn.peer();
                 Ok((conn, Peer { text, addr }))
             }
             Listener::Tcp(l) => {
