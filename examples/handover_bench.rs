@@ -26,7 +26,8 @@
 //! `N` µs (default 0: back to back, which saturates a 2-CPU machine); the
 //! client's worst gap then includes that interval. `--busy-bytes N` sets
 //! the size of a busy round trip (default 16384; 262144 keeps bulk in
-//! flight in every busy session when it is handed over).
+//! flight in every busy session when it is handed over). `--busy-within D`
+//! sets `[handover] busy_within` (`0ms`: every session in batches).
 //!
 //! `--holdfast-cpu N` runs holdfast (and every generation it starts) on CPU
 //! `N` only; with `--client-cpu M` as well, the clients and the echo server
@@ -59,6 +60,8 @@ struct Opts {
     busy_bytes: usize,
     /// Run holdfast (every generation) on this CPU only.
     holdfast_cpu: Option<usize>,
+    /// `[handover] busy_within`, when given.
+    busy_within: Option<String>,
 }
 
 fn parse() -> anyhow::Result<Opts> {
@@ -71,6 +74,7 @@ fn parse() -> anyhow::Result<Opts> {
         busy_interval: Duration::ZERO,
         busy_bytes: 16384,
         holdfast_cpu: None,
+        busy_within: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -85,6 +89,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--busy-interval-us" => o.busy_interval = Duration::from_micros(v.parse()?),
             "--busy-bytes" => o.busy_bytes = v.parse()?,
             "--holdfast-cpu" => o.holdfast_cpu = Some(v.parse()?),
+            "--busy-within" => o.busy_within = Some(v.clone()),
             f => bail!("unknown flag {f}"),
         }
         i += 2;
@@ -197,6 +202,7 @@ drain_timeout = "5s"
 
 [handover]
 socket = "{}"
+{busy_within}
 
 [[listener]]
 name = "bench"
@@ -208,7 +214,12 @@ name = "echo"
 servers = ["{server_addr}"]
 ack = "tcp"
 "#,
-            dir.join("run/handover.sock").display()
+            dir.join("run/handover.sock").display(),
+            busy_within = o
+                .busy_within
+                .as_ref()
+                .map(|d| format!("busy_within = \"{d}\""))
+                .unwrap_or_default(),
         ),
     )?;
     let mut proxy = Command::new(&o.holdfast);
@@ -314,8 +325,8 @@ ack = "tcp"
         }));
     }
 
-    println!("| round | sessions | total ms | pause p50 µs | pause p99 µs | pause max µs | answered p50 µs | answered p99 µs | client worst gap µs | same, no upgrade µs |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | sessions | total ms | pause p50 µs | pause p99 µs | pause max µs | answered p50 µs | answered p99 µs | client worst gap µs | same, no upgrade µs | alone |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for round in 0..o.rounds {
         thread::sleep(Duration::from_millis(100));
         let quiet = Instant::now();
@@ -373,7 +384,7 @@ ack = "tcp"
             );
         }
         println!(
-            "| {round} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {round} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
             f("sessions"),
             f("total_ms").parse::<f64>().unwrap_or(0.0),
             t("pause_p50_us"),
@@ -390,7 +401,8 @@ ack = "tcp"
                 worst_base_us.load(Ordering::Relaxed).to_string()
             } else {
                 "-".into()
-            }
+            },
+            f("alone"),
         );
         // Every idle session is still there, on the same connection.
         for c in &mut idle {

@@ -230,7 +230,7 @@ fn main() -> ExitCode {
                     });
                 }
                 let handover = tokio::spawn(handover_task(
-                    cfg.handover.as_ref().map(|h| h.socket.clone()),
+                    cfg.handover.clone(),
                     ack,
                     phase.subscribe(),
                     control_tx,
@@ -339,13 +339,19 @@ fn take_over(
 /// are the main process now, and takes the sessions over; then puts our own
 /// hand-over socket in place. Then serves hand-overs to the next process.
 async fn handover_task(
-    path: Option<PathBuf>,
+    handover: Option<holdfast::config::HandoverConfig>,
     ack: Option<std::os::unix::net::UnixStream>,
     mut phases: tokio::sync::watch::Receiver<Phase>,
     control: tokio::sync::mpsc::Sender<holdfast::proxy::Control>,
     shutdown: Shutdown,
 ) {
-    let Some(path) = path else { return };
+    let Some(holdfast::config::HandoverConfig {
+        socket: path,
+        busy_within,
+    }) = handover
+    else {
+        return;
+    };
     if let Some(sock) = ack {
         if phases.wait_for(|p| *p == Phase::Running).await.is_err() {
             return;
@@ -373,7 +379,7 @@ async fn handover_task(
         }
     };
     tracing::info!(socket = %path.display(), pid = std::process::id(), "hand-over socket listening");
-    holdfast::handover::serve(listener, control, shutdown, ack_timeout()).await;
+    holdfast::handover::serve(listener, control, shutdown, ack_timeout(), busy_within).await;
 }
 
 /// The new process's side of the session hand-over: receives batches until

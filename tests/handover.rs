@@ -447,9 +447,11 @@ async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
 /// An edge config for the load test: one listener per ack mode and one
 /// speaking the resume protocol to `core`, all in front of `server`, and a
 /// Unix listener in front of `unix_server` (`ack = "tcp"`, which counts
-/// Unix acks from the bytes written: carried in the hand-over).
+/// Unix acks from the bytes written: carried in the hand-over), with
+/// `handover_keys` added to `[handover]`.
 fn edge_config(
     socket: &std::path::Path,
+    handover_keys: &str,
     server: &str,
     core: &str,
     key: &std::path::Path,
@@ -457,7 +459,7 @@ fn edge_config(
     unix_server: &str,
 ) -> String {
     let mut out = format!(
-        "[lifecycle]\ndrain_timeout = \"5s\"\n\n[handover]\nsocket = \"{}\"\n",
+        "[lifecycle]\ndrain_timeout = \"5s\"\n\n[handover]\nsocket = \"{}\"\n{handover_keys}",
         socket.display()
     );
     let modes = [
@@ -540,10 +542,15 @@ struct LoadRig {
 
 impl LoadRig {
     async fn start(tag: &str, clients: usize) -> LoadRig {
-        Self::start_with(tag, clients, &[]).await
+        Self::start_with(tag, clients, &[], "").await
     }
 
-    async fn start_with(tag: &str, clients: usize, envs: &[(&str, &str)]) -> LoadRig {
+    async fn start_with(
+        tag: &str,
+        clients: usize,
+        envs: &[(&str, &str)],
+        handover_keys: &str,
+    ) -> LoadRig {
         let server = Server::start("127.0.0.1:0", "lines").await;
         let dir = temp_dir(tag);
         let key = dir.join("resume.key");
@@ -561,6 +568,7 @@ impl LoadRig {
             &cfg,
             edge_config(
                 &socket,
+                handover_keys,
                 &server.addr,
                 &core.addrs[0],
                 &key,
@@ -668,11 +676,20 @@ async fn a_hundred_live_sessions_survive_ten_upgrades() {
         rig.flowing(200, &format!("after upgrade {round}")).await;
     }
     looper.finish().await;
+    let (mut sessions, mut alone) = (0, 0);
     for line in &handed {
         eprintln!("{line}");
         let n: usize = field(line, "sessions").unwrap().parse().unwrap();
         assert!(n >= 100, "only {n} sessions handed over: {line}");
+        sessions += n;
+        alone += field(line, "alone").unwrap().parse::<usize>().unwrap();
     }
+    // Every client streams without a break, so (but for one stalled past
+    // `busy_within` on a loaded machine) each session is busy and goes alone.
+    assert!(
+        alone * 2 > sessions,
+        "{alone} of {sessions} sessions went alone"
+    );
     let total = rig.finish(pid).await;
     assert!(total > 0);
 }
@@ -733,11 +750,14 @@ async fn a_new_process_dying_mid_hand_over_leaves_every_session_alive() {
 /// the hand-over socket and keeps every session not answered for; the new
 /// process's late answer fails, so it starts none of them, and keeps the
 /// first batch it had taken. No session runs in both or in neither: every
-/// client's verified stream goes on, whichever process serves it.
+/// client's verified stream goes on, whichever process serves it. Every
+/// session goes in pipelined batches (`busy_within = "0ms"`), so batches
+/// are in flight behind the one that stalls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_process_that_stops_answering_never_shares_a_session() {
     let timeout = ("HOLDFAST_TEST_HANDOVER_TIMEOUT_MS", "1000");
-    let mut rig = LoadRig::start_with("stalling", 20, &[timeout]).await;
+    let batched = "busy_within = \"0ms\"\n";
+    let mut rig = LoadRig::start_with("stalling", 20, &[timeout], batched).await;
     rig.flowing(200, "before").await;
     let pid = rig.edge.id().unwrap();
     let _guard = KillOnDrop(pid);

@@ -58,6 +58,11 @@ pub struct HandoverConfig {
     /// `socket`: path of the Unix socket a running holdfast listens on for
     /// `holdfast run --takeover` (mode 0600, in a directory only we can use).
     pub socket: std::path::PathBuf,
+    /// `busy_within` (default 100 ms): a session that moved bytes to or
+    /// from its client this recently is handed over alone, with nothing
+    /// queued ahead of it; the others go in pipelined batches. Zero hands
+    /// every session over in batches.
+    pub busy_within: std::time::Duration,
 }
 
 /// `[failover]`, validated: the secret read, the addresses parsed, the

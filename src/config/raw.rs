@@ -293,6 +293,7 @@ pub(super) struct RawRuntime {
 pub(super) struct RawHandover {
     pub at: Sp<()>,
     pub socket: Option<Sp<String>>,
+    pub busy_within: Option<Sp<String>>,
 }
 
 /// `[failover]`
@@ -474,6 +475,7 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
     if let Some(mut t) = top.table("handover", report) {
         raw.handover = Some(RawHandover {
             socket: t.string("socket", report),
+            busy_within: t.string("busy_within", report),
             at: t.at(),
         });
         t.finish(report);

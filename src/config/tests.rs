@@ -786,10 +786,19 @@ fn handover_socket() {
     assert_eq!(
         c.handover,
         Some(HandoverConfig {
-            socket: "/run/holdfast/handover.sock".into()
+            socket: "/run/holdfast/handover.sock".into(),
+            busy_within: Duration::from_millis(100),
         })
     );
     assert_eq!(parse(MINIMAL).unwrap().handover, None);
+    let busy = |v: &str| {
+        parse(&format!(
+            "{MINIMAL}\n[handover]\nsocket = \"/a/h.sock\"\nbusy_within = \"{v}\"\n"
+        ))
+        .map(|c| c.handover.map(|h| h.busy_within))
+    };
+    assert_eq!(busy("0ms").unwrap(), Some(Duration::ZERO));
+    assert_eq!(busy("1h").unwrap(), Some(Duration::from_secs(3600)));
 }
 
 #[test]
@@ -801,6 +810,18 @@ fn handover_errors() {
         "handover.socket (line 12, col 10): must be an absolute path"
     );
     assert!(error(&format!("{MINIMAL}\n[handover]\n")).contains("missing key \"socket\""));
+    assert_eq!(
+        error(&format!(
+            "{MINIMAL}\n[handover]\nsocket = \"/a/h.sock\"\nbusy_within = \"61m\"\n"
+        )),
+        "handover.busy_within (line 13, col 15): \"61m\" is more than the limit of 1h"
+    );
+    assert_eq!(
+        error(&format!(
+            "{MINIMAL}\n[handover]\nsocket = \"/a/h.sock\"\nbusy_within = \"soon\"\n"
+        )),
+        "handover.busy_within (line 13, col 15): \"soon\" is not a duration (use ms, s, m or h)"
+    );
     assert!(error(&format!(
         "{MINIMAL}\n[handover]\nsocket = \"/a\"\npath = 1\n"
     ))

@@ -81,6 +81,9 @@ const DEFAULT_BUFFER_MEMORY: u64 = 256 * MIB;
 const DEFAULT_MAX_SESSIONS: i64 = 10_000;
 const DEFAULT_FD_RESERVE: i64 = 64;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_BUSY_WITHIN: Duration = Duration::from_millis(100);
+/// Sessions publish their last activity in wrapping milliseconds.
+const MAX_BUSY_WITHIN: Duration = Duration::from_secs(3600);
 const DEFAULT_BUFFER_LIMIT: u64 = MIB;
 const MIN_BUFFER_LIMIT: u64 = KIB;
 const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -235,6 +238,12 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         }
     });
     let handover = raw.handover.as_ref().and_then(|h| {
+        let busy_within = duration(r, &h.busy_within, DEFAULT_BUSY_WITHIN);
+        if let (Some(d), Some(f)) = (busy_within, &h.busy_within) {
+            if d > MAX_BUSY_WITHIN {
+                r.at(f, format!("{:?} is more than the limit of 1h", f.value));
+            }
+        }
         let Some(socket) = &h.socket else {
             r.error(
                 &format!("{}.socket", h.at.key),
@@ -252,7 +261,10 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
             r.at(socket, "must name a socket file inside a directory");
             return None;
         }
-        Some(HandoverConfig { socket: path })
+        Some(HandoverConfig {
+            socket: path,
+            busy_within: busy_within.filter(|d| *d <= MAX_BUSY_WITHIN)?,
+        })
     });
     let mut buffer_memory = size(r, &raw.limits.buffer_memory, DEFAULT_BUFFER_MEMORY);
     if buffer_memory == Some(0) {

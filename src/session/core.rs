@@ -618,6 +618,12 @@ impl SessionCore {
         self.done
     }
 
+    /// When bytes last moved between the client and holdfast (the session's
+    /// start before that).
+    pub fn last_activity(&self) -> Instant {
+        self.last_activity
+    }
+
     /// Bytes this session holds in memory (replay buffers, partial frames,
     /// the captured preamble).
     pub fn buffered_bytes(&self) -> u64 {

@@ -4,10 +4,10 @@
 //! of its loop); readers take a consistent-enough snapshot without touching
 //! the task. It owns nothing else.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -60,6 +60,10 @@ pub struct SessionStatus {
     pub client: String,
     pub started: Instant,
     state: AtomicU8,
+    /// When bytes last moved between the client and holdfast, in
+    /// milliseconds since `started` (wrapping: only recent times are asked
+    /// about, see [`Self::active_within`]).
+    active_ms: AtomicU32,
     generation: AtomicU64,
     up: [AtomicU64; 3],
     down: [AtomicU64; 3],
@@ -150,6 +154,7 @@ impl SessionStatus {
             client,
             started,
             state: AtomicU8::new(State::Connecting as u8),
+            active_ms: AtomicU32::new(0),
             generation: AtomicU64::new(0),
             up: Default::default(),
             down: Default::default(),
@@ -264,6 +269,24 @@ impl SessionStatus {
         }
         self.buffered
             .store(core.buffered_bytes(), Ordering::Relaxed);
+        self.active_ms
+            .store(self.ms_since_start(core.last_activity()), Ordering::Relaxed);
+    }
+
+    fn ms_since_start(&self, t: Instant) -> u32 {
+        // Truncated on purpose: the clock wraps every 49 days.
+        t.saturating_duration_since(self.started).as_millis() as u32
+    }
+
+    /// Whether bytes moved between the client and holdfast less than `d`
+    /// (under 24 days) before `now`, as last published.
+    pub fn active_within(&self, now: Instant, d: Duration) -> bool {
+        let since = self
+            .ms_since_start(now)
+            .wrapping_sub(self.active_ms.load(Ordering::Relaxed));
+        // "Negative" (published by a task whose clock read came after
+        // `now`): active now.
+        since > u32::MAX / 2 || u128::from(since) < d.as_millis()
     }
 
     pub fn view(&self) -> SessionView {
@@ -300,6 +323,31 @@ mod tests {
             "127.0.0.1:1".into(),
             Instant::now(),
         )
+    }
+
+    #[test]
+    fn activity_is_told_apart_by_age_even_across_the_wrap() {
+        let s = status();
+        let t = |ms: u64| s.started + Duration::from_millis(ms);
+        let set = |ms: u64| {
+            s.active_ms
+                .store(s.ms_since_start(t(ms)), Ordering::Relaxed)
+        };
+        let d = Duration::from_millis(100);
+        set(5_000);
+        assert!(s.active_within(t(5_000), d));
+        assert!(s.active_within(t(5_099), d));
+        assert!(!s.active_within(t(5_100), d));
+        assert!(!s.active_within(t(60_000), d));
+        assert!(
+            s.active_within(t(4_990), d),
+            "published after `now`: active"
+        );
+        // 49.7 days in, the milliseconds wrap.
+        let wrap = 1u64 << 32;
+        set(wrap - 30);
+        assert!(s.active_within(t(wrap + 20), d));
+        assert!(!s.active_within(t(wrap + 70), d));
     }
 
     fn reply() -> ExportReply {
