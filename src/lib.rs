@@ -36,7 +36,7 @@
 //! - [`demo`]: `holdfast demo` and the example server.
 //!
 //! `unsafe` is denied here and allowed only in `transport::sockopt`,
-//! `failover::sys` and `systemd`, each block with a `SAFETY` note.
+//! `failover::sys`, `sched` and `systemd`, each block with a `SAFETY` note.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -50,6 +50,7 @@ pub mod metrics;
 pub mod privileges;
 pub mod proto;
 pub mod proxy;
+pub mod sched;
 pub mod server;
 pub mod session;
 mod snapshot_codec;
