@@ -11,15 +11,15 @@
 //! connection is refused at any moment.
 //!
 //! Then the sessions travel, pipelined: the old process asks a few sessions
-//! at a time ([`WINDOW`]; a busy one alone) to pause and export themselves, sends whatever has
-//! exported as a [`Batch`] (sockets attached, states in the payload) without
-//! waiting for the answer to the previous one, and a thread of its own reads
-//! the new process's verdicts in order and releases each session: taken (it
-//! ends here without a shutdown) or not (it carries on here). The new
-//! process takes each batch over on a thread of its own, answers, and only
-//! then starts the sessions (their first run on that thread too). Neither
-//! side's steps wait for an async runtime to schedule a task, so a busy
-//! process does not lengthen the pauses.
+//! at a time ([`WINDOW`]; a busy one alone) to pause and export themselves,
+//! sends whatever has exported as a [`Batch`] (sockets attached, states in
+//! the payload) without waiting for the answer to the previous one, and a
+//! thread of its own reads the new process's verdicts in order and releases
+//! each session: taken (it ends here without a shutdown) or not (it carries
+//! on here). The new process takes each batch over on a thread of its own,
+//! answers, and only then starts the sessions (their first run on that
+//! thread too). Neither side's steps wait for an async runtime to schedule
+//! a task, so a busy process does not lengthen the pauses.
 //!
 //! This module owns the wire format and the socket calls (through `rustix`,
 //! no `unsafe` here); what to export and how to serve what arrives belong to
