@@ -7,7 +7,8 @@
 //! `loadgen resume-echo KEYFILE` is the backend of the resume-protocol row:
 //! the same echo on `holdfast::server` (HFRP/1, `AckPolicy::Auto`).
 //! `loadgen send ADDR bulk MIB | rr N | conns N` is a fixed amount of load
-//! for `bench/callgrind.sh`, which counts instructions rather than time.
+//! for `bench/callgrind.sh`, which counts instructions rather than time
+//! (`rr` also prints its round trips' p50/p99/p999).
 //! `--holdfast-b PATH` adds the rows `holdfast-none-b`, `holdfast-tcp-b` and
 //! `holdfast-response-b`:
 //! another binary (or a wrapper script setting its environment), measured
@@ -188,14 +189,25 @@ fn fixed_load(args: &[String]) -> anyhow::Result<()> {
             let mut s = TcpStream::connect(addr)?;
             s.set_nodelay(true)?;
             let mut got = [0u8; 64];
+            let mut lat = Vec::with_capacity(n as usize);
             for i in 0..n {
                 let req = line64(i);
+                let t = Instant::now();
                 s.write_all(&req)?;
                 s.read_exact(&mut got)?;
+                lat.push(t.elapsed());
                 if got != req {
                     bail!("wrong echo");
                 }
             }
+            lat.sort_unstable();
+            let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+            eprintln!(
+                "rr latency: p50 {:.1} µs, p99 {:.1} µs, p999 {:.1} µs",
+                q(0.50).as_secs_f64() * 1e6,
+                q(0.99).as_secs_f64() * 1e6,
+                q(0.999).as_secs_f64() * 1e6
+            );
         }
         "conns" => {
             for _ in 0..n {
