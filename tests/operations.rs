@@ -214,6 +214,11 @@ async fn admin_endpoint_shows_live_sessions() {
     assert_eq!(s["down"]["sent"], 11);
     assert_eq!(s["id"].as_str().unwrap().len(), 32);
     assert!(s["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let (age, idle) = (
+        s["age_seconds"].as_f64().unwrap(),
+        s["idle_seconds"].as_f64().unwrap(),
+    );
+    assert!((0.0..=age).contains(&idle), "{body}");
 
     ops.shutdown.drain.cancel();
     let mut phase = ops.phase.clone();

@@ -82,8 +82,6 @@ const DEFAULT_MAX_SESSIONS: i64 = 10_000;
 const DEFAULT_FD_RESERVE: i64 = 64;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_BUSY_WITHIN: Duration = Duration::from_millis(100);
-/// Sessions publish their last activity in wrapping milliseconds.
-const MAX_BUSY_WITHIN: Duration = Duration::from_secs(3600);
 const DEFAULT_BUFFER_LIMIT: u64 = MIB;
 const MIN_BUFFER_LIMIT: u64 = KIB;
 const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -239,11 +237,6 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
     });
     let handover = raw.handover.as_ref().and_then(|h| {
         let busy_within = duration(r, &h.busy_within, DEFAULT_BUSY_WITHIN);
-        if let (Some(d), Some(f)) = (busy_within, &h.busy_within) {
-            if d > MAX_BUSY_WITHIN {
-                r.at(f, format!("{:?} is more than the limit of 1h", f.value));
-            }
-        }
         let Some(socket) = &h.socket else {
             r.error(
                 &format!("{}.socket", h.at.key),
@@ -263,7 +256,7 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         }
         Some(HandoverConfig {
             socket: path,
-            busy_within: busy_within.filter(|d| *d <= MAX_BUSY_WITHIN)?,
+            busy_within: busy_within?,
         })
     });
     let mut buffer_memory = size(r, &raw.limits.buffer_memory, DEFAULT_BUFFER_MEMORY);

@@ -4,7 +4,7 @@
 //! of its loop); readers take a consistent-enough snapshot without touching
 //! the task. It owns nothing else.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -61,9 +61,8 @@ pub struct SessionStatus {
     pub started: Instant,
     state: AtomicU8,
     /// When bytes last moved between the client and holdfast, in
-    /// milliseconds since `started` (wrapping: only recent times are asked
-    /// about, see [`Self::active_within`]).
-    active_ms: AtomicU32,
+    /// milliseconds since `started`.
+    active_ms: AtomicU64,
     generation: AtomicU64,
     up: [AtomicU64; 3],
     down: [AtomicU64; 3],
@@ -130,6 +129,8 @@ pub struct SessionView {
     pub down: StreamView,
     pub buffered_bytes: u64,
     pub age_seconds: f64,
+    /// Since bytes last moved between the client and holdfast.
+    pub idle_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,7 +155,7 @@ impl SessionStatus {
             client,
             started,
             state: AtomicU8::new(State::Connecting as u8),
-            active_ms: AtomicU32::new(0),
+            active_ms: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             up: Default::default(),
             down: Default::default(),
@@ -273,20 +274,24 @@ impl SessionStatus {
             .store(self.ms_since_start(core.last_activity()), Ordering::Relaxed);
     }
 
-    fn ms_since_start(&self, t: Instant) -> u32 {
-        // Truncated on purpose: the clock wraps every 49 days.
-        t.saturating_duration_since(self.started).as_millis() as u32
+    fn ms_since_start(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long before `now` bytes last moved between the client and
+    /// holdfast, as last published (to the millisecond; zero when published
+    /// by a task whose clock read came after `now`).
+    pub fn idle(&self, now: Instant) -> Duration {
+        let since = self
+            .ms_since_start(now)
+            .saturating_sub(self.active_ms.load(Ordering::Relaxed));
+        Duration::from_millis(since)
     }
 
     /// Whether bytes moved between the client and holdfast less than `d`
-    /// (under 24 days) before `now`, as last published.
+    /// before `now`.
     pub fn active_within(&self, now: Instant, d: Duration) -> bool {
-        let since = self
-            .ms_since_start(now)
-            .wrapping_sub(self.active_ms.load(Ordering::Relaxed));
-        // "Negative" (published by a task whose clock read came after
-        // `now`): active now.
-        since > u32::MAX / 2 || u128::from(since) < d.as_millis()
+        self.idle(now) < d
     }
 
     pub fn view(&self) -> SessionView {
@@ -306,6 +311,7 @@ impl SessionStatus {
             down: stream(&self.down),
             buffered_bytes: self.buffered.load(Ordering::Relaxed),
             age_seconds: self.started.elapsed().as_secs_f64(),
+            idle_seconds: self.idle(Instant::now()).as_secs_f64(),
         }
     }
 }
@@ -326,7 +332,7 @@ mod tests {
     }
 
     #[test]
-    fn activity_is_told_apart_by_age_even_across_the_wrap() {
+    fn activity_is_told_apart_by_age() {
         let s = status();
         let t = |ms: u64| s.started + Duration::from_millis(ms);
         let set = |ms: u64| {
@@ -334,20 +340,18 @@ mod tests {
                 .store(s.ms_since_start(t(ms)), Ordering::Relaxed)
         };
         let d = Duration::from_millis(100);
+        assert!(s.active_within(t(99), d), "a new session counts as active");
         set(5_000);
         assert!(s.active_within(t(5_000), d));
         assert!(s.active_within(t(5_099), d));
         assert!(!s.active_within(t(5_100), d));
-        assert!(!s.active_within(t(60_000), d));
-        assert!(
-            s.active_within(t(4_990), d),
-            "published after `now`: active"
-        );
-        // 49.7 days in, the milliseconds wrap.
-        let wrap = 1u64 << 32;
-        set(wrap - 30);
-        assert!(s.active_within(t(wrap + 20), d));
-        assert!(!s.active_within(t(wrap + 70), d));
+        assert_eq!(s.idle(t(65_000)), Duration::from_secs(60));
+        assert_eq!(s.idle(t(4_990)), Duration::ZERO, "published after `now`");
+        // Sessions live for months: no wrap.
+        let days_60 = 60 * 86_400_000;
+        set(days_60);
+        assert!(s.active_within(t(days_60 + 20), d));
+        assert!(!s.active_within(t(days_60 + 1_000), d));
     }
 
     fn reply() -> ExportReply {
