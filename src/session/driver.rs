@@ -324,6 +324,8 @@ pub struct Driver {
     mem_timer_armed: bool,
     /// Bytes of this session counted in `shared.buffer_used`.
     mem_counted: u64,
+    /// The core's last activity as last published in the status.
+    active_published: std::time::Instant,
     /// The task waker last given to the status's bell (a close or an
     /// export request rings it: [`SessionStatus::poll_bell`]).
     bell_task: Option<std::task::Waker>,
@@ -426,6 +428,7 @@ impl Driver {
             mem_timer: LazyTimer(None),
             mem_timer_armed: false,
             mem_counted: 0,
+            active_published: started,
             bell_task: None,
             export_req: None,
             closing_since: None,
@@ -1528,6 +1531,11 @@ impl Driver {
     fn account_memory(&mut self) {
         let now = self.core.buffered_bytes();
         self.status.update(&self.core, self.legs > 0);
+        let active = self.core.last_activity();
+        if active != self.active_published {
+            self.active_published = active;
+            self.status.set_active(active);
+        }
         if now == self.mem_counted {
             // The gauges are shared by every session: no atomic write
             // (and no contended cache line) when nothing changed.

@@ -270,12 +270,18 @@ impl SessionStatus {
         }
         self.buffered
             .store(core.buffered_bytes(), Ordering::Relaxed);
+    }
+
+    /// Publishes when bytes last moved between the client and holdfast
+    /// (the caller does it only when that changed).
+    pub fn set_active(&self, at: Instant) {
         self.active_ms
-            .store(self.ms_since_start(core.last_activity()), Ordering::Relaxed);
+            .store(self.ms_since_start(at), Ordering::Relaxed);
     }
 
     fn ms_since_start(&self, t: Instant) -> u64 {
-        u64::try_from(t.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
+        let d = t.saturating_duration_since(self.started);
+        d.as_secs() * 1000 + u64::from(d.subsec_millis())
     }
 
     /// How long before `now` bytes last moved between the client and
