@@ -27,7 +27,9 @@
 //! client's worst gap then includes that interval. `--busy-bytes N` sets
 //! the size of a busy round trip (default 16384; 262144 keeps bulk in
 //! flight in every busy session when it is handed over). `--busy-within D`
-//! sets `[handover] busy_within` (`0ms`: every session in batches).
+//! sets `[handover] busy_within` (`0ms`: every session in batches). The
+//! last line sums up the upgrades' pause p99: range, median, and how many
+//! were under 1 ms.
 //!
 //! `--holdfast-cpu N` runs holdfast (and every generation it starts) on CPU
 //! `N` only; with `--client-cpu M` as well, the clients and the echo server
@@ -327,6 +329,7 @@ ack = "tcp"
 
     println!("| round | sessions | total ms | pause p50 µs | pause p99 µs | pause max µs | answered p50 µs | answered p99 µs | client worst gap µs | same, no upgrade µs | alone |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut p99s = Vec::new();
     for round in 0..o.rounds {
         thread::sleep(Duration::from_millis(100));
         let quiet = Instant::now();
@@ -376,6 +379,7 @@ ack = "tcp"
         }
         let f = |k: &str| field(&done, k).unwrap_or_default();
         let t = |k: &str| field(&taken, k).unwrap_or_default();
+        p99s.push(t("pause_p99_us").parse::<u64>().unwrap_or(u64::MAX));
         if t("running") != f("sessions") {
             bail!(
                 "{} sessions handed over, {} running in the new process",
@@ -410,6 +414,15 @@ ack = "tcp"
         }
     }
     stop.store(true, Ordering::Relaxed);
+    p99s.sort_unstable();
+    if let (Some(first), Some(last)) = (p99s.first(), p99s.last()) {
+        println!(
+            "pause p99 per upgrade: {first}–{last} µs, median {} µs; under 1 ms in {} of {}",
+            p99s[p99s.len() / 2],
+            p99s.iter().filter(|&&p| p < 1000).count(),
+            p99s.len()
+        );
+    }
     let mut trips = 0;
     for b in busy {
         trips += b
