@@ -341,10 +341,7 @@ mod tests {
     fn activity_is_told_apart_by_age() {
         let s = status();
         let t = |ms: u64| s.started + Duration::from_millis(ms);
-        let set = |ms: u64| {
-            s.active_ms
-                .store(s.ms_since_start(t(ms)), Ordering::Relaxed)
-        };
+        let set = |ms: u64| s.set_active(t(ms));
         let d = Duration::from_millis(100);
         assert!(s.active_within(t(99), d), "a new session counts as active");
         set(5_000);
