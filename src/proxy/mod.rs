@@ -1028,6 +1028,9 @@ impl Running {
         if config.runtime != self.config.runtime {
             tracing::warn!("[runtime] changes take effect at the next restart");
         }
+        if config.handover != self.config.handover {
+            tracing::warn!("[handover] changes take effect at the next restart or upgrade");
+        }
         // Reopen the access log (rotation) and bind what is new before
         // touching anything.
         let access = open_access_log(&config).map_err(|e| e.to_string())?;
