@@ -494,6 +494,17 @@ fn send_listeners(
 /// (docs/benchmarks.md, "Busy sessions alone").
 const WINDOW: usize = 8;
 
+/// Whether the next session may be asked to export itself now, with
+/// `in_flight` sessions asked and not yet answered for, one of them busy
+/// and alone (`alone_in_flight`), the next one busy (`busy`).
+fn may_ask(in_flight: usize, alone_in_flight: bool, busy: bool) -> bool {
+    if busy {
+        in_flight == 0
+    } else {
+        !alone_in_flight && in_flight < WINDOW
+    }
+}
+
 /// What reaches the hand-over's coordinating thread.
 enum Event {
     /// A session task's answer to its export request.
@@ -620,7 +631,7 @@ impl Pump<'_> {
                 let Some(s) = queue.front() else { break };
                 let alone = !self.busy_within.is_zero()
                     && s.active_within(std::time::Instant::now(), self.busy_within);
-                if self.alone || in_flight >= WINDOW || (alone && in_flight > 0) {
+                if !may_ask(in_flight, self.alone, alone) {
                     break;
                 }
                 self.alone = alone;
@@ -1262,6 +1273,21 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_busy_session_goes_alone_and_idle_ones_fill_the_window() {
+        // A busy session waits until nothing is in flight…
+        assert!(may_ask(0, false, true));
+        assert!(!may_ask(1, false, true));
+        assert!(!may_ask(WINDOW - 1, false, true));
+        // …and nothing is asked behind it until it is answered for.
+        assert!(!may_ask(1, true, false));
+        assert!(!may_ask(1, true, true));
+        // Idle sessions go up to WINDOW at a time.
+        assert!(may_ask(0, false, false));
+        assert!(may_ask(WINDOW - 1, false, false));
+        assert!(!may_ask(WINDOW, false, false));
     }
 
     #[test]
