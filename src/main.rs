@@ -482,6 +482,7 @@ fn take_batches(
             .map(|s| arrived.saturating_sub(s.paused_ns) / 1000)
             .max()
             .unwrap_or(0);
+        let bytes = blob.len();
         let sessions = batch.split(blob, fds);
         let n = sessions.len();
         let (verdicts, prepared) = importer.import_batch(sessions);
@@ -500,6 +501,7 @@ fn take_batches(
         tracing::debug!(
             target: "holdfast::handover",
             sessions = n,
+            bytes,
             waited_us,
             answered_us,
             started_us = at.elapsed().as_micros() as u64,
