@@ -23,7 +23,9 @@
 //! the proxy's CPU (utime + stime of its whole process tree from
 //! `/proc/PID/stat`) per GiB, 64-byte round trips over one connection with
 //! proxy, echo server and client all pinned to CPU 0, connect-send-close
-//! cycles per second, and PSS per idle session.
+//! cycles per second, 64-byte round trips on one connection while four
+//! others carry bulk (`--beside N` of them per round; 0 skips it), and PSS
+//! per idle session.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -51,9 +53,9 @@ fn main() -> anyhow::Result<()> {
             eprintln!(
                 "usage: loadgen echo | loadgen resume-echo KEYFILE \
                  | loadgen compare [--quick] [--rounds N] [--secs S] \
-                 [--rr N] [--idle N] [--holdfast PATH] [--holdfast-b PATH] [--json PATH] \
+                 [--rr N] [--beside N] [--idle N] [--holdfast PATH] [--holdfast-b PATH] [--json PATH] \
                  [--only a,b,…] \
-                 | loadgen send ADDR bulk MIB | rr N | conns N"
+                 | loadgen send ADDR bulk MIB | rr N | conns N | beside N"
             );
             std::process::exit(2)
         }
@@ -148,9 +150,11 @@ fn resume_echo_server(key_file: &str) -> anyhow::Result<()> {
 /// - `bulk MIB`: one connection writes MIB MiB of 100-byte lines in 64 KiB
 ///   chunks while reading the echo, then closes;
 /// - `rr N`: N 64-byte round trips on one connection;
-/// - `conns N`: N connect, 64-byte round trip, close cycles.
+/// - `conns N`: N connect, 64-byte round trip, close cycles;
+/// - `beside N`: N 64-byte round trips on one connection while four others
+///   carry bulk (prints their p50/p99 and the bulk's throughput).
 fn fixed_load(args: &[String]) -> anyhow::Result<()> {
-    let usage = "loadgen send ADDR bulk MIB | rr N | conns N";
+    let usage = "loadgen send ADDR bulk MIB | rr N | conns N | beside N";
     let addr: SocketAddr = args.first().context(usage)?.parse()?;
     let what = args.get(1).context(usage)?.as_str();
     let n: u64 = args.get(2).context(usage)?.parse()?;
@@ -214,6 +218,16 @@ fn fixed_load(args: &[String]) -> anyhow::Result<()> {
                 round_trip_once(addr)?;
             }
         }
+        "beside" => {
+            let (mut v, gbit) = beside_bulk(addr, n as usize, &Arc::new(bulk_chunk()))?;
+            v.sort_unstable();
+            let ms = |p| pct(&v, p).unwrap_or(0.0) / 1e3;
+            eprintln!(
+                "beside {BESIDE_STREAMS} bulk streams ({gbit:.2} Gbit/s): p50 {:.2} ms, p99 {:.2} ms",
+                ms(0.5),
+                ms(0.99)
+            );
+        }
         _ => bail!("{usage}"),
     }
     eprintln!("{what} {n}: {:.3} s", t.elapsed().as_secs_f64());
@@ -226,6 +240,7 @@ struct Opts {
     rounds: usize,
     secs: f64,
     rr: usize,
+    beside: usize,
     idle: usize,
     holdfast: PathBuf,
     /// The binary of the `holdfast-*-b` rows (A/B runs, interleaved).
@@ -240,6 +255,7 @@ impl Opts {
             rounds: 3,
             secs: 1.0,
             rr: 10_000,
+            beside: 300,
             idle: 9_000,
             holdfast: PathBuf::from("target/release/holdfast"),
             holdfast_b: None,
@@ -254,6 +270,7 @@ impl Opts {
                 "--rounds" => o.rounds = val()?.parse()?,
                 "--secs" => o.secs = val()?.parse()?,
                 "--rr" => o.rr = val()?.parse()?,
+                "--beside" => o.beside = val()?.parse()?,
                 "--idle" => o.idle = val()?.parse()?,
                 "--holdfast" => o.holdfast = val()?.into(),
                 "--holdfast-b" => o.holdfast_b = Some(val()?.into()),
@@ -664,60 +681,84 @@ struct Bulk {
     cpu_per_gib: Option<f64>,
 }
 
+/// Bulk echo streams through a target: each connection has a thread
+/// writing 64 KiB chunks and one reading the echo, until stopped.
+struct BulkLoad {
+    echoed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    socks: Vec<TcpStream>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl BulkLoad {
+    fn start(addr: SocketAddr, conns: usize, chunk: &Arc<Vec<u8>>) -> anyhow::Result<BulkLoad> {
+        let mut load = BulkLoad {
+            echoed: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+            socks: Vec::new(),
+            threads: Vec::new(),
+        };
+        for _ in 0..conns {
+            let s = TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            let mut w = s.try_clone()?;
+            let mut r = s.try_clone()?;
+            load.socks.push(s);
+            let (chunk, stop) = (chunk.clone(), load.stop.clone());
+            load.threads.push(thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if w.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+            }));
+            let counter = load.echoed.clone();
+            load.threads.push(thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match r.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            counter.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        Ok(load)
+    }
+
+    fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for BulkLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in &self.socks {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for th in self.threads.drain(..) {
+            let _ = th.join();
+        }
+    }
+}
+
 /// `conns` connections each writing 64 KiB chunks and reading the echo
 /// concurrently; echoed bytes per second over `secs` after 300 ms.
 /// CPU per GiB counts the bytes the proxy carried both ways (2 × echoed).
 fn bulk(t: &Target, conns: usize, secs: f64, chunk: &Arc<Vec<u8>>) -> anyhow::Result<Bulk> {
-    let echoed = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut socks = Vec::new();
-    let mut threads = Vec::new();
-    for _ in 0..conns {
-        let s = TcpStream::connect(t.addr)?;
-        s.set_nodelay(true)?;
-        let mut w = s.try_clone()?;
-        let mut r = s.try_clone()?;
-        socks.push(s);
-        let (chunk, stop2) = (chunk.clone(), stop.clone());
-        threads.push(thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                if w.write_all(&chunk).is_err() {
-                    return;
-                }
-            }
-        }));
-        let counter = echoed.clone();
-        threads.push(thread::spawn(move || {
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        counter.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
-    }
+    let load = BulkLoad::start(t.addr, conns, chunk)?;
     thread::sleep(Duration::from_millis(300));
-    let (b0, c0, t0) = (
-        echoed.load(Ordering::Relaxed),
-        cpu_secs(t.root()),
-        Instant::now(),
-    );
+    let (b0, c0, t0) = (load.echoed(), cpu_secs(t.root()), Instant::now());
     thread::sleep(Duration::from_secs_f64(secs));
     let (b1, c1, dt) = (
-        echoed.load(Ordering::Relaxed),
+        load.echoed(),
         cpu_secs(t.root()),
         t0.elapsed().as_secs_f64(),
     );
-    stop.store(true, Ordering::Relaxed);
-    for s in &socks {
-        let _ = s.shutdown(Shutdown::Both);
-    }
-    for th in threads {
-        let _ = th.join();
-    }
+    drop(load);
     let bytes = (b1 - b0) as f64;
     if bytes == 0.0 {
         bail!("{}: no bytes echoed", t.name);
@@ -728,6 +769,40 @@ fn bulk(t: &Target, conns: usize, secs: f64, chunk: &Arc<Vec<u8>>) -> anyhow::Re
             .root()
             .map(|_| (c1 - c0) / (2.0 * bytes / (1u64 << 30) as f64)),
     })
+}
+
+/// Streams of bulk beside the round trips of [`beside_bulk`].
+const BESIDE_STREAMS: usize = 4;
+
+/// `n` 64-byte round trips on one connection while [`BESIDE_STREAMS`]
+/// other connections carry bulk through the same target, nothing pinned:
+/// how long a light session waits behind heavy ones. Returns the round
+/// trips' times in ns and the bulk's echo throughput (Gbit/s) meanwhile.
+fn beside_bulk(
+    addr: SocketAddr,
+    n: usize,
+    chunk: &Arc<Vec<u8>>,
+) -> anyhow::Result<(Vec<u64>, f64)> {
+    let load = BulkLoad::start(addr, BESIDE_STREAMS, chunk)?;
+    thread::sleep(Duration::from_millis(300));
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut got = [0u8; 64];
+    let mut v = Vec::with_capacity(n);
+    let (b0, t0) = (load.echoed(), Instant::now());
+    for i in 0..n as u64 {
+        let req = line64(i);
+        let st = Instant::now();
+        s.write_all(&req)?;
+        s.read_exact(&mut got)?;
+        v.push(st.elapsed().as_nanos() as u64);
+        if got != req {
+            bail!("wrong echo beside bulk");
+        }
+    }
+    let gbit = (load.echoed() - b0) as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9;
+    Ok((v, gbit))
 }
 
 /// One connection, one 64-byte request in flight, every echo checked;
@@ -842,6 +917,59 @@ fn idle_memory(t: &Target, n: usize) -> anyhow::Result<Option<f64>> {
 
 // ------------------------------------------------------------------ compare
 
+/// Prints the round trips beside bulk, per target (p50 and p99 against
+/// the best peer's), and returns them as JSON.
+fn beside_table<'a>(
+    names: &[&'a str],
+    s: &mut BTreeMap<&'a str, Samples>,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut m: BTreeMap<&str, [Option<f64>; 3]> = BTreeMap::new();
+    for name in names {
+        let Some(e) = s.get_mut(name) else { continue };
+        e.beside_ns.sort_unstable();
+        let ms = |p| pct(&e.beside_ns, p).map(|us| us / 1e3);
+        m.insert(name, [ms(0.5), ms(0.99), median(&e.beside_gbit)]);
+    }
+    let best = |i: usize| {
+        PEERS
+            .iter()
+            .filter_map(|p| m.get(p).and_then(|v| v[i]))
+            .reduce(f64::min)
+    };
+    let ratio =
+        |v: Option<f64>, b: Option<f64>| v.zip(b).filter(|(_, b)| *b > 0.0).map(|(v, b)| v / b);
+    println!();
+    println!(
+        "{n} 64-byte round trips per round on one connection while {BESIDE_STREAMS} other \
+         connections carry bulk through the same target (nothing pinned; latency pooled)"
+    );
+    println!();
+    println!("| target | p50 ms | p99 ms | bulk meanwhile Gbit/s | p50 vs best peer | p99 vs best peer |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut out = Vec::new();
+    for name in names {
+        let Some(v) = m.get(name) else { continue };
+        let r = [ratio(v[0], best(0)), ratio(v[1], best(1))];
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            fmt(v[0], 2),
+            fmt(v[1], 2),
+            fmt(v[2], 2),
+            fmt(r[0], 2),
+            fmt(r[1], 2)
+        );
+        out.push(
+            json!({"target": name, "p50_ms": v[0], "p99_ms": v[1], "bulk_gbit": v[2],
+            "p50_vs_best_peer": r[0], "p99_vs_best_peer": r[1]}),
+        );
+    }
+    out
+}
+
 #[derive(Default)]
 struct Samples {
     bulk1: Vec<f64>,
@@ -851,6 +979,8 @@ struct Samples {
     rtt_ns: Vec<u64>,
     rr_cpu_us: Vec<f64>,
     cps: Vec<f64>,
+    beside_ns: Vec<u64>,
+    beside_gbit: Vec<f64>,
     idle_kib: Option<f64>,
 }
 
@@ -949,6 +1079,11 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
             let b8 = bulk(t, 8, opts.secs, &chunk)?;
             let (mut rtt, rcpu) = round_trips(t, opts.rr)?;
             let cps = conn_rate(t, opts.secs)?;
+            if opts.beside > 0 {
+                let (v, gbit) = beside_bulk(t.addr, opts.beside, &chunk)?;
+                e.beside_ns.extend(v);
+                e.beside_gbit.push(gbit);
+            }
             rtt.sort_unstable();
             eprintln!(
                 "round {round} {:<18} bulk1 {:6.2} Gbit/s  bulk8 {:6.2} Gbit/s  rr p50 {:6.1} µs  {:7.0} conn/s",
@@ -1090,10 +1225,11 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
             "p50": r[4], "p99": r[5], "conn_per_s": r[6], "idle_vs_haproxy": r[7]}),
         );
     }
+    let beside = beside_table(&names, &mut s, opts.beside);
     let doc = json!({
         "rounds": opts.rounds, "secs": opts.secs, "rr": opts.rr, "idle": opts.idle,
         "nproc": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "results": rows, "ratios_vs_best_peer": ratios,
+        "results": rows, "ratios_vs_best_peer": ratios, "beside_bulk": beside,
     });
     if let Some(d) = opts.json.parent() {
         std::fs::create_dir_all(d)?;

@@ -594,3 +594,67 @@ async fn a_new_session_opens_one_connection_to_its_server() {
     assert_eq!(accepted.load(Ordering::SeqCst), SESSIONS);
     proxy.stop().await;
 }
+
+/// A session in bulk yields after each share of bytes it moves, and its
+/// task comes back only after the runtime has looked at the sockets: on
+/// one thread, while a bulk echo streams through holdfast, each round
+/// trip of a light session waits for a bounded number of bulk bytes, not
+/// for the bulk stream's socket buffers to run dry.
+#[tokio::test]
+async fn a_light_session_waits_for_a_share_of_bulk_not_all_of_it() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = server.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 20];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&proxy_config(&addr, r#"ack = "tcp""#)).await;
+    let (mut bulk_r, mut bulk_w) = connect(&proxy.addr(0)).await.into_split();
+    let echoed = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 256 * 1024];
+        while bulk_w.write_all(&chunk).await.is_ok() {}
+    });
+    let count = echoed.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n @ 1..) = bulk_r.read(&mut buf).await {
+            count.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    });
+    let mut light = connect(&proxy.addr(0)).await;
+    let t0 = std::time::Instant::now();
+    let e0 = echoed.load(Ordering::Relaxed);
+    let mut worst = 0;
+    for i in 0..50u32 {
+        let line = format!("{i:063}\n");
+        let before = echoed.load(Ordering::Relaxed);
+        light.write_all(line.as_bytes()).await.unwrap();
+        let mut got = [0u8; 64];
+        light.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], line.as_bytes());
+        worst = worst.max(echoed.load(Ordering::Relaxed) - before);
+    }
+    eprintln!(
+        "bulk bytes echoed during the slowest light round trip: {worst} ({} in {:?} of 50 round trips)",
+        echoed.load(Ordering::Relaxed) - e0,
+        t0.elapsed()
+    );
+    assert!(
+        worst < 4 << 20,
+        "a light round trip waited for {worst} bytes of bulk"
+    );
+    writer.abort();
+    proxy.stop().await;
+}

@@ -51,6 +51,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const LINGER: Duration = Duration::from_secs(2);
 /// Loop turns before the task yields to others.
 const TURNS_PER_POLL: usize = 64;
+/// Bytes a session reads (both sockets together, spliced ones too) in one
+/// poll before its task yields to others: four full reads, or one full
+/// splice. Without it a session in bulk ran until its sockets' buffers ran
+/// dry (megabytes) and a light session beside it waited for that
+/// (docs/benchmarks.md, "A light session beside bulk").
+const POLL_READ_BUDGET: usize = 256 * 1024;
 /// [`Driver::read_pending`] bits.
 const PENDING_CLIENT: u8 = 1;
 const PENDING_SERVER: u8 = 2;
@@ -352,6 +358,9 @@ pub struct Driver {
     /// The server's acks were sampled in this call of [`Driver::poll`]
     /// (`ack = "tcp"`): a full replay buffer does not sample them again.
     acks_sampled: bool,
+    /// Bytes read from either socket in this call of [`Driver::poll`]
+    /// (spliced ones too): past [`POLL_READ_BUDGET`] the task yields.
+    polled_bytes: usize,
     /// Host failover, on the active: the session's replication hook (one
     /// empty pointer for a session without).
     tap: Option<Box<crate::failover::tap::Tap>>,
@@ -439,6 +448,7 @@ impl Driver {
             now: Self::now(),
             read_pending: 0,
             acks_sampled: false,
+            polled_bytes: 0,
             tap: None,
         }
     }
@@ -755,6 +765,7 @@ impl Driver {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         self.read_pending = 0;
         self.acks_sampled = false;
+        self.polled_bytes = 0;
         for turn in 0..TURNS_PER_POLL {
             // A wake-up usually takes two turns, the second finding nothing
             // to do: it keeps the first one's time (microseconds old).
@@ -798,8 +809,17 @@ impl Driver {
             if !progress {
                 return Poll::Pending;
             }
+            if self.polled_bytes >= POLL_READ_BUDGET {
+                break;
+            }
         }
-        cx.waker().wake_by_ref();
+        // More to do: yield behind the sockets. A task woken at once would
+        // run again before the runtime next looks at epoll (tokio does that
+        // only every 61 polls while tasks are ready), so sessions in bulk
+        // kept a light session's readable socket unseen for milliseconds.
+        // A deferred wake-up comes after the other ready tasks ran and the
+        // runtime polled the I/O driver.
+        let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
         Poll::Pending
     }
 
@@ -1180,6 +1200,7 @@ impl Driver {
             }
             Poll::Ready(Ok(_)) => {
                 let chunk = self.client_rbuf.split().freeze();
+                self.polled_bytes += chunk.len();
                 release_idle(&mut self.client_rbuf, self.client_read_size);
                 self.listener.bytes_up.inc_by(chunk.len() as u64);
                 if let Some(tap) = &self.tap {
@@ -1237,6 +1258,9 @@ impl Driver {
                 &mut server.read_size,
             ),
         };
+        if let Poll::Ready(Ok(n)) = read {
+            self.polled_bytes += n;
+        }
         match read {
             Poll::Ready(Ok(0)) => {
                 self.sample_acks();
@@ -1343,6 +1367,7 @@ impl Driver {
             self.client_rbuf = BytesMut::new();
         }
         adapt_read_size(&mut self.client_read_size, r.read, READ_SIZE);
+        self.polled_bytes += r.read;
         self.listener.bytes_up.inc_by(r.read as u64);
         if let Some(s) = self.server.as_mut() {
             s.written += r.written as u64;
@@ -1396,6 +1421,7 @@ impl Driver {
             }
             adapt_read_size(&mut s.read_size, r.read, READ_SIZE);
         }
+        self.polled_bytes += r.read;
         self.listener.bytes_down.inc_by(r.written as u64);
         self.core.on_passed_through(Dir::Down, r.written, self.now);
         if let Some(rest) = r.rest {
