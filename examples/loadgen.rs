@@ -954,14 +954,7 @@ fn beside_table<'a>(
     for name in names {
         let Some(v) = m.get(name) else { continue };
         let r = [ratio(v[0], best(0)), ratio(v[1], best(1))];
-        println!(
-            "| {name} | {} | {} | {} | {} | {} |",
-            fmt(v[0], 2),
-            fmt(v[1], 2),
-            fmt(v[2], 2),
-            fmt(r[0], 2),
-            fmt(r[1], 2)
-        );
+        table_row(name, &[v[0], v[1], v[2], r[0], r[1]]);
         out.push(
             json!({"target": name, "p50_ms": v[0], "p99_ms": v[1], "bulk_gbit": v[2],
             "p50_vs_best_peer": r[0], "p99_vs_best_peer": r[1]}),
@@ -1004,6 +997,12 @@ fn pct(sorted: &[u64], p: f64) -> Option<f64> {
     }
     let rank = (p * sorted.len() as f64).ceil() as usize;
     Some(sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1e3)
+}
+
+/// One Markdown table row: the name, then each value to 2 decimals.
+fn table_row(name: &str, vals: &[Option<f64>]) {
+    let cells: Vec<String> = vals.iter().map(|v| fmt(*v, 2)).collect();
+    println!("| {name} | {} |", cells.join(" | "));
 }
 
 fn fmt(v: Option<f64>, prec: usize) -> String {
@@ -1209,17 +1208,7 @@ fn compare(opts: Opts) -> anyhow::Result<()> {
             ratio(m[8], best(8, true)),
             ratio(m[9], haproxy_idle),
         ];
-        println!(
-            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            fmt(r[0], 2),
-            fmt(r[1], 2),
-            fmt(r[2], 2),
-            fmt(r[3], 2),
-            fmt(r[4], 2),
-            fmt(r[5], 2),
-            fmt(r[6], 2),
-            fmt(r[7], 2)
-        );
+        table_row(n, &r);
         ratios.push(
             json!({"target": n, "bulk1": r[0], "bulk8": r[1], "cpu1": r[2], "cpu8": r[3],
             "p50": r[4], "p99": r[5], "conn_per_s": r[6], "idle_vs_haproxy": r[7]}),
