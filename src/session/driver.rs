@@ -56,7 +56,7 @@ const TURNS_PER_POLL: usize = 64;
 /// splice. Without it a session in bulk ran until its sockets' buffers ran
 /// dry (megabytes) and a light session beside it waited for that
 /// (docs/benchmarks.md, "A light session beside bulk").
-const POLL_READ_BUDGET: usize = 256 * 1024;
+const POLL_READ_BUDGET: u64 = 256 * 1024;
 /// [`Driver::read_pending`] bits.
 const PENDING_CLIENT: u8 = 1;
 const PENDING_SERVER: u8 = 2;
@@ -358,9 +358,6 @@ pub struct Driver {
     /// The server's acks were sampled in this call of [`Driver::poll`]
     /// (`ack = "tcp"`): a full replay buffer does not sample them again.
     acks_sampled: bool,
-    /// Bytes read from either socket in this call of [`Driver::poll`]
-    /// (spliced ones too): past [`POLL_READ_BUDGET`] the task yields.
-    polled_bytes: usize,
     /// Host failover, on the active: the session's replication hook (one
     /// empty pointer for a session without).
     tap: Option<Box<crate::failover::tap::Tap>>,
@@ -448,7 +445,6 @@ impl Driver {
             now: Self::now(),
             read_pending: 0,
             acks_sampled: false,
-            polled_bytes: 0,
             tap: None,
         }
     }
@@ -758,6 +754,12 @@ impl Driver {
         }
     }
 
+    /// Bytes the session has read from its client and its servers (the
+    /// offsets of both streams), spliced ones included.
+    fn bytes_read(&self) -> u64 {
+        self.core.stream(Dir::Up).read() + self.core.stream(Dir::Down).read()
+    }
+
     fn now() -> std::time::Instant {
         Instant::now().into_std()
     }
@@ -765,7 +767,8 @@ impl Driver {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         self.read_pending = 0;
         self.acks_sampled = false;
-        self.polled_bytes = 0;
+        // Bytes read from either socket (spliced ones too) before this call.
+        let read_before = self.bytes_read();
         for turn in 0..TURNS_PER_POLL {
             // A wake-up usually takes two turns, the second finding nothing
             // to do: it keeps the first one's time (microseconds old).
@@ -809,7 +812,7 @@ impl Driver {
             if !progress {
                 return Poll::Pending;
             }
-            if self.polled_bytes >= POLL_READ_BUDGET {
+            if self.bytes_read() - read_before >= POLL_READ_BUDGET {
                 break;
             }
         }
@@ -1200,7 +1203,6 @@ impl Driver {
             }
             Poll::Ready(Ok(_)) => {
                 let chunk = self.client_rbuf.split().freeze();
-                self.polled_bytes += chunk.len();
                 release_idle(&mut self.client_rbuf, self.client_read_size);
                 self.listener.bytes_up.inc_by(chunk.len() as u64);
                 if let Some(tap) = &self.tap {
@@ -1258,9 +1260,6 @@ impl Driver {
                 &mut server.read_size,
             ),
         };
-        if let Poll::Ready(Ok(n)) = read {
-            self.polled_bytes += n;
-        }
         match read {
             Poll::Ready(Ok(0)) => {
                 self.sample_acks();
@@ -1367,7 +1366,6 @@ impl Driver {
             self.client_rbuf = BytesMut::new();
         }
         adapt_read_size(&mut self.client_read_size, r.read, READ_SIZE);
-        self.polled_bytes += r.read;
         self.listener.bytes_up.inc_by(r.read as u64);
         if let Some(s) = self.server.as_mut() {
             s.written += r.written as u64;
@@ -1421,7 +1419,6 @@ impl Driver {
             }
             adapt_read_size(&mut s.read_size, r.read, READ_SIZE);
         }
-        self.polled_bytes += r.read;
         self.listener.bytes_down.inc_by(r.written as u64);
         self.core.on_passed_through(Dir::Down, r.written, self.now);
         if let Some(rest) = r.rest {
