@@ -181,7 +181,8 @@ fn main() -> ExitCode {
             } else {
                 (holdfast::proxy::Inherited::default(), None)
             };
-            runtime_with(&cfg.runtime).block_on(async move {
+            let (runtime, session_threads) = runtime_with(&cfg.runtime);
+            runtime.block_on(async move {
                 // A standby follows the active and binds its listeners (on
                 // the service address) only once it has taken over.
                 let taken = match &standby {
@@ -209,7 +210,17 @@ fn main() -> ExitCode {
                 let signals = tokio::spawn(shutdown.clone().from_signals());
                 let (phase, phases) = tokio::sync::watch::channel(Phase::Starting);
                 let notifier = tokio::spawn(notify_systemd(phases, shutdown.clone()));
-                let rt = holdfast::proxy::Runtime::for_config(&cfg);
+                let mut rt = holdfast::proxy::Runtime::for_config(&cfg);
+                if session_threads > 1 {
+                    match holdfast::proxy::workers::Workers::start(session_threads, &rt.metrics) {
+                        Ok(w) => rt.workers = Some(w),
+                        Err(e) => {
+                            tracing::error!(error = %e, threads = session_threads, "cannot start the session threads");
+                            return ExitCode::from(EXIT_RUNTIME);
+                        }
+                    }
+                }
+                let workers = rt.workers.clone();
                 let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
                 let hup = tokio::spawn(reload_on_sighup(
                     config.clone(),
@@ -242,6 +253,9 @@ fn main() -> ExitCode {
                 let usr2 = tokio::spawn(upgrade_on_sigusr2(usr2, upgrade, cfg.handover.is_some()));
                 let res = holdfast::proxy::run_full(cfg, bound, shutdown, phase, rt, reloads, control)
                     .await;
+                if let Some(w) = workers {
+                    w.shut_down();
+                }
                 // run dropped the phase sender: the notifier has said STOPPING.
                 let _ = notifier.await;
                 signals.abort();
@@ -653,25 +667,38 @@ async fn notify_systemd(mut phases: tokio::sync::watch::Receiver<Phase>, shutdow
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    runtime_with(&holdfast::config::RuntimeConfig::default())
+    let cfg = holdfast::config::RuntimeConfig {
+        scheduler: holdfast::config::Scheduler::WorkStealing,
+        ..Default::default()
+    };
+    runtime_with(&cfg).0
 }
 
-/// The runtime: tokio's multi-thread scheduler with `[runtime]
-/// worker_threads` workers (one per CPU when unset), or with
-/// `worker_threads = 1` its current-thread scheduler, which runs every task
-/// on this thread: no work stealing, so a new session or a wake-up never
-/// wakes another thread (about a fifth less CPU per connection, a twentieth
-/// less per round trip: docs/benchmarks.md).
-fn runtime_with(cfg: &holdfast::config::RuntimeConfig) -> tokio::runtime::Runtime {
-    let mut b = match cfg.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
+/// The runtime `holdfast run` starts on, and how many session threads it
+/// has in all ([`holdfast::proxy::workers::Workers`], started on it).
+///
+/// `[runtime] scheduler = "per-thread"` (the default): a current-thread
+/// runtime here and, once it runs, one more on each further session
+/// thread; a session stays on the thread that accepted it, so a new
+/// session or a wake-up never wakes another thread. `"work-stealing"`:
+/// tokio's multi-thread scheduler with `worker_threads` workers.
+/// `worker_threads` (default: one per CPU the process may use) counts the
+/// session threads either way; 1 is one current-thread runtime.
+fn runtime_with(cfg: &holdfast::config::RuntimeConfig) -> (tokio::runtime::Runtime, usize) {
+    use holdfast::config::Scheduler;
+    let threads = cfg.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let (mut b, workers) = match (cfg.scheduler, threads) {
+        (_, 1) | (Scheduler::PerThread, _) => {
+            (tokio::runtime::Builder::new_current_thread(), threads)
+        }
+        (Scheduler::WorkStealing, n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(n);
-            b
+            (b, 1)
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     };
     b.enable_all();
-    b.build().expect("tokio runtime")
+    (b.build().expect("tokio runtime"), workers)
 }

@@ -255,6 +255,104 @@ async fn a_session_in_mid_bulk_survives_upgrades_on_one_thread() {
     mid_bulk_upgrades("bulk-upgrades-1t", "\n[runtime]\nworker_threads = 1\n").await;
 }
 
+/// The same with `[runtime] scheduler = "work-stealing"` (tokio's
+/// multi-thread scheduler) in both generations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_mid_bulk_survives_upgrades_under_work_stealing() {
+    mid_bulk_upgrades(
+        "bulk-upgrades-ws",
+        "\n[runtime]\nworker_threads = 2\nscheduler = \"work-stealing\"\n",
+    )
+    .await;
+}
+
+/// `holdfast_thread_sessions` per thread, from the admin endpoint.
+async fn thread_sessions(admin: &str) -> Vec<i64> {
+    let mut s = connect(admin).await;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    (0..)
+        .map_while(|i| {
+            let series = format!("holdfast_thread_sessions{{thread=\"{i}\"}} ");
+            raw.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .collect()
+}
+
+/// Sessions per thread (`[runtime] scheduler = "per-thread"`, two
+/// threads): forty clients connected one after another end up twenty on
+/// each thread, whichever thread accepted them (one that has more sessions
+/// than the other moves its new client there), and an upgrade's new
+/// process deals the forty it takes over to its two threads in turn. Every
+/// client's echo is byte-exact before, after, and with clients closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_shared_out_over_the_threads_and_across_an_upgrade() {
+    let server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = temp_dir("threads");
+    let socket = dir.join("run").join("handover.sock");
+    let cfg = dir.join("holdfast.toml");
+    let extra = "\n[runtime]\nworker_threads = 2\nscheduler = \"per-thread\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(&cfg, config(&socket, &server.addr, extra)).unwrap();
+    let (first, mut log) = spawn_logged(&cfg);
+    let admin = log.until("admin endpoint listening", |_| true).await;
+    let admin = field(&admin, "addr").unwrap().to_string();
+    let listening = log.until("listening", |l| l.contains("listener=")).await;
+    let addr = field(&listening, "addr").unwrap().to_string();
+    let mut pid = first.id().unwrap();
+    let mut guard = KillOnDrop(pid);
+    log.until("hand-over socket listening", |l| pid_of(l) == pid)
+        .await;
+
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let mut c = connect(&addr).await;
+        echo_once(&mut c, format!("hello {i}\n").as_bytes())
+            .await
+            .unwrap();
+        clients.push(c);
+    }
+    assert_eq!(thread_sessions(&admin).await, vec![20, 20]);
+
+    let mut generations = vec![pid];
+    let old = pid;
+    pid = start_upgrade(&mut log, &mut generations, &mut guard).await;
+    let taken = log.until("sessions taken over", |_| true).await;
+    assert_eq!(field(&taken, "sessions"), Some("40"), "{taken}");
+    log.until("holdfast stopped", |l| pid_of(l) == old).await;
+    assert_eq!(thread_sessions(&admin).await, vec![20, 20]);
+    for (i, c) in clients.iter_mut().enumerate() {
+        echo_once(c, format!("after the upgrade {i}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    // Half the clients leave, then the rest: each session is counted down
+    // on the thread it was counted on.
+    for c in clients.drain(..20) {
+        drop(c);
+    }
+    for _ in 0..20 {
+        log.until("session closed", |_| true).await;
+    }
+    assert_eq!(thread_sessions(&admin).await.iter().sum::<i64>(), 20);
+    for (i, c) in clients.iter_mut().enumerate() {
+        echo_once(c, format!("still here {i}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    drop(clients);
+    for _ in 0..20 {
+        log.until("session closed", |_| true).await;
+    }
+    assert_eq!(thread_sessions(&admin).await, vec![0, 0]);
+    kill("-TERM", pid);
+    log.until("holdfast stopped", |l| pid_of(l) == pid).await;
+}
+
 async fn mid_bulk_upgrades(tag: &str, extra: &str) {
     let server = Server::start("127.0.0.1:0", "echo").await;
     let dir = temp_dir(tag);

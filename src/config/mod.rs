@@ -130,6 +130,20 @@ pub struct RuntimeConfig {
     /// one per CPU the process may use; 1 is tokio's current-thread
     /// scheduler. Read at start: a reload does not change it.
     pub worker_threads: Option<usize>,
+    /// `scheduler`: how sessions are spread over the threads.
+    pub scheduler: Scheduler,
+}
+
+/// `[runtime] scheduler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scheduler {
+    /// `"per-thread"`: a current-thread runtime on each thread; every
+    /// thread accepts clients and runs the sessions it accepted.
+    #[default]
+    PerThread,
+    /// `"work-stealing"`: tokio's multi-thread runtime; sessions move
+    /// between threads as they become ready.
+    WorkStealing,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

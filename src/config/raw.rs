@@ -286,6 +286,7 @@ pub(super) struct RawLifecycle {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub(super) struct RawRuntime {
     pub worker_threads: Option<Sp<i64>>,
+    pub scheduler: Option<Sp<String>>,
 }
 
 /// `[handover]`
@@ -469,6 +470,7 @@ pub(super) fn read(doc: &Node, report: &mut Report) -> RawConfig {
     if let Some(mut t) = top.table("runtime", report) {
         raw.runtime = RawRuntime {
             worker_threads: t.integer("worker_threads", report),
+            scheduler: t.string("scheduler", report),
         };
         t.finish(report);
     }

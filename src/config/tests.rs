@@ -66,6 +66,7 @@ fn minimal_file_gets_every_default() {
         },
         runtime: RuntimeConfig {
             worker_threads: None,
+            scheduler: Scheduler::PerThread,
         },
         log: LogConfig { access: None },
         handover: None,
@@ -120,6 +121,7 @@ max_sessions = 5
 drain_timeout = "250ms"
 [runtime]
 worker_threads = 3
+scheduler = "work-stealing"
 
 [[listener]]
 name = "b-listener"
@@ -166,6 +168,7 @@ user_timeout = "0s"
     assert_eq!(c.limits.max_sessions, 5);
     assert_eq!(c.lifecycle.drain_timeout, Duration::from_millis(250));
     assert_eq!(c.runtime.worker_threads, Some(3));
+    assert_eq!(c.runtime.scheduler, Scheduler::WorkStealing);
     let l = &c.listeners[0];
     assert_eq!(l.backend, 1);
     assert_eq!(c.backend_of(l).name, "second");
@@ -472,6 +475,10 @@ fn limits_and_admin() {
     assert_eq!(
         error(&format!("[runtime]\nworker_threads = \"2\"\n{MINIMAL}")),
         "runtime.worker_threads (line 2, col 18): expected an integer, found a string"
+    );
+    assert_eq!(
+        error(&format!("[runtime]\nscheduler = \"stealing\"\n{MINIMAL}")),
+        "runtime.scheduler (line 2, col 13): unknown scheduler \"stealing\" (use per-thread or work-stealing)"
     );
     assert_eq!(
         error(&format!("[admin]\nlisten = \"unix:/a\"\n{MINIMAL}")),

@@ -20,7 +20,7 @@ use super::{
     AccessLog, AckMode, AdminConfig, BackendConfig, BackendProtocol, Config, FailoverConfig,
     FailoverRole, Framing, HandoverConfig, Keepalive, LengthPrefixed, Lifecycle, Limits,
     ListenerConfig, ListenerProtocol, LogConfig, OnServerClose, ResumeSettings, RuntimeConfig,
-    Secret, SocketOptions,
+    Scheduler, Secret, SocketOptions,
 };
 use super::{BackendTls, Built, CertKey, ListenerTls, SniName, SniRoute, TlsVersion};
 use crate::transport::tls;
@@ -278,6 +278,16 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         None => None,
         f => integer(r, f, 1, 1..=MAX_WORKER_THREADS).and_then(|n| usize::try_from(n).ok()),
     };
+    let scheduler = choice(
+        r,
+        &raw.runtime.scheduler,
+        "scheduler",
+        &[
+            ("per-thread", Some(Scheduler::PerThread)),
+            ("work-stealing", Some(Scheduler::WorkStealing)),
+        ],
+        Scheduler::PerThread,
+    );
     let access = raw
         .log
         .access
@@ -430,7 +440,10 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         lifecycle: Lifecycle {
             drain_timeout: drain_timeout.unwrap_or_default(),
         },
-        runtime: RuntimeConfig { worker_threads },
+        runtime: RuntimeConfig {
+            worker_threads,
+            scheduler: scheduler.unwrap_or_default(),
+        },
         log: LogConfig { access },
         handover,
         failover,

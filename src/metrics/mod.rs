@@ -32,6 +32,7 @@ pub const CONFIG_RELOADS: &str = "holdfast_config_reloads_total";
 pub const BUILD_INFO: &str = "holdfast_build_info";
 pub const BUFFER_MEMORY_FULL: &str = "holdfast_buffer_memory_full_total";
 pub const BUFFER_MEMORY_LIMIT: &str = "holdfast_buffer_memory_limit_bytes";
+pub const THREAD_SESSIONS: &str = "holdfast_thread_sessions";
 
 /// Why a client connection was refused at accept.
 pub const REJECT_MAX_SESSIONS: &str = "max_sessions";
@@ -42,6 +43,9 @@ pub const REJECT_TLS_TIMEOUT: &str = "tls_timeout";
 /// The client's IP address had `max_sessions_per_client` open sessions on
 /// the listener.
 pub const REJECT_PER_CLIENT: &str = "per_client_limit";
+/// Moving an accepted client to a less busy session thread failed (its
+/// socket could not leave one thread's epoll or join the other's).
+pub const REJECT_THREAD_MOVE: &str = "thread_move";
 /// The process was within `fd_reserve` descriptors of `RLIMIT_NOFILE`.
 pub const REJECT_FD_RESERVE: &str = "fd_reserve";
 
@@ -68,6 +72,7 @@ pub struct Metrics {
     reloads: IntCounterVec,
     memory_full: IntCounter,
     memory_limit: IntGauge,
+    thread_sessions: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -213,6 +218,12 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("register");
                 g
             },
+            thread_sessions: gauge(
+                r,
+                THREAD_SESSIONS,
+                "Sessions running on each session thread ([runtime] scheduler = \"per-thread\").",
+                &["thread"],
+            ),
             registry,
         };
         let build = gauge(r, BUILD_INFO, "holdfast build information.", &["version"]);
@@ -268,6 +279,11 @@ impl Metrics {
     /// Publishes `[limits] buffer_memory`.
     pub fn set_buffer_memory_limit(&self, bytes: u64) {
         self.memory_limit.set(bytes.min(i64::MAX as u64) as i64);
+    }
+
+    /// The session count of session thread `i`.
+    pub fn thread_sessions(&self, i: usize) -> IntGauge {
+        self.thread_sessions.with_label_values(&[&i.to_string()])
     }
 
     /// A configuration reload finished (`result`: `ok` or `error`).

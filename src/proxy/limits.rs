@@ -227,6 +227,7 @@ impl Admission<'_> {
             global_open: self.global_open.clone(),
             listener: self.listener.clone(),
             client,
+            thread: None,
         })
     }
 }
@@ -255,6 +256,7 @@ impl Admission<'_> {
             global_open: self.global_open.clone(),
             listener: self.listener.clone(),
             client,
+            thread: None,
         }
     }
 }
@@ -266,6 +268,15 @@ pub struct Slot {
     listener: Arc<ListenerLimits>,
     /// Counted in the listener's per-client map.
     client: Option<IpAddr>,
+    /// Counted on the session thread it runs on.
+    thread: Option<super::workers::Placed>,
+}
+
+impl Slot {
+    /// Counts the session on the session thread it runs on, too.
+    pub fn set_thread(&mut self, placed: super::workers::Placed) {
+        self.thread = Some(placed);
+    }
 }
 
 impl Drop for Slot {

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Endpoint, ListenerConfig, ListenerProtocol};
 use crate::lifecycle::{Phase, Shutdown};
-use crate::metrics::{Metrics, REJECT_TLS_HANDSHAKE, REJECT_TLS_TIMEOUT};
+use crate::metrics::{Metrics, REJECT_THREAD_MOVE, REJECT_TLS_HANDSHAKE, REJECT_TLS_TIMEOUT};
 use crate::session::driver::{Driver, Ended, SessionCtx, Shared};
 use crate::session::{SessionCore, SessionId};
 use crate::transport::{self, BindError, Conn, Listener};
@@ -27,6 +27,7 @@ use crate::transport::{self, BindError, Conn, Listener};
 pub mod access;
 pub mod backend;
 pub mod limits;
+pub mod workers;
 
 use access::AccessLogger;
 use limits::{Admission, FdBudget, ListenerLimits, Slot};
@@ -149,6 +150,9 @@ pub async fn run(
 pub struct Runtime {
     pub metrics: Metrics,
     pub shared: Arc<Shared>,
+    /// `[runtime] scheduler = "per-thread"`: the session threads beside
+    /// the one the proxy runs on (None: sessions run on the proxy's runtime).
+    pub workers: Option<Arc<workers::Workers>>,
 }
 
 impl Default for Runtime {
@@ -156,6 +160,7 @@ impl Default for Runtime {
         Runtime {
             metrics: Metrics::new(),
             shared: Arc::new(Shared::new(u64::MAX)),
+            workers: None,
         }
     }
 }
@@ -166,6 +171,7 @@ impl Runtime {
         Runtime {
             metrics: Metrics::new(),
             shared: Arc::new(Shared::new(config.limits.buffer_memory)),
+            workers: None,
         }
     }
 }
@@ -261,6 +267,7 @@ pub async fn run_full(
         let rt = Runtime {
             metrics: rt.metrics.clone(),
             shared: shared.clone(),
+            workers: rt.workers.clone(),
         };
         tokio::spawn(crate::admin::serve(
             admin,
@@ -301,6 +308,7 @@ pub async fn run_full(
         access: open_access_log(&config)?,
         config: config.clone(),
         replicator,
+        workers: rt.workers.clone(),
     };
     let backends = proxy.backends_for(&config);
     for (listener, cfg) in bound.listeners.into_iter().zip(config.listeners.iter()) {
@@ -372,7 +380,7 @@ pub async fn run_full(
     let open = proxy.open.clone();
     for l in proxy.listeners.drain(..) {
         l.stop.cancel();
-        if let Some(join) = l.join {
+        for join in l.joins {
             let _ = join.await;
         }
     }
@@ -431,6 +439,8 @@ struct Running {
     config: Config,
     /// Host failover, active role: the replication task's handle.
     replicator: Option<crate::failover::active::Replicator>,
+    /// The session threads beside this one, when sessions run per thread.
+    workers: Option<Arc<workers::Workers>>,
 }
 
 fn open_access_log(config: &Config) -> io::Result<Option<Arc<AccessLogger>>> {
@@ -453,6 +463,9 @@ pub struct Importer {
     backends: HashMap<String, Arc<Backend>>,
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
+    /// With sessions per thread: the threads the sessions taken over are
+    /// dealt to, in turn (else all run on `runtime`).
+    workers: Option<Arc<workers::Workers>>,
     started: Arc<Started>,
 }
 
@@ -514,13 +527,23 @@ impl Importer {
         &self,
         sessions: Vec<crate::handover::IncomingSession>,
     ) -> (Vec<bool>, Prepared) {
-        let _rt = self.runtime.enter();
         let mut prepared = Prepared(Vec::with_capacity(sessions.len()));
         let verdicts = sessions
             .into_iter()
             .map(|s| {
                 let (id, listener) = (s.entry.id.clone(), s.entry.listener.clone());
-                self.import(s)
+                // Its sockets and timers belong to the runtime it will run
+                // on (a resume-protocol listener's sessions stay with the
+                // listener's tasks, on this one, as when accepted).
+                let (rt, placed) = match &self.workers {
+                    Some(w) if s.entry.client != crate::session::driver::SockKind::Resumable => {
+                        let (rt, placed) = w.deal();
+                        (rt, Some(placed))
+                    }
+                    _ => (&self.runtime, None),
+                };
+                let _rt = rt.enter();
+                self.import(s, rt, placed)
                     .map(|p| prepared.0.push(p))
                     .inspect_err(|e| {
                         tracing::warn!(session.id = %id, listener = %listener, error = %e, "hand-over: cannot take this session; the old process keeps it");
@@ -544,8 +567,8 @@ impl Importer {
         if !answered {
             return;
         }
-        let _rt = self.runtime.enter();
         for p in batch.0 {
+            let _rt = p.runtime.enter();
             if let Some(r) = p.resumable {
                 r.start();
             }
@@ -556,7 +579,12 @@ impl Importer {
 
     /// Prepares a session taken over from the old process: its sockets,
     /// its core, its place under the limits; [`Importer::start`] starts it.
-    fn import(&self, s: crate::handover::IncomingSession) -> Result<PreparedSession, String> {
+    fn import(
+        &self,
+        s: crate::handover::IncomingSession,
+        runtime: &tokio::runtime::Handle,
+        placed: Option<workers::Placed>,
+    ) -> Result<PreparedSession, String> {
         let crate::handover::IncomingSession {
             entry,
             snapshot,
@@ -631,7 +659,10 @@ impl Importer {
             .parse::<std::net::SocketAddr>()
             .ok()
             .map(|a| a.ip());
-        let slot = ctx.admission().count(ip);
+        let mut slot = ctx.admission().count(ip);
+        if let Some(placed) = placed {
+            slot.set_thread(placed);
+        }
         let session = SessionCtx {
             backend,
             listener: ctx.session.listener.clone(),
@@ -681,6 +712,7 @@ impl Importer {
             run
         };
         Ok(PreparedSession {
+            runtime: runtime.clone(),
             ctx,
             session,
             id,
@@ -768,8 +800,9 @@ struct RunningListener {
     /// Its open sessions (total and per client), kept across reloads.
     limits: Arc<ListenerLimits>,
     stop: CancellationToken,
-    /// The accept loop (None while a hand-over stopped it).
-    join: Option<tokio::task::JoinHandle<()>>,
+    /// Its accept loops, one per session thread (none while a hand-over
+    /// stopped them).
+    joins: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -849,6 +882,7 @@ impl Running {
                         .any(|&i| config.listeners.get(i).is_some_and(|l| l.name == cfg.name))
                 })
             }),
+            workers: self.workers.clone(),
         })
     }
 
@@ -861,7 +895,7 @@ impl Running {
     ) {
         tracing::info!(listener = %cfg.name, addr = %listener.local_endpoint(), "listening");
         let limits = Arc::new(ListenerLimits::default());
-        let (ctx, ctx_rx) = watch::channel(self.accept_ctx(cfg, config, backends, limits.clone()));
+        let (ctx, _) = watch::channel(self.accept_ctx(cfg, config, backends, limits.clone()));
         let stop = CancellationToken::new();
         if let Some(resume) = listener.resume() {
             // TLS handshakes run inside the server library: count its
@@ -870,7 +904,7 @@ impl Running {
             resume.set_on_reject(Some(Arc::new(move |why| lm.rejected(why.as_str()))));
         }
         let listener = Arc::new(listener);
-        let join = tokio::spawn(accept_loop(listener.clone(), ctx_rx, stop.clone()));
+        let joins = accept_loops(&self.workers, &cfg.name, &listener, &ctx, &stop);
         self.listeners.push(RunningListener {
             name: cfg.name.clone(),
             listener,
@@ -879,7 +913,7 @@ impl Running {
             ctx,
             limits,
             stop,
-            join: Some(join),
+            joins,
         });
     }
 
@@ -894,7 +928,7 @@ impl Running {
                 continue;
             }
             l.stop.cancel();
-            if let Some(join) = l.join.take() {
+            for join in std::mem::take(&mut l.joins) {
                 let _ = join.await;
             }
         }
@@ -908,11 +942,7 @@ impl Running {
                 tracing::info!(listener = %l.name, "accepting again");
             } else if l.stop.is_cancelled() {
                 l.stop = CancellationToken::new();
-                l.join = Some(tokio::spawn(accept_loop(
-                    l.listener.clone(),
-                    l.ctx.subscribe(),
-                    l.stop.clone(),
-                )));
+                l.joins = accept_loops(&self.workers, &l.name, &l.listener, &l.ctx, &l.stop);
                 tracing::info!(listener = %l.name, "accepting again");
             }
         }
@@ -929,6 +959,7 @@ impl Running {
             backends: self.backends.clone(),
             shared: self.shared.clone(),
             runtime: tokio::runtime::Handle::current(),
+            workers: self.workers.clone(),
             started: Arc::default(),
         }
     }
@@ -1060,9 +1091,9 @@ impl Running {
             } else {
                 tracing::info!(listener = %l.name, addr = %l.listen, "listener removed");
                 l.stop.cancel();
-                // Its socket is closed once its accept loop has returned:
+                // Its socket is closed once its accept loops have returned:
                 // when the reload reports success, nobody connects there.
-                if let Some(join) = l.join {
+                for join in l.joins {
                     let _ = join.await;
                 }
             }
@@ -1111,6 +1142,8 @@ struct AcceptCtx {
     cfg: ListenerConfig,
     /// Host failover, active role, on a listener it covers.
     replicator: Option<crate::failover::active::Replicator>,
+    /// With sessions per thread: where an accepted client runs.
+    workers: Option<Arc<workers::Workers>>,
 }
 
 /// A TLS listener's acceptor and SNI routes.
@@ -1129,6 +1162,40 @@ impl ListenerTlsCtx {
         })
         .map_or(default, |i| &self.routes[i].1)
     }
+}
+
+/// Starts a listener's accept loops: one on this runtime and, when sessions
+/// run per thread, one on each other session thread, on a duplicate of the
+/// listening socket (a thread that cannot have one takes none of this
+/// listener's clients, with a warning).
+fn accept_loops(
+    workers: &Option<Arc<workers::Workers>>,
+    name: &str,
+    listener: &Arc<Listener>,
+    ctx: &watch::Sender<Arc<AcceptCtx>>,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut joins = vec![tokio::spawn(accept_loop(
+        listener.clone(),
+        ctx.subscribe(),
+        stop.clone(),
+    ))];
+    for (i, rt) in workers.iter().flat_map(|w| w.others()).enumerate() {
+        let dup = {
+            let _in = rt.enter();
+            listener.duplicate()
+        };
+        match dup {
+            Ok(Some(dup)) => {
+                joins.push(rt.spawn(accept_loop(Arc::new(dup), ctx.subscribe(), stop.clone())))
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(listener = %name, thread = i + 1, error = %e, "cannot accept on this session thread: it takes none of this listener's clients");
+            }
+        }
+    }
+    joins
 }
 
 async fn accept_loop(
@@ -1200,7 +1267,7 @@ fn start_session(
     let lm = &ctx.session.listener;
     let admission = ctx.admission();
     let ip = addr.map(|a| a.ip());
-    let slot = match admission.admit(ip) {
+    let mut slot = match admission.admit(ip) {
         Ok(slot) => slot,
         Err((refusal, limit)) => {
             // Accepted and closed at once (dropping `conn`); one warning
@@ -1221,6 +1288,52 @@ fn start_session(
             tracing::debug!(error = %e, "setting client socket options failed");
         }
     }
+    let placement = match &ctx.workers {
+        Some(w) if !matches!(conn, Conn::Resumable(_)) => w.place(),
+        _ => workers::Placement::Here(workers::Placed::none()),
+    };
+    match placement {
+        workers::Placement::Here(placed) => slot.set_thread(placed),
+        workers::Placement::There(rt, placed) => {
+            slot.set_thread(placed);
+            // Out of this thread's epoll, into the other's.
+            let moving = match conn.into_unregistered() {
+                Ok(m) => m,
+                Err(e) => {
+                    lm.rejected(REJECT_THREAD_MOVE);
+                    tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, reason = REJECT_THREAD_MOVE, error = %e, "cannot move the client to another session thread: closing it");
+                    return;
+                }
+            };
+            let ctx = ctx.clone();
+            ctx.sessions.clone().spawn_on(
+                async move {
+                    match moving.register() {
+                        Ok(conn) => start_placed(&ctx, conn, peer, addr, slot),
+                        Err(e) => {
+                            ctx.session.listener.rejected(REJECT_THREAD_MOVE);
+                            tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, reason = REJECT_THREAD_MOVE, error = %e, "cannot move the client to another session thread: closing it");
+                        }
+                    }
+                },
+                rt,
+            );
+            return;
+        }
+    }
+    start_placed(ctx, conn, peer, addr, slot);
+}
+
+/// [`start_session`] on the session thread the client runs on: its TLS
+/// handshake, if any, then its session.
+fn start_placed(
+    ctx: &Arc<AcceptCtx>,
+    conn: Conn,
+    peer: String,
+    addr: Option<std::net::SocketAddr>,
+    slot: Slot,
+) {
+    let lm = &ctx.session.listener;
     let Some(tls) = &ctx.tls else {
         lm.accepted.inc();
         run_session(ctx, &ctx.session, conn, peer, addr, slot);
@@ -1406,6 +1519,8 @@ impl std::fmt::Debug for Prepared {
 /// Dropped unstarted, it closes this process's copies of the session's
 /// sockets without a shutdown: the old process's stay as they were.
 struct PreparedSession {
+    /// The runtime its sockets are registered with, which runs its task.
+    runtime: tokio::runtime::Handle,
     ctx: Arc<AcceptCtx>,
     session: SessionCtx,
     id: SessionId,

@@ -40,6 +40,23 @@ pub enum Conn {
     Resumable(Box<crate::server::ResumableSession>),
 }
 
+/// A connection between two session threads' runtimes: in neither's epoll.
+#[derive(Debug)]
+pub enum Unregistered {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Unregistered {
+    /// Registers it with the runtime this is called in.
+    pub fn register(self) -> io::Result<Conn> {
+        Ok(match self {
+            Unregistered::Tcp(s) => Conn::Tcp(TcpStream::from_std(s)?),
+            Unregistered::Unix(s) => Conn::Unix(UnixStream::from_std(s)?),
+        })
+    }
+}
+
 /// Forwards a call to the inner stream of every variant.
 macro_rules! each {
     ($conn:expr, $s:ident => $e:expr) => {
@@ -60,6 +77,19 @@ impl Conn {
         let s = std::net::TcpStream::from(fd);
         s.set_nonblocking(true)?;
         Ok(Conn::Tcp(TcpStream::from_std(s)?))
+    }
+
+    /// Takes a plain TCP or Unix connection out of its runtime's epoll, to
+    /// run on another session thread ([`Unregistered::register`] there).
+    pub fn into_unregistered(self) -> io::Result<Unregistered> {
+        match self {
+            Conn::Tcp(s) => Ok(Unregistered::Tcp(s.into_std()?)),
+            Conn::Unix(s) => Ok(Unregistered::Unix(s.into_std()?)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "only a plain TCP or Unix connection moves between threads",
+            )),
+        }
     }
 
     /// [`Conn::from_tcp_fd`] for a connected Unix stream socket.
@@ -521,6 +551,30 @@ impl Listener {
             listener: Box::new(listener),
             endpoint,
         })
+    }
+
+    /// Another handle on the same listening socket (a duplicated
+    /// descriptor), registered with the runtime this is called in, for one
+    /// more thread to accept on; dropping it never removes a socket file.
+    /// None for a resume-protocol listener, whose own tasks accept.
+    pub fn duplicate(&self) -> io::Result<Option<Listener>> {
+        use std::os::fd::AsFd;
+        Ok(Some(match self {
+            Listener::Resume { .. } => return Ok(None),
+            Listener::Tcp(l) => {
+                let l = std::net::TcpListener::from(l.as_fd().try_clone_to_owned()?);
+                Listener::Tcp(TcpListener::from_std(l)?)
+            }
+            Listener::Unix { listener, path, .. } => {
+                let fd = listener.as_fd().try_clone_to_owned()?;
+                let l = std::os::unix::net::UnixListener::from(fd);
+                Listener::Unix {
+                    listener: UnixListener::from_std(l)?,
+                    path: path.clone(),
+                    unlink: std::sync::atomic::AtomicBool::new(false),
+                }
+            }
+        }))
     }
 
     /// The server library's listener of a resume-protocol listener.
