@@ -1299,21 +1299,14 @@ fn start_session(
             // Out of this thread's epoll, into the other's.
             let moving = match conn.into_unregistered() {
                 Ok(m) => m,
-                Err(e) => {
-                    lm.rejected(REJECT_THREAD_MOVE);
-                    tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, reason = REJECT_THREAD_MOVE, error = %e, "cannot move the client to another session thread: closing it");
-                    return;
-                }
+                Err(e) => return move_failed(ctx, &peer, &e),
             };
             let ctx = ctx.clone();
             ctx.sessions.clone().spawn_on(
                 async move {
                     match moving.register() {
                         Ok(conn) => start_placed(&ctx, conn, peer, addr, slot),
-                        Err(e) => {
-                            ctx.session.listener.rejected(REJECT_THREAD_MOVE);
-                            tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, reason = REJECT_THREAD_MOVE, error = %e, "cannot move the client to another session thread: closing it");
-                        }
+                        Err(e) => move_failed(&ctx, &peer, &e),
                     }
                 },
                 rt,
@@ -1322,6 +1315,13 @@ fn start_session(
         }
     }
     start_placed(ctx, conn, peer, addr, slot);
+}
+
+/// A client whose socket could not leave one session thread's epoll or
+/// join another's: closed (dropped) and counted as refused.
+fn move_failed(ctx: &AcceptCtx, peer: &str, e: &io::Error) {
+    ctx.session.listener.rejected(REJECT_THREAD_MOVE);
+    tracing::warn!(listener = %ctx.listener_name, client.addr = %peer, reason = REJECT_THREAD_MOVE, error = %e, "cannot move the client to another session thread: closing it");
 }
 
 /// [`start_session`] on the session thread the client runs on: its TLS
