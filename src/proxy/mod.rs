@@ -1013,11 +1013,25 @@ impl Running {
             new.client.port(),
         ));
         core.set_idle_timeout(ctx.cfg.idle_timeout, now);
+        // With sessions per thread, the sessions taken over are dealt to
+        // the threads in turn: registered with that thread's runtime, run
+        // there.
+        let (rt, placed) = match &self.workers {
+            Some(w) => {
+                let (rt, placed) = w.deal();
+                (Some(rt.clone()), Some(placed))
+            }
+            None => (None, None),
+        };
+        let _on = rt.as_ref().map(|rt| rt.enter());
         let watch_fd = conn.try_clone().map_err(|e| e.to_string())?;
         let std = std::net::TcpStream::from(conn);
         std.set_nonblocking(true).map_err(|e| e.to_string())?;
         let client = Conn::Tcp(tokio::net::TcpStream::from_std(std).map_err(|e| e.to_string())?);
-        let slot = ctx.admission().count(Some(new.client.ip()));
+        let mut slot = ctx.admission().count(Some(new.client.ip()));
+        if let Some(placed) = placed {
+            slot.set_thread(placed);
+        }
         let session_ctx = SessionCtx {
             backend: backend.clone(),
             listener: ctx.session.listener.clone(),
