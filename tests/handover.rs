@@ -240,6 +240,42 @@ ack = "none"
     )
 }
 
+/// A first generation, running on `config(socket, server, extra)` in a
+/// fresh `temp_dir(tag)`, once its listener and hand-over socket listen.
+struct First {
+    child: tokio::process::Child,
+    log: Log,
+    dir: PathBuf,
+    socket: PathBuf,
+    /// The listener's address.
+    addr: String,
+    pid: u32,
+    guard: KillOnDrop,
+}
+
+async fn start_first(tag: &str, server: &str, extra: &str) -> First {
+    let dir = temp_dir(tag);
+    let socket = dir.join("run").join("handover.sock");
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(&cfg, config(&socket, server, extra)).unwrap();
+    let (child, mut log) = spawn_logged(&cfg);
+    let listening = log.until("listening", |l| l.contains("listener=")).await;
+    let addr = field(&listening, "addr").unwrap().to_string();
+    let pid = child.id().unwrap();
+    let guard = KillOnDrop(pid);
+    log.until("hand-over socket listening", |l| pid_of(l) == pid)
+        .await;
+    First {
+        child,
+        log,
+        dir,
+        socket,
+        addr,
+        pid,
+        guard,
+    }
+}
+
 /// A session in mid-bulk (`ack = "none"`, both directions spliced by then)
 /// handed over three times: its echo arrives whole and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,20 +329,18 @@ async fn thread_sessions(admin: &str) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_shared_out_over_the_threads_and_across_an_upgrade() {
     let server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = temp_dir("threads");
-    let socket = dir.join("run").join("handover.sock");
-    let cfg = dir.join("holdfast.toml");
     let extra = "\n[runtime]\nworker_threads = 2\nscheduler = \"per-thread\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-    std::fs::write(&cfg, config(&socket, &server.addr, extra)).unwrap();
-    let (first, mut log) = spawn_logged(&cfg);
+    let First {
+        child: _first,
+        mut log,
+        dir,
+        addr,
+        mut pid,
+        mut guard,
+        ..
+    } = start_first("threads", &server.addr, extra).await;
     let admin = log.until("admin endpoint listening", |_| true).await;
     let admin = field(&admin, "addr").unwrap().to_string();
-    let listening = log.until("listening", |l| l.contains("listener=")).await;
-    let addr = field(&listening, "addr").unwrap().to_string();
-    let mut pid = first.id().unwrap();
-    let mut guard = KillOnDrop(pid);
-    log.until("hand-over socket listening", |l| pid_of(l) == pid)
-        .await;
 
     let mut clients = Vec::new();
     for i in 0..40 {
@@ -351,21 +385,20 @@ async fn sessions_are_shared_out_over_the_threads_and_across_an_upgrade() {
     assert_eq!(thread_sessions(&admin).await, vec![0, 0]);
     kill("-TERM", pid);
     log.until("holdfast stopped", |l| pid_of(l) == pid).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 async fn mid_bulk_upgrades(tag: &str, extra: &str) {
     let server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = temp_dir(tag);
-    let socket = dir.join("run").join("handover.sock");
-    let cfg = dir.join("holdfast.toml");
-    std::fs::write(&cfg, config(&socket, &server.addr, extra)).unwrap();
-    let (_first, mut log) = spawn_logged(&cfg);
-    let listening = log.until("listening", |l| l.contains("addr=")).await;
-    let addr = field(&listening, "addr").unwrap().to_string();
-    let mut pid = _first.id().unwrap();
-    let mut guard = KillOnDrop(pid);
-    log.until("hand-over socket listening", |l| pid_of(l) == pid)
-        .await;
+    let First {
+        child: _first,
+        mut log,
+        dir,
+        addr,
+        mut pid,
+        mut guard,
+        ..
+    } = start_first(tag, &server.addr, extra).await;
 
     let data = pattern(192 << 20, 21);
     let (mut r, mut w) = connect(&addr).await.into_split();
@@ -443,17 +476,15 @@ async fn mid_bulk_upgrades(tag: &str, extra: &str) {
 #[tokio::test]
 async fn five_upgrades_by_sigusr2_never_refuse_a_connection() {
     let server = Server::start("127.0.0.1:0", "echo").await;
-    let dir = temp_dir("upgrades");
-    let socket = dir.join("run").join("handover.sock");
-    let cfg = dir.join("holdfast.toml");
-    std::fs::write(&cfg, config(&socket, &server.addr, "")).unwrap();
-    let (mut first, mut log) = spawn_logged(&cfg);
-    let listening = log.until("listening", |l| l.contains("addr=")).await;
-    let addr = field(&listening, "addr").unwrap().to_string();
-    let mut pid = first.id().unwrap();
-    let mut guard = KillOnDrop(pid);
-    log.until("hand-over socket listening", |l| pid_of(l) == pid)
-        .await;
+    let First {
+        child: mut first,
+        mut log,
+        dir,
+        socket,
+        addr,
+        mut pid,
+        mut guard,
+    } = start_first("upgrades", &server.addr, "").await;
     // The hand-over socket is private: 0600 in a 0700 directory.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
