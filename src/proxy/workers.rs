@@ -172,3 +172,60 @@ impl Drop for Placed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(w: &Workers) -> Vec<i64> {
+        w.counts.iter().map(IntGauge::get).collect()
+    }
+
+    /// A client stays on the thread that accepted it until that thread
+    /// has more sessions than another; then it goes to the least busy one.
+    /// Every count goes back down when its session's place is dropped, and
+    /// sessions taken over are dealt in turn.
+    #[test]
+    fn clients_go_to_the_least_busy_thread_and_are_counted_down() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let metrics = Metrics::new();
+            let w = Workers::start(3, &metrics).unwrap();
+            let mut placed = Vec::new();
+            let mut went = Vec::new();
+            for _ in 0..6 {
+                match w.place() {
+                    Placement::Here(p) => {
+                        went.push(0);
+                        placed.push(p);
+                    }
+                    Placement::There(rt, p) => {
+                        let i = w.handles.iter().position(|h| h.id() == rt.id()).unwrap();
+                        went.push(i);
+                        placed.push(p);
+                    }
+                }
+            }
+            // Accepted on thread 0 every time: here, then away while it
+            // has more than another thread.
+            assert_eq!(went[0], 0);
+            assert!(
+                went[1] != 0 && went[2] != 0 && went[1] != went[2],
+                "{went:?}"
+            );
+            assert_eq!(counts(&w), vec![2, 2, 2]);
+            placed.truncate(3);
+            assert_eq!(counts(&w).iter().sum::<i64>(), 3);
+            drop(placed);
+            assert_eq!(counts(&w), vec![0, 0, 0]);
+            let dealt: Vec<_> = (0..4).map(|_| w.deal()).collect();
+            assert_eq!(counts(&w), vec![2, 1, 1]);
+            drop(dealt);
+            assert_eq!(counts(&w), vec![0, 0, 0]);
+            w.shut_down();
+        });
+    }
+}
