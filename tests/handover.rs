@@ -330,21 +330,14 @@ async fn thread_sessions(admin: &str) -> Vec<i64> {
 async fn sessions_are_shared_out_over_the_threads_and_across_an_upgrade() {
     let server = Server::start("127.0.0.1:0", "echo").await;
     let extra = "\n[runtime]\nworker_threads = 2\nscheduler = \"per-thread\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-    let First {
-        child: _first,
-        mut log,
-        dir,
-        addr,
-        mut pid,
-        mut guard,
-        ..
-    } = start_first("threads", &server.addr, extra).await;
+    let mut first = start_first("threads", &server.addr, extra).await;
+    let log = &mut first.log;
     let admin = log.until("admin endpoint listening", |_| true).await;
     let admin = field(&admin, "addr").unwrap().to_string();
 
     let mut clients = Vec::new();
     for i in 0..40 {
-        let mut c = connect(&addr).await;
+        let mut c = connect(&first.addr).await;
         echo_once(&mut c, format!("hello {i}\n").as_bytes())
             .await
             .unwrap();
@@ -352,9 +345,9 @@ async fn sessions_are_shared_out_over_the_threads_and_across_an_upgrade() {
     }
     assert_eq!(thread_sessions(&admin).await, vec![20, 20]);
 
-    let mut generations = vec![pid];
-    let old = pid;
-    pid = start_upgrade(&mut log, &mut generations, &mut guard).await;
+    let old = first.pid;
+    let mut generations = vec![old];
+    let pid = start_upgrade(log, &mut generations, &mut first.guard).await;
     let taken = log.until("sessions taken over", |_| true).await;
     assert_eq!(field(&taken, "sessions"), Some("40"), "{taken}");
     log.until("holdfast stopped", |l| pid_of(l) == old).await;
@@ -385,7 +378,7 @@ async fn sessions_are_shared_out_over_the_threads_and_across_an_upgrade() {
     assert_eq!(thread_sessions(&admin).await, vec![0, 0]);
     kill("-TERM", pid);
     log.until("holdfast stopped", |l| pid_of(l) == pid).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&first.dir);
 }
 
 async fn mid_bulk_upgrades(tag: &str, extra: &str) {
