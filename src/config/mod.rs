@@ -130,7 +130,8 @@ pub struct RuntimeConfig {
     /// one per CPU the process may use; 1 is tokio's current-thread
     /// scheduler. Read at start: a reload does not change it.
     pub worker_threads: Option<usize>,
-    /// `scheduler`: how sessions are spread over the threads.
+    /// `scheduler`: how sessions are spread over the threads; unset,
+    /// per-thread unless a listener speaks the resume protocol.
     pub scheduler: Scheduler,
 }
 

@@ -947,3 +947,22 @@ servers = ["127.0.0.1:7001"]
         [r#"failover.listeners (line 1, col 1): no listener can fail over: only plain tcp listeners can (no tls, no unix socket, no resume protocol)"#]
     );
 }
+
+/// `[runtime] scheduler` unset is `"per-thread"`, or `"work-stealing"`
+/// when a listener speaks the resume protocol (its sessions run with the
+/// listener's own tasks); set, it is kept either way.
+#[test]
+fn the_scheduler_default_follows_the_listeners() {
+    assert_eq!(ok(MINIMAL).runtime.scheduler, Scheduler::PerThread);
+    let key = failover_key();
+    let core = MINIMAL.replacen(
+        "backend = \"orders\"\n",
+        &format!(
+            "backend = \"orders\"\nprotocol = \"resume\"\nresume = {{ secret_file = \"{key}\" }}\n"
+        ),
+        1,
+    );
+    assert_eq!(ok(&core).runtime.scheduler, Scheduler::WorkStealing);
+    let chosen = format!("[runtime]\nscheduler = \"per-thread\"\n{core}");
+    assert_eq!(ok(&chosen).runtime.scheduler, Scheduler::PerThread);
+}

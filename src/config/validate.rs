@@ -278,16 +278,20 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         None => None,
         f => integer(r, f, 1, 1..=MAX_WORKER_THREADS).and_then(|n| usize::try_from(n).ok()),
     };
-    let scheduler = choice(
-        r,
-        &raw.runtime.scheduler,
-        "scheduler",
-        &[
-            ("per-thread", Some(Scheduler::PerThread)),
-            ("work-stealing", Some(Scheduler::WorkStealing)),
-        ],
-        Scheduler::PerThread,
-    );
+    // Unset: decided by the listeners (below).
+    let scheduler = match &raw.runtime.scheduler {
+        None => None,
+        f => choice(
+            r,
+            f,
+            "scheduler",
+            &[
+                ("per-thread", Some(Scheduler::PerThread)),
+                ("work-stealing", Some(Scheduler::WorkStealing)),
+            ],
+            Scheduler::PerThread,
+        ),
+    };
     let access = raw
         .log
         .access
@@ -442,7 +446,19 @@ fn check(raw: &RawConfig, r: &mut Report) -> Config {
         },
         runtime: RuntimeConfig {
             worker_threads,
-            scheduler: scheduler.unwrap_or_default(),
+            // A resume-protocol listener's sessions run with the listener's
+            // own tasks, on one thread under "per-thread": such a config
+            // keeps tokio's work-stealing scheduler unless it says so.
+            scheduler: scheduler.unwrap_or(
+                if listeners
+                    .iter()
+                    .any(|l: &ListenerConfig| matches!(l.protocol, ListenerProtocol::Resume(_)))
+                {
+                    Scheduler::WorkStealing
+                } else {
+                    Scheduler::PerThread
+                },
+            ),
         },
         log: LogConfig { access },
         handover,
