@@ -1,5 +1,6 @@
 //! The binary's command line: `check` on good and bad files, `run` with a
-//! bad config, Unix listener hygiene, and the accept loop surviving EMFILE.
+//! bad config, Unix listener hygiene, the accept loop surviving EMFILE, and
+//! held sessions on both session threads resuming after a server restart.
 
 mod common;
 
@@ -307,5 +308,128 @@ framing = "lines"
         !rest.iter().any(|l| l.contains("out of resources")),
         "no EMFILE: {rest:?}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sessions per thread (`[runtime] worker_threads = 2`): six clients
+/// connected one after another run three on each session thread
+/// (`holdfast_thread_sessions`); the server is SIGKILLed and each client
+/// sends a line while it is down; after the restart every client, on
+/// either thread, gets its line back once, in order after the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_sessions_on_every_session_thread_resume_after_a_server_restart() {
+    let mut server = Server::start("127.0.0.1:0", "echo").await;
+    let dir = tmpdir("threads-held");
+    let cfg = dir.join("holdfast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[runtime]
+worker_threads = 2
+scheduler = "per-thread"
+
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+backend = "b"
+
+[[backend]]
+name = "b"
+servers = ["{}"]
+ack = "response"
+framing = "lines"
+"#,
+            server.addr
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut admin, mut addr) = (None, None);
+    while let Some(line) = log.next_line().await.unwrap() {
+        let at = line
+            .find("addr=")
+            .and_then(|i| line[i + 5..].split_whitespace().next())
+            .map(str::to_string);
+        if line.contains("admin endpoint listening") {
+            admin = at;
+        } else if line.contains("listener=l") {
+            addr = at;
+        }
+        if line.contains("holdfast running") {
+            break;
+        }
+    }
+    let (admin, addr) = (
+        admin.expect("admin address"),
+        addr.expect("listener address"),
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let (r, mut w) = connect(&addr).await.into_split();
+        let mut r = tokio::io::BufReader::new(r);
+        w.write_all(format!("first {i}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert_eq!(line, format!("first {i}\n"));
+        clients.push((r, w));
+    }
+    let metrics = || async {
+        let mut s = connect(&admin).await;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.unwrap();
+        raw
+    };
+    let before = metrics().await;
+    for t in 0..2 {
+        let series = format!("holdfast_thread_sessions{{thread=\"{t}\"}} 3");
+        assert!(before.contains(&series), "{series} in:\n{before}");
+    }
+
+    server.kill().await;
+    for (i, (_, w)) in clients.iter_mut().enumerate() {
+        w.write_all(format!("during {i}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    server.restart().await;
+    for (i, (r, _)) in clients.iter_mut().enumerate() {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(15), r.read_line(&mut line))
+            .await
+            .expect("answered after the restart")
+            .unwrap();
+        assert_eq!(line, format!("during {i}\n"));
+    }
+    // Every session, on either thread, went on over a new server leg.
+    let after = metrics().await;
+    assert!(
+        after.contains("holdfast_resumes_total{backend=\"b\"} 6"),
+        "six resumes in:\n{after}"
+    );
+    for (mut r, mut w) in clients {
+        w.shutdown().await.unwrap();
+        let mut tail = Vec::new();
+        r.read_to_end(&mut tail).await.unwrap();
+        assert!(tail.is_empty(), "nothing answered twice");
+    }
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
