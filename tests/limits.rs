@@ -21,22 +21,8 @@ fn sample(text: &str, series: &str) -> f64 {
 }
 
 fn config(server: &str, listener_extra: &str, backend_extra: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-backend = "b"
-{listener_extra}
-
-[[backend]]
-name = "b"
-servers = ["{server}"]
-ack = "response"
-framing = "lines"
-{backend_extra}
-"#
-    )
+    let keys = format!("ack = \"response\"\nframing = \"lines\"\n{backend_extra}");
+    listener_config_with(listener_extra, &[server], &keys, "")
 }
 
 /// Reads until EOF (or 10 s): what a refused or closed client gets.

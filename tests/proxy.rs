@@ -16,19 +16,7 @@ fn plain_config(server: &str) -> String {
 
 /// One listener in front of `server`, the backend with `keys`.
 fn proxy_config(server: &str, keys: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-backend = "b"
-
-[[backend]]
-name = "b"
-servers = ["{server}"]
-{keys}
-"#
-    )
+    one_listener_config(&[server], keys, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,19 +189,7 @@ async fn refused_servers_close_the_client_cleanly() {
         let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
         (l1.local_addr().unwrap(), l2.local_addr().unwrap())
     };
-    let toml = format!(
-        r#"
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-backend = "b"
-
-[[backend]]
-name = "b"
-servers = ["{a}", "{b}"]
-ack = "none"
-"#
-    );
+    let toml = one_listener_config(&[&a.to_string(), &b.to_string()], "ack = \"none\"", "");
     let proxy = Proxy::start(&toml).await;
     let mut c = connect(&proxy.addr(0)).await;
     let mut got = Vec::new();

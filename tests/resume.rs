@@ -13,21 +13,8 @@ const CLIENTS: usize = 20;
 const KILLS: usize = 20;
 
 fn config(server: &str, ack: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-backend = "b"
-
-[[backend]]
-name = "b"
-servers = ["{server}"]
-ack = "{ack}"
-hold_timeout = "20s"
-{extra}
-"#
-    )
+    let keys = format!("ack = \"{ack}\"\nhold_timeout = \"20s\"\n{extra}");
+    one_listener_config(&[server], &keys, "")
 }
 
 /// ack = "response", framing = "lines": 20 pipelining clients, 20 SIGKILLs:

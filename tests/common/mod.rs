@@ -205,6 +205,40 @@ pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
 }
 
 /// Connects over TCP with a timeout.
+/// One listener `l` (127.0.0.1, a port the kernel picks) in front of
+/// backend `b` at `servers` with `backend_keys`, then the tables in `extra`.
+pub fn one_listener_config(servers: &[&str], backend_keys: &str, extra: &str) -> String {
+    listener_config_with("", servers, backend_keys, extra)
+}
+
+/// [`one_listener_config`] with `listener_keys` in the listener's table.
+pub fn listener_config_with(
+    listener_keys: &str,
+    servers: &[&str],
+    backend_keys: &str,
+    extra: &str,
+) -> String {
+    let servers = servers
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+backend = "b"
+{listener_keys}
+
+[[backend]]
+name = "b"
+servers = [{servers}]
+{backend_keys}
+{extra}"#
+    )
+}
+
 pub async fn connect(addr: &str) -> TcpStream {
     tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
