@@ -1202,8 +1202,7 @@ impl Driver {
                 self.core.on_client_eof(self.now);
             }
             Poll::Ready(Ok(_)) => {
-                let chunk = self.client_rbuf.split().freeze();
-                release_idle(&mut self.client_rbuf, self.client_read_size);
+                let chunk = take_read(&mut self.client_rbuf, self.client_read_size);
                 self.listener.bytes_up.inc_by(chunk.len() as u64);
                 if let Some(tap) = &self.tap {
                     // Before the server (or the client's next ACK) sees them.
@@ -1287,7 +1286,7 @@ impl Driver {
                         }
                     }
                 } else {
-                    let chunk = server.rbuf.split().freeze();
+                    let chunk = take_read(&mut server.rbuf, server.read_size);
                     self.core.on_server_data(gen, chunk, self.now);
                 }
                 if let Some(server) = self.server.as_mut() {
@@ -1762,6 +1761,19 @@ pub(crate) fn adapt_read_size(size: &mut usize, n: usize, spare: usize) {
         *size = (*size * 2).min(READ_SIZE);
     } else if n < *size / 8 {
         *size = (*size / 2).max(READ_MIN);
+    }
+}
+
+/// Everything read into `buf`, as one chunk. At the smallest read size the
+/// buffer is not kept afterwards (see [`release_idle`]), so the chunk takes
+/// its allocation whole: `split` would first allocate a header shared by
+/// the two halves, only for the empty one to be dropped (an allocation and
+/// a free per small message).
+fn take_read(buf: &mut BytesMut, size: usize) -> bytes::Bytes {
+    if size == READ_MIN {
+        std::mem::take(buf).freeze()
+    } else {
+        buf.split().freeze()
     }
 }
 
