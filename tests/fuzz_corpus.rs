@@ -336,7 +336,7 @@ fn write_snapshot_seeds() {
     };
     let connect = |core: &mut SessionCore| {
         drain(core);
-        core.on_connected(holdfast::session::Generation(0), t0);
+        core.on_connected(holdfast::session::Generation(0), false, t0);
         drain(core);
     };
     // Writes up to `max` bytes towards the server; returns them.

@@ -35,17 +35,6 @@ async fn read_to_eof(s: &mut tokio::net::TcpStream) -> Vec<u8> {
     got
 }
 
-/// Polls `cond` every 10 ms for at most 10 s.
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// A flood beyond the listener's `max_sessions` is accepted and closed at
 /// once, counted as `max_sessions`, while the live sessions keep
 /// exchanging verified data; once one ends, a new client gets in.

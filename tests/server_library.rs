@@ -461,10 +461,10 @@ async fn bad_handshakes_get_their_refuse_code_and_others_carry_on() {
     let mut b = fresh(&|_| {}).to_vec();
     b[5..9].copy_from_slice(b"XXXX");
     assert_eq!(refused(&addr, &b).await, Some(ErrorCode::BadMagic));
-    // Unknown version.
+    // Unknown versions (this acceptor speaks 1 and 2).
     let b = fresh(&|h| {
-        h.version_min = 2;
-        h.version_max = 3;
+        h.version_min = 3;
+        h.version_max = 4;
     });
     assert_eq!(
         refused(&addr, &b).await,
@@ -915,4 +915,60 @@ async fn a_session_handed_to_another_listener_keeps_its_transport() {
     c.drop_leg();
     let mut h = hello(c.id, true, c.epoch + 1, c.down.len() as u64);
     assert_eq!(refused(&addr, &h.encode(&KEY)).await, None);
+}
+
+/// Early data (protocol §3.6): a version 2 initiator writes its HELLO and
+/// the new session's first DATA in one write; the acceptor chooses version
+/// 2, takes the DATA as the session's first bytes without waiting for more,
+/// and the service's answer comes back. On a resume, DATA before the
+/// WELCOME is a protocol error: the session is aborted.
+#[tokio::test]
+async fn early_data_opens_a_new_session_and_is_refused_on_a_resume() {
+    let (l, _done) = echo_server().await;
+    let addr = l.local_addr().to_string();
+    let id = [0x5a; 16];
+    let mut h = hello(id, false, 0, 0);
+    h.version_max = 2;
+    let mut out = BytesMut::from(&h.encode(&KEY)[..]);
+    holdfast::proto::encode(&Frame::Data(Bytes::from_static(b"GET early\n")), &mut out);
+    let mut c = dial(&addr).await;
+    c.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    match read_frame(&mut c, &mut buf).await {
+        Some(Frame::Welcome(w)) => {
+            w.check(&KEY, &h, 0, 0).unwrap();
+            assert_eq!(w.version, 2, "the highest common version");
+            assert_eq!(w.recv_offset, 0);
+        }
+        f => panic!("expected WELCOME, got {f:?}"),
+    }
+    // The echo of the early bytes, with nothing else sent.
+    let mut echoed = Vec::new();
+    while echoed.len() < 10 {
+        match read_frame(&mut c, &mut buf).await {
+            Some(Frame::Data(b)) => echoed.extend_from_slice(&b),
+            Some(Frame::Ack(_)) => {}
+            f => panic!("expected the echo, got {f:?}"),
+        }
+    }
+    assert_eq!(echoed, b"GET early\n");
+    drop(c);
+
+    // A resume of that session with DATA before the WELCOME.
+    let mut h = hello(id, true, 1, 10);
+    h.version_max = 2;
+    let mut out = BytesMut::from(&h.encode(&KEY)[..]);
+    holdfast::proto::encode(&Frame::Data(Bytes::from_static(b"more\n")), &mut out);
+    let mut c = dial(&addr).await;
+    c.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut aborted = None;
+    while let Some(f) = read_frame(&mut c, &mut buf).await {
+        if let Frame::Abort { code, reason } = f {
+            aborted = Some((code, reason));
+        }
+    }
+    let (code, reason) = aborted.expect("an ABORT");
+    assert_eq!(code, ErrorCode::Malformed);
+    assert!(reason.contains("before the WELCOME"), "{reason}");
 }

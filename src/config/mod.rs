@@ -338,6 +338,9 @@ pub struct ResumeSettings {
     /// Listeners only: `resume_timeout` (default 5 min), how long a session
     /// whose initiator's transport broke waits for it to resume.
     pub resume_timeout: Duration,
+    /// Backends only: `early_data` (default true), a new session's first
+    /// bytes go with its HELLO to a server known to speak version 2.
+    pub early_data: bool,
 }
 
 /// Key material: compared and cloned, never printed.

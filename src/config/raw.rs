@@ -417,6 +417,7 @@ pub(super) struct RawResume {
     pub max_frame: Option<Sp<RawSize>>,
     pub window: Option<Sp<RawSize>>,
     pub resume_timeout: Option<Sp<String>>,
+    pub early_data: Option<Sp<bool>>,
 }
 
 /// `framing = "lines"` or `framing = { type = "length-prefixed", ... }`.
@@ -574,6 +575,7 @@ fn raw_resume(t: &mut Table, report: &mut Report) -> Option<RawResume> {
         max_frame: r.size("max_frame", report),
         window: r.size("window", report),
         resume_timeout: r.duration("resume_timeout", report),
+        early_data: r.boolean("early_data", report),
         at: r.at(),
     };
     r.finish(report);

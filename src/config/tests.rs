@@ -966,3 +966,29 @@ fn the_scheduler_default_follows_the_listeners() {
     let chosen = format!("[runtime]\nscheduler = \"per-thread\"\n{core}");
     assert_eq!(ok(&chosen).runtime.scheduler, Scheduler::PerThread);
 }
+
+/// `resume.early_data`: on by default for a backend, can be turned off,
+/// and is an error on a listener (the initiator is the one that sends it).
+#[test]
+fn resume_early_data_is_a_backend_switch() {
+    let key = failover_key();
+    let cfg = |extra: &str| {
+        format!(
+            "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+             [[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:9\"]\nprotocol = \"resume\"\n\
+             resume = {{ secret_file = \"{key}\"{extra} }}\n"
+        )
+    };
+    let early = |c: &crate::config::Config| match &c.backends[0].ack {
+        AckMode::Resume(s) => s.early_data,
+        other => panic!("{other:?}"),
+    };
+    assert!(early(&ok(&cfg(""))));
+    assert!(!early(&ok(&cfg(", early_data = false"))));
+    let e = error(&format!(
+        "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\nprotocol = \"resume\"\n\
+         resume = {{ secret_file = \"{key}\", early_data = true }}\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:9\"]\n"
+    ));
+    assert!(e.contains("early_data only applies to backends"), "{e}");
+}

@@ -606,6 +606,16 @@ fn resume_settings(
         }
         (f, _) => positive(r, f, Duration::from_secs(300)),
     };
+    let early_data = match (&raw.early_data, listener) {
+        (Some(f), true) => {
+            r.at(
+                f,
+                "early_data only applies to backends (the initiator sends it)",
+            );
+            None
+        }
+        (f, _) => Some(f.as_ref().map_or(true, |f| f.value)),
+    };
     let max_frame = bounded(r, &raw.max_frame, 64 << 10, 1 << 10, 16 << 20);
     let window = bounded(r, &raw.window, 4 << 20, 1 << 10, (1 << 31) - 1);
     if let (Some(m), Some(w), Some(f)) = (max_frame, window, raw.window.as_ref()) {
@@ -620,6 +630,7 @@ fn resume_settings(
         max_frame: max_frame?,
         window: window?,
         resume_timeout: resume_timeout?,
+        early_data: early_data?,
     })
 }
 

@@ -24,6 +24,7 @@ pub const SERVER_CONNECT_DURATION: &str = "holdfast_server_connect_duration_seco
 pub const LEGS_FAILED: &str = "holdfast_legs_failed_total";
 pub const RESUMES: &str = "holdfast_resumes_total";
 pub const REPLAYED_BYTES: &str = "holdfast_replayed_bytes_total";
+pub const EARLY_DATA_BYTES: &str = "holdfast_early_data_bytes_total";
 pub const REPLAY_BUFFER_BYTES: &str = "holdfast_replay_buffer_bytes";
 pub const HOLD_DURATION: &str = "holdfast_hold_duration_seconds";
 pub const CLIENT_RESETS: &str = "holdfast_client_resets_total";
@@ -65,6 +66,7 @@ pub struct Metrics {
     legs_failed: IntCounterVec,
     resumes: IntCounterVec,
     replayed: IntCounterVec,
+    early_data: IntCounterVec,
     replay_buffer: IntGaugeVec,
     hold_duration: HistogramVec,
     client_resets: IntCounterVec,
@@ -172,6 +174,12 @@ impl Metrics {
                 &["backend", "reason"],
             ),
             resumes: counter(r, RESUMES, "Sessions resumed on a new leg.", &["backend"]),
+            early_data: counter(
+                r,
+                EARLY_DATA_BYTES,
+                "Bytes sent to resume-protocol servers with a new session's HELLO (early data).",
+                &["backend"],
+            ),
             replayed: counter(
                 r,
                 REPLAYED_BYTES,
@@ -265,6 +273,7 @@ impl Metrics {
             connect_attempts: self.connect_attempts.with_label_values(&[name]),
             connect_duration: self.connect_duration.with_label_values(&[name]),
             resumes: self.resumes.with_label_values(&[name]),
+            early_data: self.early_data.with_label_values(&[name]),
             replayed_up: self.replayed.with_label_values(&[name, "up"]),
             replay_buffer: self.replay_buffer.with_label_values(&[name]),
             hold_duration: self.hold_duration.with_label_values(&[name]),
@@ -371,6 +380,7 @@ pub struct BackendMetrics {
     pub connect_duration: Histogram,
     pub resumes: IntCounter,
     pub replayed_up: IntCounter,
+    pub early_data: IntCounter,
     pub replay_buffer: IntGauge,
     pub hold_duration: Histogram,
 }

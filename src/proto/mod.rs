@@ -21,8 +21,14 @@ pub use link::{Incoming, Link, LinkConfig};
 
 /// "HFRP".
 pub const MAGIC: [u8; 4] = *b"HFRP";
-/// The protocol version this implementation speaks.
+/// The oldest protocol version this implementation speaks.
 pub const VERSION: u8 = 1;
+/// The newest: version 2 lets an initiator send early data (§3.6).
+pub const VERSION_MAX: u8 = 2;
+/// Most up-stream bytes an initiator sends as early data, before the
+/// WELCOME of a new session (version 2): the smallest `max_frame` and
+/// `window` an acceptor may announce, so early data never exceeds either.
+pub const EARLY_DATA_MAX: usize = MIN_MAX_FRAME as usize;
 /// Frame header: type (1) + length (4).
 pub const HEADER_LEN: usize = 5;
 /// Largest handshake, REFUSE or ABORT payload.
@@ -338,15 +344,15 @@ impl Hello {
     /// The acceptor's checks that need no session table (§3.3): version,
     /// token, limits, and the new-session rules. Returns the version to use.
     pub fn check(&self, key: &[u8]) -> Result<u8, ProtoError> {
-        if self.version_min > VERSION || self.version_max < VERSION {
+        let Some(version) = self.version() else {
             return Err(ProtoError::new(
                 ErrorCode::UnsupportedVersion,
                 format!(
-                    "the initiator speaks versions {}..={}, this acceptor {VERSION}",
+                    "the initiator speaks versions {}..={}, this acceptor {VERSION}..={VERSION_MAX}",
                     self.version_min, self.version_max
                 ),
             ));
-        }
+        };
         if !self.verify(key) {
             return Err(ProtoError::new(
                 ErrorCode::BadToken,
@@ -359,7 +365,14 @@ impl Hello {
                 "a new session must have epoch 0 and recv_offset 0",
             ));
         }
-        Ok(VERSION)
+        Ok(version)
+    }
+
+    /// The highest version both this implementation and the HELLO's
+    /// initiator speak, if any: what the acceptor's WELCOME chooses.
+    pub fn version(&self) -> Option<u8> {
+        let v = self.version_max.min(VERSION_MAX);
+        (v >= self.version_min && v >= VERSION).then_some(v)
     }
 }
 

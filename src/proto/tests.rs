@@ -213,15 +213,21 @@ fn handshake_errors_have_their_codes() {
     let mut f = BytesMut::from(&h.encode(&KEY)[..]);
     f[5] = b'X';
     assert_eq!(decode_all(&f).unwrap_err().code, ErrorCode::BadMagic);
-    // Unknown version.
+    // Unknown versions; otherwise the highest common one.
     let mut h = hello();
-    h.version_min = 2;
-    h.version_max = 3;
+    h.version_min = 3;
+    h.version_max = 4;
     h.encode(&KEY);
     assert_eq!(
         h.check(&KEY).unwrap_err().code,
         ErrorCode::UnsupportedVersion
     );
+    for ((min, max), chosen) in [((1, 1), 1), ((1, 2), 2), ((2, 3), 2), ((1, 9), 2)] {
+        let mut h = hello();
+        (h.version_min, h.version_max) = (min, max);
+        h.encode(&KEY);
+        assert_eq!(h.check(&KEY).unwrap(), chosen, "{min}..={max}");
+    }
     // Bad token: another key, or a field changed after signing.
     let mut h = hello();
     h.encode(&KEY);

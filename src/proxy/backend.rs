@@ -38,6 +38,9 @@ pub struct Backend {
     ready: Mutex<Vec<Option<Conn>>>,
     /// Bumped with the server's index each time a server is found up.
     up: watch::Sender<(u64, usize)>,
+    /// Resume protocol, per server: its last WELCOME chose version 2, so a
+    /// new session's first bytes may go with its HELLO (early data).
+    speaks_v2: Vec<AtomicBool>,
     /// Set when a reload changed this backend's settings: new legs of live
     /// sessions move to it.
     successor: Mutex<Option<Arc<Backend>>>,
@@ -57,9 +60,28 @@ impl Backend {
             holding_changed: Notify::new(),
             ready: Mutex::new((0..n).map(|_| None).collect()),
             up: watch::channel((0, 0)).0,
+            speaks_v2: (0..n).map(|_| AtomicBool::new(false)).collect(),
             successor: Mutex::new(None),
             stop: CancellationToken::new(),
         })
+    }
+
+    /// Whether a new session's leg to `server` may send early data: the
+    /// backend allows it (`resume.early_data`) and the server's last
+    /// WELCOME chose version 2.
+    pub fn early_data(&self, server: usize) -> bool {
+        matches!(&self.config.ack, crate::config::AckMode::Resume(s) if s.early_data)
+            && self
+                .speaks_v2
+                .get(server)
+                .is_some_and(|v| v.load(Ordering::Relaxed))
+    }
+
+    /// A WELCOME from `server` chose `version`.
+    pub fn welcomed(&self, server: usize, version: u8) {
+        if let Some(v) = self.speaks_v2.get(server) {
+            v.store(version >= 2, Ordering::Relaxed);
+        }
     }
 
     /// A reload replaced this backend: live sessions take `new` at their next

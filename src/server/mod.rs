@@ -772,7 +772,8 @@ fn welcome(
     recv_offset: u64,
 ) -> Bytes {
     let mut w = Welcome {
-        version: VERSION,
+        // `decide` checked that a common version exists.
+        version: hello.version().unwrap_or(VERSION),
         resumed,
         restored,
         session_id: hello.session_id,

@@ -24,7 +24,9 @@ use tokio::sync::Notify;
 
 use super::handshake::Known;
 use super::{hex, AckPolicy, Ctx, ServerConfig, ServerError, SessionId};
-use crate::proto::{ClientAddr, Decoder, Frame, Hello, Incoming, Link, LinkConfig};
+use crate::proto::{
+    ClientAddr, Decoder, ErrorCode, Frame, Hello, Incoming, Link, LinkConfig, ProtoError,
+};
 use crate::session::driver::{adapt_frame_read_size, adapt_read_size, READ_MIN, READ_SIZE};
 use crate::stream::Stream;
 use crate::transport::Conn;
@@ -320,6 +322,9 @@ fn ack_point(g: &Inner, policy: AckPolicy) -> u64 {
 enum Event {
     Notified,
     Read(io::Result<usize>),
+    /// Bytes that came before this side's WELCOME went out (early data,
+    /// §3.6), or that a taken-over leg had read and not decoded yet.
+    Leftover,
     Wrote(io::Result<usize>),
     Flushed(io::Result<()>),
     Timer,
@@ -403,6 +408,9 @@ pub(crate) async fn run_from(
     let mut notified = std::pin::pin!(shared.notify.notified());
     let mut timer_at = Instant::now();
     let mut timer = std::pin::pin!(tokio::time::sleep_until(timer_at.into()));
+    // A leg taken over from a previous process may hold whole frames it read
+    // and had not decoded yet.
+    let mut leftover = leg.as_ref().is_some_and(|l| !l.rbuf.is_empty());
     let end: ServerError = loop {
         let now = Instant::now();
         chunks.clear();
@@ -451,7 +459,10 @@ pub(crate) async fn run_from(
                     tracing::info!(session.id = %id, old.epoch = old.epoch, new.epoch = p.epoch, "newer leg replaces the current one");
                 }
                 tracing::info!(session.id = %id, leg.epoch = p.epoch, down.from = p.down_from, up.from = p.up_from, "leg established");
-                leg = Some(install(p, &mut g, cfg, now));
+                let l = install(p, &mut g, cfg, now);
+                // What the handshake read past the HELLO is early data.
+                leftover = !l.rbuf.is_empty();
+                leg = Some(l);
             }
             if g.app_gone {
                 // Nobody reads any more: discard (and so acknowledge).
@@ -511,7 +522,13 @@ pub(crate) async fn run_from(
                 timer_at = deadline;
                 timer.as_mut().reset(deadline.into());
             }
-            tokio::select! {
+            if leftover && rd.is_some() {
+                // (Decoded once reading is allowed: not while the
+                // application's queue is full.)
+                leftover = false;
+                Event::Leftover
+            } else {
+                tokio::select! {
                 _ = notified.as_mut() => {
                     notified.set(shared.notify.notified());
                     Event::Notified
@@ -519,6 +536,7 @@ pub(crate) async fn run_from(
                 r = read_some(rd, &dec) => Event::Read(r),
                 w = write_some(wr, &chunks, unflushed) => w,
                 _ = timer.as_mut() => Event::Timer,
+                }
             }
         };
         let now = Instant::now();
@@ -552,9 +570,20 @@ pub(crate) async fn run_from(
                 leg = None;
                 lost_at = now;
             }
-            Event::Read(Ok(n)) if n > 0 => {
+            Event::Leftover | Event::Read(Ok(1..)) => {
                 let l = leg.as_mut().expect("read on a leg");
-                match on_read(&shared, l, &dec, now) {
+                let r = if matches!(ev, Event::Leftover) && l.epoch != 0 && l.pre.is_some() {
+                    // Early data only opens a new session (§3.6): a resume's
+                    // initiator waits for our WELCOME, which says where to
+                    // resume.
+                    Err(ProtoError::new(
+                        ErrorCode::Malformed,
+                        "DATA before the WELCOME of a resume",
+                    ))
+                } else {
+                    on_read(&shared, l, &dec, now)
+                };
+                match r {
                     Ok(None) => {}
                     Ok(Some(e)) => break e,
                     Err(e) => {

@@ -212,6 +212,8 @@ pub enum Event {
         resumed: bool,
         replay: u64,
         held: Option<Duration>,
+        /// Bytes sent as early data, right after the HELLO.
+        early: u64,
     },
     /// A leg or a connect attempt failed; the session holds and retries
     /// (unless it ends: a `Closed` event follows then).
@@ -222,6 +224,9 @@ pub enum Event {
     },
     /// The session started to hold (no working leg).
     HoldStarted,
+    /// A resume-protocol server answered a HELLO with a WELCOME of this
+    /// version (the shell remembers whether it takes early data).
+    Welcomed { server: usize, version: u8 },
     /// The session ends: no more inputs matter.
     Closed { reason: CloseReason },
 }
@@ -924,8 +929,10 @@ impl SessionCore {
 
     // ---- server side inputs ----
 
-    /// Leg `gen` connected.
-    pub fn on_connected(&mut self, gen: Generation, now: Instant) {
+    /// Leg `gen` connected. `early_data` (resume protocol): the server is
+    /// known to speak version 2, so a new session's first bytes may follow
+    /// the HELLO at once, before its WELCOME (§3.6 of the protocol).
+    pub fn on_connected(&mut self, gen: Generation, early_data: bool, now: Instant) {
         let server = match self.leg {
             LegState::Connecting { gen: g, server } if g == gen => server,
             _ => {
@@ -957,11 +964,12 @@ impl SessionCore {
             }),
             _ => None,
         };
+        let mut early = 0;
         let (prefix_out, hello) = match &self.backend.ack {
             AckMode::Resume(settings) => {
                 let mut hello = Hello {
                     version_min: proto::VERSION,
-                    version_max: proto::VERSION,
+                    version_max: proto::VERSION_MAX,
                     resume: self.resume_known,
                     session_id: self.id.0.to_be_bytes(),
                     epoch: if self.resume_known { gen.0.max(1) } else { 0 },
@@ -979,7 +987,23 @@ impl SessionCore {
                     client: self.client_addr,
                     token: [0; 32],
                 };
-                (hello.encode(&settings.key.0), Some(hello))
+                let encoded = hello.encode(&settings.key.0);
+                let out = if self.resume_known {
+                    encoded
+                } else {
+                    // A new session's leg sends nothing before the WELCOME
+                    // but its early data (no WELCOME ever came, so nothing
+                    // was ever acknowledged: it starts from the beginning).
+                    self.up.resume_from(0);
+                    if early_data {
+                        let out = self.early_data(encoded);
+                        early = self.up.sent();
+                        out
+                    } else {
+                        encoded
+                    }
+                };
+                (out, Some(hello))
             }
             _ => (prefix_out, None),
         };
@@ -1004,8 +1028,33 @@ impl SessionCore {
             resumed,
             replay,
             held,
+            early,
         });
         self.step(now);
+    }
+
+    /// The HELLO followed by up to [`proto::EARLY_DATA_MAX`] of the up
+    /// stream's first bytes as one DATA frame (counted as sent): early data,
+    /// which saves a new session's first request the wait for the WELCOME.
+    fn early_data(&mut self, hello: Bytes) -> Bytes {
+        let n = self.up.unsent().min(proto::EARLY_DATA_MAX as u64) as usize;
+        if n == 0 {
+            return hello;
+        }
+        let mut data = bytes::BytesMut::with_capacity(n);
+        for chunk in self.up.buffer().chunks_after(self.up.sent()) {
+            let k = chunk.len().min(n - data.len());
+            data.extend_from_slice(&chunk[..k]);
+            if data.len() == n {
+                break;
+            }
+        }
+        let mut out = bytes::BytesMut::with_capacity(hello.len() + proto::HEADER_LEN + n);
+        out.extend_from_slice(&hello);
+        proto::encode(&Frame::Data(data.freeze()), &mut out);
+        self.up.on_sent(n as u64);
+        self.up_sent_high = self.up_sent_high.max(self.up.sent());
+        out.freeze()
     }
 
     /// A connect attempt for leg `gen` failed.
@@ -1252,8 +1301,30 @@ impl SessionCore {
                         self.protocol_error(&e, now);
                         return;
                     }
-                    // Resume the up stream where the server says it is.
-                    self.up.resume_from(w.recv_offset);
+                    self.events.push_back(Event::Welcomed {
+                        server: leg.server,
+                        version: w.version,
+                    });
+                    // A new session's leg sent nothing before the WELCOME
+                    // but early data.
+                    let early = !hello.resume && self.up.sent() > 0;
+                    if early && w.version < 2 {
+                        // Version 1 does not take early data: whether this
+                        // server read it as the session's first bytes, the
+                        // next leg's WELCOME says (a resume: the session
+                        // exists now).
+                        self.error = Some("server chose version 1 after early data".into());
+                        self.resume_known = true;
+                        self.leg_failed(LegFailure::Refused, now);
+                        self.step(now);
+                        return;
+                    }
+                    if !early {
+                        // Resume the up stream where the server says it is
+                        // (early data is the new session's first bytes:
+                        // what follows it goes on from there).
+                        self.up.resume_from(w.recv_offset);
+                    }
                     let cfg = LinkConfig {
                         max_frame: settings.max_frame,
                         window: settings.window,

@@ -320,7 +320,9 @@ pub struct Driver {
     /// Bytes to ask for per client read, `READ_MIN..=READ_SIZE`.
     client_read_size: usize,
     server: Option<ServerConn>,
-    connecting: Option<(Generation, ConnectFuture)>,
+    /// The leg being connected, whether it may send early data (resume
+    /// protocol), and the connect.
+    connecting: Option<(Generation, bool, ConnectFuture)>,
     /// The core's deadline; freed while there is none.
     timer: LazyTimer,
     timer_at: Option<std::time::Instant>,
@@ -874,16 +876,18 @@ impl Driver {
                                 span.in_scope(|| tracing::warn!(server.addr = %addr, error = %e, "tls handshake with the server failed"));
                             })
                     };
+                    let early = self.shared_backend.early_data(server);
                     if let Some(conn) = self.shared_backend.take_ready(server) {
                         // The prober's connection: no connect to wait for
                         // (a TLS backend still shakes hands on it).
-                        self.connecting = Some((gen, Box::pin(handshake(conn))));
+                        self.connecting = Some((gen, early, Box::pin(handshake(conn))));
                         continue;
                     }
                     let endpoint = self.backend.servers[server].clone();
                     let opts = self.backend.socket;
                     self.connecting = Some((
                         gen,
+                        early,
                         Box::pin(async move {
                             let conn = transport::connect(&endpoint, &opts, timeout).await?;
                             handshake(conn).await
@@ -894,7 +898,7 @@ impl Driver {
                     if self.server.as_ref().is_some_and(|s| s.gen == gen) {
                         self.server = None;
                     }
-                    if self.connecting.as_ref().is_some_and(|(g, _)| *g == gen) {
+                    if self.connecting.as_ref().is_some_and(|(g, _, _)| *g == gen) {
                         self.connecting = None;
                     }
                 }
@@ -976,10 +980,10 @@ impl Driver {
     }
 
     fn poll_connect(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some((gen, fut)) = self.connecting.as_mut() else {
+        let Some((gen, early, fut)) = self.connecting.as_mut() else {
             return false;
         };
-        let gen = *gen;
+        let (gen, early) = (*gen, *early);
         let Poll::Ready(res) = fut.as_mut().poll(cx) else {
             return false;
         };
@@ -1007,7 +1011,7 @@ impl Driver {
                         .then(|| crate::proto::Decoder::new(self.core.max_frame_in())),
                     written: 0,
                 });
-                self.core.on_connected(gen, self.now);
+                self.core.on_connected(gen, early, self.now);
             }
             Err(e) => {
                 let reason = match e.kind() {
@@ -1599,6 +1603,7 @@ impl Driver {
                     resumed,
                     replay,
                     held,
+                    early,
                 } => {
                     let addr = self
                         .backend
@@ -1629,8 +1634,16 @@ impl Driver {
                             )
                         );
                     } else {
-                        slog!(self, debug!(leg.gen = gen.0, server.addr = %addr, "leg up"));
+                        slog!(
+                            self,
+                            debug!(leg.gen = gen.0, server.addr = %addr, early_data_bytes = early, "leg up")
+                        );
                     }
+                    self.shared_backend.metrics.early_data.inc_by(early);
+                }
+                Event::Welcomed { server, version } => {
+                    let n = self.backend.servers.len().max(1);
+                    self.shared_backend.welcomed(server % n, version);
                 }
                 Event::LegFailed {
                     gen,

@@ -295,6 +295,17 @@ pub async fn line_client(
     Ok(seq)
 }
 
+/// Polls `cond` every 10 ms for at most 10 s.
+pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
 /// holdfast in-process with its runtime (metrics, session registry) and a
 /// reload channel, for tests that look inside.
 pub struct Running {

@@ -497,6 +497,7 @@ pub fn snapshot_backends() -> Vec<std::sync::Arc<config::BackendConfig>> {
                 max_frame: 4096,
                 window: 1 << 16,
                 resume_timeout: Duration::from_secs(300),
+                early_data: true,
             }),
         ),
     ];

@@ -28,6 +28,9 @@ struct Wire {
     closed: bool,
     /// Cut by the simulation (the core was told).
     cut: bool,
+    /// The server refused its HELLO: it reads nothing more on it (early
+    /// data included), as a real acceptor closes after a REFUSE.
+    refused: bool,
     /// Everything the core wrote on it.
     written: Vec<u8>,
     /// Written by the core, not yet decoded by the server.
@@ -186,8 +189,19 @@ impl RSim {
 
     fn server_frame(&mut self, gen: Generation, frame: Frame, calm: bool) {
         let now = self.now;
+        if self.wires[gen.0 as usize].refused {
+            return;
+        }
         if let Frame::Hello(h) = frame {
-            h.check(&KEY).expect("a valid HELLO");
+            let version = h.check(&KEY).expect("a valid HELLO");
+            // Now and then a server that speaks only version 1 (one that
+            // was replaced by an older build): it reads early data as the
+            // DATA after its WELCOME, and the core must not count on it.
+            let version = if !calm && self.rng.pct(10) {
+                1
+            } else {
+                version
+            };
             let answer = if !h.resume && self.srv.known {
                 Frame::Refuse {
                     code: ErrorCode::SessionExists,
@@ -207,7 +221,7 @@ impl RSim {
                 srv.down.resume_from(h.recv_offset);
                 srv.known = true;
                 let mut w = Welcome {
-                    version: 1,
+                    version,
                     resumed: h.resume,
                     restored: false,
                     session_id: h.session_id,
@@ -232,6 +246,7 @@ impl RSim {
             let mut b = BytesMut::new();
             proto::encode(&answer, &mut b);
             self.wires[gen.0 as usize].to_core.extend_from_slice(&b);
+            self.wires[gen.0 as usize].refused = true;
             return;
         }
         let srv = &mut self.srv;
@@ -354,7 +369,8 @@ impl RSim {
                     self.core
                         .on_connect_failed(gen, LegFailure::ConnectRefused, now);
                 } else {
-                    self.core.on_connected(gen, now);
+                    let early = self.rng.pct(50);
+                    self.core.on_connected(gen, early, now);
                 }
             }
             50..=64 => {
@@ -393,7 +409,7 @@ impl RSim {
                     0 => self.core.on_server_frame(gen, Frame::Ping, now),
                     1 => self.core.on_server_error(gen, now),
                     2 => self.core.on_server_eof(gen, now),
-                    3 => self.core.on_connected(gen, now),
+                    3 => self.core.on_connected(gen, false, now),
                     _ => self
                         .core
                         .on_connect_failed(gen, LegFailure::ConnectError, now),

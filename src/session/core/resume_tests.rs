@@ -26,6 +26,7 @@ pub(super) fn resume_backend() -> Arc<BackendConfig> {
             max_frame: 4096,
             window: 1 << 16,
             resume_timeout: Duration::from_secs(300),
+            early_data: true,
         }),
         1,
     );
@@ -45,12 +46,28 @@ struct Rig {
     client_got: Vec<u8>,
     /// Export and re-import the core at the end of every pump.
     snapshots: bool,
+    /// Legs may send early data (the shell knows the server speaks
+    /// version 2).
+    early: bool,
 }
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with(b"", false)
+    }
+
+    /// A session whose client sent `first` before its first leg connected,
+    /// to a server the shell knows speaks version 2 (early data).
+    fn early(first: &'static [u8]) -> Rig {
+        Rig::with(first, true)
+    }
+
+    fn with(first: &'static [u8], early: bool) -> Rig {
         let now = Instant::now();
-        let core = SessionCore::new(SessionId(42), resume_backend(), 0, now);
+        let mut core = SessionCore::new(SessionId(42), resume_backend(), 0, now);
+        if !first.is_empty() {
+            core.on_client_data(Bytes::from_static(first), now);
+        }
         let mut r = Rig {
             core,
             now,
@@ -59,6 +76,7 @@ impl Rig {
             wire: BytesMut::new(),
             client_got: Vec::new(),
             snapshots: super::tests::SNAPSHOTS.with(|s| s.get()),
+            early,
         };
         r.pump();
         r
@@ -76,7 +94,7 @@ impl Rig {
                         self.gen = Some(gen);
                         self.frames.clear();
                         self.wire.clear();
-                        self.core.on_connected(gen, self.now);
+                        self.core.on_connected(gen, self.early, self.now);
                     }
                     Action::CloseLeg { gen } => {
                         if self.gen == Some(gen) {
@@ -146,9 +164,13 @@ impl Rig {
     }
 
     fn welcome(&mut self, recv_offset: u64, resumed: bool) {
+        self.welcome_version(1, recv_offset, resumed);
+    }
+
+    fn welcome_version(&mut self, version: u8, recv_offset: u64, resumed: bool) {
         let h = self.hello();
         let mut w = Welcome {
-            version: 1,
+            version,
             resumed,
             restored: false,
             session_id: h.session_id,
@@ -370,7 +392,7 @@ fn a_server_that_keeps_refusing_ends_in_hold_timeout() {
 fn examples_with_a_snapshot_after_every_input() {
     assert_eq!(
         include_str!("resume_tests.rs").matches("#[test]\n").count(),
-        6 + 1,
+        9 + 1,
         "a new example is listed here too"
     );
     super::tests::SNAPSHOTS.with(|s| s.set(true));
@@ -380,4 +402,80 @@ fn examples_with_a_snapshot_after_every_input() {
     a_silent_server_is_a_dead_leg_and_the_session_resumes();
     handshake_timeout_retries();
     a_server_that_keeps_refusing_ends_in_hold_timeout();
+    early_data_goes_with_a_new_sessions_hello();
+    early_data_is_at_most_the_smallest_window_and_waits_without_a_v2_server();
+    early_data_answered_by_version_1_is_settled_by_a_resume();
+}
+
+/// Early data (§3.6): to a server known to speak version 2, a new session's
+/// first bytes go right after its HELLO; the WELCOME does not make them go
+/// again, and what the client sends meanwhile waits for it.
+#[test]
+fn early_data_goes_with_a_new_sessions_hello() {
+    let mut r = Rig::early(b"GET a\n");
+    match &r.frames[..] {
+        [Frame::Hello(h), Frame::Data(d)] => {
+            assert!(!h.resume);
+            assert_eq!((h.version_min, h.version_max), (1, 2));
+            assert_eq!(&d[..], b"GET a\n");
+        }
+        other => panic!("expected HELLO and DATA, got {other:?}"),
+    }
+    r.core.on_client_data(Bytes::from_static(b"GET b\n"), r.now);
+    r.pump();
+    assert_eq!(
+        r.server_data(),
+        b"GET a\n",
+        "nothing more before the WELCOME"
+    );
+    r.welcome_version(2, 0, false);
+    assert_eq!(r.server_data(), b"GET a\nGET b\n", "every byte once");
+    r.server(Frame::Data(Bytes::from_static(b"A\nB\n")));
+    r.server(Frame::Ack(12));
+    assert_eq!(r.client_got, b"A\nB\n");
+    assert_eq!(r.core.stream(Dir::Up).acked(), 12);
+}
+
+#[test]
+fn early_data_is_at_most_the_smallest_window_and_waits_without_a_v2_server() {
+    static BIG: [u8; 5000] = [b'x'; 5000];
+    let r = Rig::early(&BIG);
+    assert_eq!(r.server_data().len(), crate::proto::EARLY_DATA_MAX);
+    // Unknown server (no early data): the HELLO alone.
+    let r = Rig::with(b"GET a\n", false);
+    assert!(matches!(&r.frames[..], [Frame::Hello(_)]), "{:?}", r.frames);
+}
+
+/// A server that answers early data with a version 1 WELCOME (an older
+/// build took the address): the leg is given up, and the next one resumes
+/// the session from wherever that server says it is, so nothing is lost or
+/// doubled whether it read the early bytes or not.
+#[test]
+fn early_data_answered_by_version_1_is_settled_by_a_resume() {
+    for server_read_it in [true, false] {
+        let mut r = Rig::early(b"GET a\n");
+        let first = r.gen;
+        r.welcome_version(1, 0, false);
+        for _ in 0..100 {
+            if r.gen != first && r.gen.is_some() {
+                break;
+            }
+            r.advance(Duration::from_millis(1));
+        }
+        assert_ne!(r.gen, first, "a new leg");
+        let h = r.hello();
+        assert!(h.resume, "the session exists on the server now");
+        let consumed = if server_read_it { 6 } else { 0 };
+        r.welcome_version(1, consumed, true);
+        let want: &[u8] = if server_read_it { b"" } else { b"GET a\n" };
+        assert_eq!(r.server_data(), want);
+        r.core.on_client_data(Bytes::from_static(b"GET b\n"), r.now);
+        r.pump();
+        let want: &[u8] = if server_read_it {
+            b"GET b\n"
+        } else {
+            b"GET a\nGET b\n"
+        };
+        assert_eq!(r.server_data(), want);
+    }
 }

@@ -500,7 +500,7 @@ impl Sim {
                     1 => core.on_server_eof(gen, now),
                     2 => core.on_server_error(gen, now),
                     3 => core.on_server_acked(gen, self.rng.below(1 << 20), now),
-                    4 => core.on_connected(gen, now),
+                    4 => core.on_connected(gen, false, now),
                     _ => core.on_connect_failed(gen, LegFailure::ConnectRefused, now),
                 }
                 self.h.pump();

@@ -350,7 +350,7 @@ impl Harness {
         assert!(!leg.resolved, "leg {gen} resolved twice");
         leg.resolved = true;
         leg.base = Some(sent);
-        self.core.on_connected(gen, self.now);
+        self.core.on_connected(gen, false, self.now);
         self.pump();
     }
 
@@ -710,6 +710,7 @@ fn tcp_mode_replays_exactly_from_acked() {
         resumed: true,
         replay: 75,
         held: Some(Duration::ZERO),
+        early: 0,
     }));
 
     // Acks on the new leg count from its own first byte.
@@ -732,7 +733,7 @@ fn tcp_mode_replays_exactly_from_acked() {
     assert_eq!(h.core.leg_gen(), Some(g1));
     assert_eq!(h.core.stream(Dir::Up).sent(), 100);
     // A stale connect is closed at once.
-    h.core.on_connected(g0, h.now);
+    h.core.on_connected(g0, false, h.now);
     assert_eq!(h.core.poll_action(), Some(Action::CloseLeg { gen: g0 }));
     assert_eq!(h.core.leg_gen(), Some(g1));
 

@@ -95,7 +95,7 @@ fn a_connecting_leg_is_connected_again_and_instants_move_with_now() {
     assert_eq!(core.poll_action(), None);
     assert_eq!(core.poll_event(), None);
     assert_eq!(core.deadline().unwrap(), deadline + Duration::from_secs(7));
-    core.on_connected(g, later);
+    core.on_connected(g, false, later);
     assert_eq!(core.next_write(Dir::Up).unwrap(), &b"abc"[..]);
 }
 
