@@ -5,7 +5,10 @@
 //! server (two worker threads, bytes written back as they arrive) in its own
 //! process, so it can be pinned and its CPU is not counted as the proxy's.
 //! `loadgen resume-echo KEYFILE` is the backend of the resume-protocol row:
-//! the same echo on `holdfast::server` (HFRP/1, `AckPolicy::Auto`).
+//! the same echo on `holdfast::server` (HFRP/2, `AckPolicy::Auto`).
+//! `loadgen relay LISTEN TARGET MS` forwards every connection to `TARGET`,
+//! each chunk `MS` milliseconds late in either direction (a link with that
+//! one-way delay, where loopback has none; this VM's kernel has no netem).
 //! `loadgen send ADDR bulk MIB | rr N | conns N` is a fixed amount of load
 //! for `bench/callgrind.sh`, which counts instructions rather than time
 //! (`rr` also prints its round trips' p50/p99/p999).
@@ -49,13 +52,15 @@ fn main() -> anyhow::Result<()> {
         }
         Some("compare") => compare(Opts::parse(&args[1..])?),
         Some("send") => fixed_load(&args[1..]),
+        Some("relay") => delay_relay(&args[1..]),
         _ => {
             eprintln!(
                 "usage: loadgen echo | loadgen resume-echo KEYFILE \
                  | loadgen compare [--quick] [--rounds N] [--secs S] \
                  [--rr N] [--beside N] [--idle N] [--holdfast PATH] [--holdfast-b PATH] [--json PATH] \
                  [--only a,b,…] \
-                 | loadgen send ADDR bulk MIB | rr N | conns N | beside N"
+                 | loadgen send ADDR bulk MIB | rr N | conns N | beside N \
+                 | loadgen relay LISTEN TARGET MS"
             );
             std::process::exit(2)
         }
@@ -105,6 +110,65 @@ fn echo_server() -> anyhow::Result<()> {
             });
         }
     })
+}
+
+/// `loadgen relay LISTEN TARGET MS`: each connection forwarded to `TARGET`
+/// with every chunk delivered `MS` ms after it was read, in order, both ways.
+fn delay_relay(args: &[String]) -> anyhow::Result<()> {
+    let usage = "loadgen relay LISTEN TARGET MS";
+    let listen = args.first().context(usage)?.clone();
+    let target = args.get(1).context(usage)?.clone();
+    let delay = Duration::from_millis(args.get(2).context(usage)?.parse()?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(&listen).await?;
+        println!("listening {}", l.local_addr()?);
+        loop {
+            let (a, _) = l.accept().await?;
+            let target = target.clone();
+            tokio::spawn(async move {
+                let Ok(b) = tokio::net::TcpStream::connect(&target).await else {
+                    return;
+                };
+                let _ = (a.set_nodelay(true), b.set_nodelay(true));
+                let (ar, aw) = a.into_split();
+                let (br, bw) = b.into_split();
+                tokio::spawn(delayed_copy(ar, bw, delay));
+                tokio::spawn(delayed_copy(br, aw, delay));
+            });
+        }
+    })
+}
+
+/// Copies `r` to `w`, each chunk written `delay` after it was read; EOF is
+/// passed on (as a shutdown) once the chunks before it are out.
+async fn delayed_copy(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(at + delay).await;
+            if chunk.is_empty() || w.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).await.unwrap_or(0);
+        let _ = tx.send((tokio::time::Instant::now(), buf[..n].to_vec()));
+        if n == 0 {
+            break;
+        }
+    }
+    let _ = writer.await;
 }
 
 /// The backend of the resume-protocol row: an echo service on

@@ -1,5 +1,5 @@
 //! The server library: lets a service accept *resumable sessions* over the
-//! resume protocol (HFRP/1, `docs/protocol.md`, this side is the
+//! resume protocol (HFRP/2, `docs/protocol.md`, this side is the
 //! **acceptor**), so that a broken transport, or a restart of the service
 //! process, loses nothing.
 //!
@@ -490,7 +490,7 @@ impl Listening {
     }
 }
 
-/// Listens for HFRP/1 initiators and yields their sessions.
+/// Listens for HFRP initiators (versions 1 and 2) and yields their sessions.
 ///
 /// Dropping it stops accepting connections (and so resumes); sessions
 /// already yielded keep running on their current transport.
