@@ -379,7 +379,19 @@ async fn library_echo(
     use holdfast::server::{AckPolicy, ResumeListener, ServerConfig};
     let mut cfg = ServerConfig::new(std::fs::read(key).unwrap());
     cfg.ack = AckPolicy::Auto;
-    let l = Arc::new(ResumeListener::bind(addr, cfg).await.unwrap());
+    // The address of a listener just dropped is free once its accept task
+    // has noticed (a moment later): try until then.
+    let mut tries = 0;
+    let l = loop {
+        match ResumeListener::bind(addr, cfg.clone()).await {
+            Ok(l) => break Arc::new(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 1000 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
+    };
     let l2 = l.clone();
     let task = tokio::spawn(async move {
         while let Ok(mut s) = l2.accept().await {

@@ -529,13 +529,13 @@ pub(crate) async fn run_from(
                 Event::Leftover
             } else {
                 tokio::select! {
-                _ = notified.as_mut() => {
-                    notified.set(shared.notify.notified());
-                    Event::Notified
-                }
-                r = read_some(rd, &dec) => Event::Read(r),
-                w = write_some(wr, &chunks, unflushed) => w,
-                _ = timer.as_mut() => Event::Timer,
+                    _ = notified.as_mut() => {
+                        notified.set(shared.notify.notified());
+                        Event::Notified
+                    }
+                    r = read_some(rd, &dec) => Event::Read(r),
+                    w = write_some(wr, &chunks, unflushed) => w,
+                    _ = timer.as_mut() => Event::Timer,
                 }
             }
         };

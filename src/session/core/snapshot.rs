@@ -16,7 +16,8 @@
 //! optional value is a byte 0, or 1 and the value; byte strings (replay
 //! data included) are a varint length and the raw bytes.
 //!
-//! 1. magic `HFSS`, version (varint, [`SNAPSHOT_VERSION`]);
+//! 1. magic `HFSS`, version (varint: 1, or 2 while a new leg's early data
+//!    awaits its WELCOME, see [`SNAPSHOT_VERSION`]);
 //! 2. session id (16 bytes, big endian), backend name (string), ack mode tag
 //!    (0 none, 1 tcp, 2 response lines, 3 response length-prefixed, 4
 //!    response RESP, 5 resume);
@@ -63,9 +64,16 @@ pub use crate::snapshot_codec::SnapshotError;
 use crate::snapshot_codec::{Reader, Result, Writer};
 use crate::stream::{ReplayBuffer, Stream};
 
-/// The version [`SessionCore::export`] writes and the only one
-/// [`SessionCore::import`] reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// The newest version [`SessionCore::import`] reads. [`SessionCore::export`]
+/// writes it only for a session whose new leg sent early data and awaits
+/// its WELCOME (resume protocol version 2): a build that reads only version
+/// 1 would take that WELCOME's offset 0 as a rewind and send those bytes
+/// again, so it must refuse such a snapshot (a downgrade's hand-over keeps
+/// that session with the running process). Every other session is written
+/// as version 1, which this build reads too.
+pub const SNAPSHOT_VERSION: u32 = 2;
+/// Version 1: the same fields, without early data in flight.
+const SNAPSHOT_VERSION_1: u32 = 1;
 
 const MAGIC: [u8; 4] = *b"HFSS";
 
@@ -173,9 +181,15 @@ impl SessionCore {
             idle_timeout,
             last_activity,
         } = self;
+        let early_in_flight = matches!(leg, LegState::Up(l)
+            if l.hello.as_ref().is_some_and(|h| !h.resume) && up.sent() > 0);
         let w = &mut Writer::new(out, now);
         w.raw(&MAGIC);
-        w.u32(SNAPSHOT_VERSION);
+        w.u32(if early_in_flight {
+            SNAPSHOT_VERSION
+        } else {
+            SNAPSHOT_VERSION_1
+        });
         w.u128(id.0);
         w.bytes(backend.name.as_bytes());
         w.u8(ack_tag(&backend.ack));
@@ -251,9 +265,10 @@ impl SessionCore {
         let magic: [u8; 4] = r.array("magic")?;
         r.check(magic == MAGIC, || "not a session snapshot (magic)".into())?;
         let version = r.u32("version")?;
-        r.check(version == SNAPSHOT_VERSION, || {
-            format!("version {version}, this holdfast reads {SNAPSHOT_VERSION}")
-        })?;
+        r.check(
+            (SNAPSHOT_VERSION_1..=SNAPSHOT_VERSION).contains(&version),
+            || format!("version {version}, this holdfast reads {SNAPSHOT_VERSION_1} to {SNAPSHOT_VERSION}"),
+        )?;
         let id = SessionId(r.u128("session id")?);
         let name = r.string("backend name")?;
         let backend =

@@ -145,9 +145,12 @@ fn backends_that_do_not_fit_are_errors() {
 fn other_versions_and_foreign_bytes_are_errors() {
     let h = Harness::new(backend(AckMode::Tcp, 1));
     let mut bytes = export(&h.core, h.now);
-    bytes[4] = 2;
+    bytes[4] = 3;
     let e = import(&bytes, h.core.backend(), h.now).unwrap_err();
-    assert!(e.to_string().contains("version 2"), "{e}");
+    assert!(e.to_string().contains("version 3"), "{e}");
+    bytes[4] = 0;
+    let e = import(&bytes, h.core.backend(), h.now).unwrap_err();
+    assert!(e.to_string().contains("version 0"), "{e}");
     let e = import(b"GET / HTTP/1.1\r\n", h.core.backend(), h.now).unwrap_err();
     assert!(e.to_string().contains("magic"), "{e}");
 }
