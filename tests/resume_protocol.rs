@@ -420,23 +420,11 @@ async fn a_new_sessions_first_bytes_go_with_its_hello_to_a_version_2_server() {
     let key = write_key(&dir);
     let (server, task) = library_echo("127.0.0.1:0", &key).await;
     let server_addr = server.local_addr().to_string();
-    let h = start_running(&format!(
-        r#"
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-backend = "b"
-
-[[backend]]
-name = "b"
-servers = ["{server_addr}"]
-protocol = "resume"
-resume = {{ secret_file = "{}" }}
-hold_timeout = "20s"
-"#,
-        key.display()
-    ))
-    .await;
+    let keys = format!(
+        "protocol = \"resume\"\nresume = {{ secret_file = {:?} }}\nhold_timeout = \"20s\"",
+        key.display().to_string()
+    );
+    let h = start_running(&one_listener_config(&[&server_addr], &keys, "")).await;
     let early = || {
         let text = h.rt.metrics.encode();
         text.lines()

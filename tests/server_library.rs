@@ -917,6 +917,17 @@ async fn a_session_handed_to_another_listener_keeps_its_transport() {
     assert_eq!(refused(&addr, &h.encode(&KEY)).await, None);
 }
 
+/// Dials and writes `h` (as a version 2 HELLO) and a DATA frame of `data`
+/// in one write, before any WELCOME.
+async fn with_early_data(addr: &str, h: &mut Hello, data: &'static [u8]) -> Conn {
+    h.version_max = 2;
+    let mut out = BytesMut::from(&h.encode(&KEY)[..]);
+    holdfast::proto::encode(&Frame::Data(Bytes::from_static(data)), &mut out);
+    let mut c = dial(addr).await;
+    c.write_all(&out).await.unwrap();
+    c
+}
+
 /// Early data (protocol §3.6): a version 2 initiator writes its HELLO and
 /// the new session's first DATA in one write; the acceptor chooses version
 /// 2, takes the DATA as the session's first bytes without waiting for more,
@@ -928,11 +939,7 @@ async fn early_data_opens_a_new_session_and_is_refused_on_a_resume() {
     let addr = l.local_addr().to_string();
     let id = [0x5a; 16];
     let mut h = hello(id, false, 0, 0);
-    h.version_max = 2;
-    let mut out = BytesMut::from(&h.encode(&KEY)[..]);
-    holdfast::proto::encode(&Frame::Data(Bytes::from_static(b"GET early\n")), &mut out);
-    let mut c = dial(&addr).await;
-    c.write_all(&out).await.unwrap();
+    let mut c = with_early_data(&addr, &mut h, b"GET early\n").await;
     let mut buf = BytesMut::new();
     match read_frame(&mut c, &mut buf).await {
         Some(Frame::Welcome(w)) => {
@@ -956,11 +963,7 @@ async fn early_data_opens_a_new_session_and_is_refused_on_a_resume() {
 
     // A resume of that session with DATA before the WELCOME.
     let mut h = hello(id, true, 1, 10);
-    h.version_max = 2;
-    let mut out = BytesMut::from(&h.encode(&KEY)[..]);
-    holdfast::proto::encode(&Frame::Data(Bytes::from_static(b"more\n")), &mut out);
-    let mut c = dial(&addr).await;
-    c.write_all(&out).await.unwrap();
+    let mut c = with_early_data(&addr, &mut h, b"more\n").await;
     let mut buf = BytesMut::new();
     let mut aborted = None;
     while let Some(f) = read_frame(&mut c, &mut buf).await {
