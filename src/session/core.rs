@@ -212,8 +212,6 @@ pub enum Event {
         resumed: bool,
         replay: u64,
         held: Option<Duration>,
-        /// Bytes sent as early data, right after the HELLO.
-        early: u64,
     },
     /// A leg or a connect attempt failed; the session holds and retries
     /// (unless it ends: a `Closed` event follows then).
@@ -227,6 +225,8 @@ pub enum Event {
     /// A resume-protocol server answered a HELLO with a WELCOME of this
     /// version (the shell remembers whether it takes early data).
     Welcomed { server: usize, version: u8 },
+    /// Bytes of the up stream went as early data, before the WELCOME.
+    EarlyData { bytes: u64 },
     /// The session ends: no more inputs matter.
     Closed { reason: CloseReason },
 }
@@ -275,6 +275,10 @@ struct Leg {
     hello_at: Instant,
     /// Resume protocol: the established leg.
     link: Option<Box<Link>>,
+    /// Resume protocol, a new session's leg to a server known to speak
+    /// version 2: until the WELCOME, the up stream's first bytes go after
+    /// the HELLO as they come (early data, up to `EARLY_DATA_MAX`).
+    early: bool,
 }
 
 #[derive(Debug)]
@@ -285,6 +289,33 @@ struct RespLeg {
     /// `[pending.start, deliver_to)` are whole frames approved for the
     /// client, moved to the down stream in one go by `flush_responses`.
     deliver_to: u64,
+}
+
+/// Frames the up stream's next unsent bytes, up to
+/// [`proto::EARLY_DATA_MAX`] of the stream in all, as one DATA frame after
+/// what `prefix_out` still holds (the HELLO, or what is left of it), and
+/// counts them as sent: early data (protocol §3.6). Returns the bytes
+/// framed.
+fn early_data(up: &mut Stream, prefix_out: &mut Bytes) -> u64 {
+    let room = (proto::EARLY_DATA_MAX as u64).saturating_sub(up.sent());
+    let n = up.unsent().min(room) as usize;
+    if n == 0 {
+        return 0;
+    }
+    let mut out = bytes::BytesMut::with_capacity(prefix_out.len() + proto::HEADER_LEN + n);
+    out.extend_from_slice(prefix_out);
+    let mut data = bytes::BytesMut::with_capacity(n);
+    for chunk in up.buffer().chunks_after(up.sent()) {
+        let k = chunk.len().min(n - data.len());
+        data.extend_from_slice(&chunk[..k]);
+        if data.len() == n {
+            break;
+        }
+    }
+    proto::encode(&Frame::Data(data.freeze()), &mut out);
+    *prefix_out = out.freeze();
+    up.on_sent(n as u64);
+    n as u64
 }
 
 /// A vector one call borrows from its thread for as long as it runs (frame
@@ -964,7 +995,6 @@ impl SessionCore {
             }),
             _ => None,
         };
-        let mut early = 0;
         let (prefix_out, hello) = match &self.backend.ack {
             AckMode::Resume(settings) => {
                 let mut hello = Hello {
@@ -987,26 +1017,17 @@ impl SessionCore {
                     client: self.client_addr,
                     token: [0; 32],
                 };
-                let encoded = hello.encode(&settings.key.0);
-                let out = if self.resume_known {
-                    encoded
-                } else {
+                if !self.resume_known {
                     // A new session's leg sends nothing before the WELCOME
                     // but its early data (no WELCOME ever came, so nothing
                     // was ever acknowledged: it starts from the beginning).
                     self.up.resume_from(0);
-                    if early_data {
-                        let out = self.early_data(encoded);
-                        early = self.up.sent();
-                        out
-                    } else {
-                        encoded
-                    }
-                };
-                (out, Some(hello))
+                }
+                (hello.encode(&settings.key.0), Some(hello))
             }
             _ => (prefix_out, None),
         };
+        let hello_sent = hello.is_some();
         self.leg = LegState::Up(Box::new(Leg {
             gen,
             server,
@@ -1020,6 +1041,7 @@ impl SessionCore {
             hello: hello.map(Box::new),
             hello_at: now,
             link: None,
+            early: early_data && hello_sent && !self.resume_known,
         }));
         let held = self.hold_since.map(|t| now.saturating_duration_since(t));
         self.events.push_back(Event::LegUp {
@@ -1028,33 +1050,8 @@ impl SessionCore {
             resumed,
             replay,
             held,
-            early,
         });
         self.step(now);
-    }
-
-    /// The HELLO followed by up to [`proto::EARLY_DATA_MAX`] of the up
-    /// stream's first bytes as one DATA frame (counted as sent): early data,
-    /// which saves a new session's first request the wait for the WELCOME.
-    fn early_data(&mut self, hello: Bytes) -> Bytes {
-        let n = self.up.unsent().min(proto::EARLY_DATA_MAX as u64) as usize;
-        if n == 0 {
-            return hello;
-        }
-        let mut data = bytes::BytesMut::with_capacity(n);
-        for chunk in self.up.buffer().chunks_after(self.up.sent()) {
-            let k = chunk.len().min(n - data.len());
-            data.extend_from_slice(&chunk[..k]);
-            if data.len() == n {
-                break;
-            }
-        }
-        let mut out = bytes::BytesMut::with_capacity(hello.len() + proto::HEADER_LEN + n);
-        out.extend_from_slice(&hello);
-        proto::encode(&Frame::Data(data.freeze()), &mut out);
-        self.up.on_sent(n as u64);
-        self.up_sent_high = self.up_sent_high.max(self.up.sent());
-        out.freeze()
     }
 
     /// A connect attempt for leg `gen` failed.
@@ -1731,6 +1728,14 @@ impl SessionCore {
         if let LegState::Up(leg) = &mut self.leg {
             if leg.hello.is_some() && now >= leg.hello_at + self.backend.connect_timeout {
                 self.leg_failed(LegFailure::HandshakeTimeout, now);
+            } else if leg.hello.is_some() {
+                if leg.early {
+                    let n = early_data(&mut self.up, &mut leg.prefix_out);
+                    if n > 0 {
+                        self.up_sent_high = self.up_sent_high.max(self.up.sent());
+                        self.events.push_back(Event::EarlyData { bytes: n });
+                    }
+                }
             } else if let Some(link) = &mut leg.link {
                 if link.peer_dead(now) {
                     self.leg_failed(LegFailure::DeadPeer, now);

@@ -1603,7 +1603,6 @@ impl Driver {
                     resumed,
                     replay,
                     held,
-                    early,
                 } => {
                     let addr = self
                         .backend
@@ -1634,12 +1633,12 @@ impl Driver {
                             )
                         );
                     } else {
-                        slog!(
-                            self,
-                            debug!(leg.gen = gen.0, server.addr = %addr, early_data_bytes = early, "leg up")
-                        );
+                        slog!(self, debug!(leg.gen = gen.0, server.addr = %addr, "leg up"));
                     }
-                    self.shared_backend.metrics.early_data.inc_by(early);
+                }
+                Event::EarlyData { bytes } => {
+                    self.shared_backend.metrics.early_data.inc_by(bytes);
+                    slog!(self, debug!(bytes, "early data sent after the HELLO"));
                 }
                 Event::Welcomed { server, version } => {
                     let n = self.backend.servers.len().max(1);

@@ -409,8 +409,8 @@ fn examples_with_a_snapshot_after_every_input() {
 }
 
 /// Early data (§3.6): to a server known to speak version 2, a new session's
-/// first bytes go right after its HELLO; the WELCOME does not make them go
-/// again, and what the client sends meanwhile waits for it.
+/// first bytes go right after its HELLO, and so do those its client sends
+/// before the WELCOME comes; the WELCOME does not make them go again.
 #[test]
 fn early_data_goes_with_a_new_sessions_hello() {
     let mut r = Rig::early(b"GET a\n");
@@ -424,23 +424,34 @@ fn early_data_goes_with_a_new_sessions_hello() {
     }
     r.core.on_client_data(Bytes::from_static(b"GET b\n"), r.now);
     r.pump();
-    assert_eq!(
-        r.server_data(),
-        b"GET a\n",
-        "nothing more before the WELCOME"
-    );
+    assert_eq!(r.server_data(), b"GET a\nGET b\n", "early too");
     r.welcome_version(2, 0, false);
-    assert_eq!(r.server_data(), b"GET a\nGET b\n", "every byte once");
+    r.core.on_client_data(Bytes::from_static(b"GET c\n"), r.now);
+    r.pump();
+    assert_eq!(r.server_data(), b"GET a\nGET b\nGET c\n", "every byte once");
     r.server(Frame::Data(Bytes::from_static(b"A\nB\n")));
-    r.server(Frame::Ack(12));
+    r.server(Frame::Ack(18));
     assert_eq!(r.client_got, b"A\nB\n");
-    assert_eq!(r.core.stream(Dir::Up).acked(), 12);
+    assert_eq!(r.core.stream(Dir::Up).acked(), 18);
 }
 
 #[test]
 fn early_data_is_at_most_the_smallest_window_and_waits_without_a_v2_server() {
     static BIG: [u8; 5000] = [b'x'; 5000];
-    let r = Rig::early(&BIG);
+    let mut r = Rig::early(&BIG);
+    assert_eq!(r.server_data().len(), crate::proto::EARLY_DATA_MAX);
+    r.core.on_client_data(Bytes::from_static(b"more"), r.now);
+    r.pump();
+    assert_eq!(
+        r.server_data().len(),
+        crate::proto::EARLY_DATA_MAX,
+        "in all"
+    );
+    // Bytes that come after the HELLO count against the same cap.
+    let mut r = Rig::early(&BIG[..1000]);
+    r.core
+        .on_client_data(Bytes::from_static(&BIG[..100]), r.now);
+    r.pump();
     assert_eq!(r.server_data().len(), crate::proto::EARLY_DATA_MAX);
     // Unknown server (no early data): the HELLO alone.
     let r = Rig::with(b"GET a\n", false);
@@ -482,8 +493,9 @@ fn early_data_answered_by_version_1_is_settled_by_a_resume() {
 }
 
 /// A build that reads only snapshot version 1 would take the WELCOME's
-/// offset 0 after early data as a rewind: a session whose early data awaits
-/// its WELCOME is written as version 2 (refused there), any other as 1.
+/// offset 0 after early data as a rewind: a session whose new leg may send
+/// early data until its WELCOME is written as version 2 (refused there),
+/// any other as 1; version 2 is what carries that leg's permission.
 #[test]
 fn a_snapshot_with_early_data_in_flight_is_version_2() {
     let version = |r: &mut Rig| {
@@ -497,6 +509,8 @@ fn a_snapshot_with_early_data_in_flight_is_version_2() {
     assert_eq!(version(&mut r), 2);
     r.welcome_version(2, 0, false);
     assert_eq!(version(&mut r), 1);
+    let mut r = Rig::early(b"");
+    assert_eq!(version(&mut r), 2, "no bytes yet, but they may go early");
     let mut r = Rig::with(b"GET a\n", false);
     assert_eq!(version(&mut r), 1, "a HELLO alone");
 }

@@ -16,8 +16,8 @@
 //! optional value is a byte 0, or 1 and the value; byte strings (replay
 //! data included) are a varint length and the raw bytes.
 //!
-//! 1. magic `HFSS`, version (varint: 1, or 2 while a new leg's early data
-//!    awaits its WELCOME, see [`SNAPSHOT_VERSION`]);
+//! 1. magic `HFSS`, version (varint: 1, or 2 while a new leg that may send
+//!    early data awaits its WELCOME, see [`SNAPSHOT_VERSION`]);
 //! 2. session id (16 bytes, big endian), backend name (string), ack mode tag
 //!    (0 none, 1 tcp, 2 response lines, 3 response length-prefixed, 4
 //!    response RESP, 5 resume);
@@ -65,12 +65,13 @@ use crate::snapshot_codec::{Reader, Result, Writer};
 use crate::stream::{ReplayBuffer, Stream};
 
 /// The newest version [`SessionCore::import`] reads. [`SessionCore::export`]
-/// writes it only for a session whose new leg sent early data and awaits
-/// its WELCOME (resume protocol version 2): a build that reads only version
-/// 1 would take that WELCOME's offset 0 as a rewind and send those bytes
-/// again, so it must refuse such a snapshot (a downgrade's hand-over keeps
-/// that session with the running process). Every other session is written
-/// as version 1, which this build reads too.
+/// writes it only for a session whose new leg awaits its WELCOME and may
+/// send early data (resume protocol version 2), and that is all it adds: a
+/// build that reads only version 1 would take that WELCOME's offset 0 as a
+/// rewind and send the early bytes again, so it must refuse such a
+/// snapshot (a downgrade's hand-over keeps that session with the running
+/// process). Every other session is written as version 1, which this build
+/// reads too.
 pub const SNAPSHOT_VERSION: u32 = 2;
 /// Version 1: the same fields, without early data in flight.
 const SNAPSHOT_VERSION_1: u32 = 1;
@@ -181,11 +182,12 @@ impl SessionCore {
             idle_timeout,
             last_activity,
         } = self;
-        let early_in_flight = matches!(leg, LegState::Up(l)
-            if l.hello.as_ref().is_some_and(|h| !h.resume) && up.sent() > 0);
+        // A new leg that may send early data until its WELCOME: version 2
+        // says so (the flag has no field of its own).
+        let early = matches!(leg, LegState::Up(l) if l.hello.is_some() && l.early);
         let w = &mut Writer::new(out, now);
         w.raw(&MAGIC);
-        w.u32(if early_in_flight {
+        w.u32(if early {
             SNAPSHOT_VERSION
         } else {
             SNAPSHOT_VERSION_1
@@ -305,6 +307,8 @@ impl SessionCore {
             },
             2 => {
                 let mut leg = Leg::read_snapshot(r, framing.as_ref(), resume)?;
+                leg.early =
+                    version == SNAPSHOT_VERSION && leg.hello.as_ref().is_some_and(|h| !h.resume);
                 leg.server %= servers;
                 r.check(leg.base <= up.sent(), || {
                     format!("leg base {} past up sent {}", leg.base, up.sent())
@@ -441,6 +445,7 @@ impl Leg {
             hello,
             hello_at,
             link,
+            early: _,
         } = self;
         w.u64(gen.0);
         w.usize(*server);
@@ -529,6 +534,8 @@ impl Leg {
             hello: hello.map(Box::new),
             hello_at,
             link: link.map(Box::new),
+            // From the snapshot's version (`SessionCore::import`).
+            early: false,
         })
     }
 }

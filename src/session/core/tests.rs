@@ -710,7 +710,6 @@ fn tcp_mode_replays_exactly_from_acked() {
         resumed: true,
         replay: 75,
         held: Some(Duration::ZERO),
-        early: 0,
     }));
 
     // Acks on the new leg count from its own first byte.
