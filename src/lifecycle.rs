@@ -58,10 +58,8 @@ impl Shutdown {
 
     /// Maps SIGTERM to drain and SIGINT to stop (a second signal of either
     /// kind stops at once). Runs until both have fired.
-    pub async fn from_signals(self) -> std::io::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+    pub async fn from_signals(self, signals: StopSignals) -> std::io::Result<()> {
+        let StopSignals { mut term, mut int } = signals;
         loop {
             tokio::select! {
                 _ = term.recv() => {
@@ -82,5 +80,25 @@ impl Shutdown {
                 return Ok(());
             }
         }
+    }
+}
+
+/// SIGTERM and SIGINT, caught from the moment they are registered: register
+/// them before anything can signal the process (before "holdfast running"
+/// is logged), not in the task that waits for them, which may run later
+/// than a signal arrives (their default action would kill the process).
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Registers both; from here on they no longer kill the process.
+    pub fn register() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use holdfast::config;
 use holdfast::demo::server::Mode;
-use holdfast::lifecycle::{Phase, Shutdown};
+use holdfast::lifecycle::{Phase, Shutdown, StopSignals};
 
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -207,7 +207,18 @@ fn main() -> ExitCode {
                     tracing::warn!(sockets = %unused.join(","), "systemd passed sockets no listener uses");
                 }
                 let shutdown = Shutdown::new();
-                let signals = tokio::spawn(shutdown.clone().from_signals());
+                // Registered here, not in the tasks that wait for them: a
+                // signal that comes before such a task first runs (right
+                // after "holdfast running") would otherwise kill us.
+                let stop_signals = match StopSignals::register() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM and SIGINT");
+                        return ExitCode::from(EXIT_RUNTIME);
+                    }
+                };
+                let sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+                let signals = tokio::spawn(shutdown.clone().from_signals(stop_signals));
                 let (phase, phases) = tokio::sync::watch::channel(Phase::Starting);
                 let notifier = tokio::spawn(notify_systemd(phases, shutdown.clone()));
                 let mut rt = holdfast::proxy::Runtime::for_config(&cfg);
@@ -223,6 +234,7 @@ fn main() -> ExitCode {
                 let workers = rt.workers.clone();
                 let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
                 let hup = tokio::spawn(reload_on_sighup(
+                    sighup,
                     config.clone(),
                     reload_tx,
                     rt.metrics.clone(),
@@ -576,12 +588,12 @@ async fn upgrade_on_sigusr2(
 /// SIGHUP: read and validate the file again; a bad file changes nothing
 /// (its errors are logged and counted), a good one is handed to the proxy.
 async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
     path: PathBuf,
     tx: tokio::sync::mpsc::Sender<holdfast::proxy::ReloadRequest>,
     metrics: holdfast::metrics::Metrics,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+    let Ok(mut hup) = hup else {
         tracing::warn!("cannot listen for SIGHUP: reload disabled");
         return;
     };
