@@ -102,3 +102,28 @@ impl StopSignals {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SIGTERM that comes after the signals are registered but before
+    /// anything waits for them neither kills the process nor is lost: the
+    /// waiting task, started later, drains.
+    #[tokio::test]
+    async fn a_sigterm_before_anyone_waits_is_caught_and_drains() {
+        let signals = StopSignals::register().unwrap();
+        rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::TERM)
+            .unwrap();
+        let shutdown = Shutdown::new();
+        let waiter = tokio::spawn(shutdown.clone().from_signals(signals));
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            shutdown.drain.cancelled(),
+        )
+        .await
+        .expect("the early SIGTERM drains");
+        assert!(!shutdown.stop.is_cancelled());
+        waiter.abort();
+    }
+}
