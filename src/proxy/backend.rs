@@ -77,7 +77,8 @@ impl Backend {
                 .is_some_and(|v| v.load(Ordering::Relaxed))
     }
 
-    /// A WELCOME from `server` chose `version`.
+    /// A WELCOME from `server` chose `version` (an index past this
+    /// backend's servers, from before a reload, is ignored).
     pub fn welcomed(&self, server: usize, version: u8) {
         if let Some(v) = self.speaks_v2.get(server) {
             v.store(version >= 2, Ordering::Relaxed);

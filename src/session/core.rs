@@ -304,15 +304,16 @@ fn early_data(up: &mut Stream, prefix_out: &mut Bytes) -> u64 {
     }
     let mut out = bytes::BytesMut::with_capacity(prefix_out.len() + proto::HEADER_LEN + n);
     out.extend_from_slice(prefix_out);
-    let mut data = bytes::BytesMut::with_capacity(n);
+    out.extend_from_slice(&proto::data_header(n));
+    let mut left = n;
     for chunk in up.buffer().chunks_after(up.sent()) {
-        let k = chunk.len().min(n - data.len());
-        data.extend_from_slice(&chunk[..k]);
-        if data.len() == n {
+        let k = chunk.len().min(left);
+        out.extend_from_slice(&chunk[..k]);
+        left -= k;
+        if left == 0 {
             break;
         }
     }
-    proto::encode(&Frame::Data(data.freeze()), &mut out);
     *prefix_out = out.freeze();
     up.on_sent(n as u64);
     n as u64

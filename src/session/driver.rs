@@ -1641,8 +1641,7 @@ impl Driver {
                     slog!(self, debug!(bytes, "early data sent after the HELLO"));
                 }
                 Event::Welcomed { server, version } => {
-                    let n = self.backend.servers.len().max(1);
-                    self.shared_backend.welcomed(server % n, version);
+                    self.shared_backend.welcomed(server, version);
                 }
                 Event::LegFailed {
                     gen,
